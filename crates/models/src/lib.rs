@@ -1,0 +1,81 @@
+//! Mixlab's models: one pre-norm transformer [`Block`] with a pluggable token [`Mixer`], stacked
+//! into a language model [`Lm`].
+//!
+//! Everything here is a backend-generic Burn 0.22 module: tensors carry no backend type, modules
+//! take a `&Device`, and the caller decides which backend (and whether autodiff) by the device it
+//! passes. This crate knows nothing of files, TOML, corpora or training loops.
+//!
+//! Shapes are documented as `[batch, seq, d_model]`; losses live in [`loss`], apart from the
+//! modules that produce logits.
+#![warn(missing_docs)]
+
+pub mod block;
+pub mod init;
+pub mod lm;
+pub mod loss;
+pub mod mixer;
+pub mod mlp;
+
+pub use block::{Block, BlockConfig};
+pub use lm::{Lm, LmConfig, Position};
+pub use mixer::{DenseAttention, DenseAttentionConfig, Mixer, MixerConfig};
+pub use mlp::{Mlp, MlpConfig};
+
+/// A model configuration that cannot be built, with the field at fault and how to fix it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ModelError {
+    /// A field has a value the model cannot use.
+    #[error("model.{field} = {value}: {fix}")]
+    Invalid {
+        /// Dotted path of the field inside `[model]`, e.g. `mixer.n_heads`.
+        field: &'static str,
+        /// The offending value, as text.
+        value: String,
+        /// What to change.
+        fix: String,
+    },
+}
+
+impl ModelError {
+    pub(crate) fn invalid(
+        field: &'static str,
+        value: impl ToString,
+        fix: impl Into<String>,
+    ) -> Self {
+        ModelError::Invalid {
+            field,
+            value: value.to_string(),
+            fix: fix.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    //! Helpers shared by the unit tests: every tensor test runs on each CPU backend.
+    use burn::tensor::{Device, Int, Tensor, TensorData};
+
+    /// The CPU backends every tensor test runs on.
+    #[allow(deprecated)] // ndarray is deprecated upstream; we keep testing it.
+    pub fn devices() -> Vec<(&'static str, Device)> {
+        vec![("flex", Device::flex()), ("ndarray", Device::ndarray())]
+    }
+
+    pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+    }
+
+    /// Deterministic pseudo-random token ids `[batch, seq]` in `0..vocab`.
+    pub fn tokens(
+        batch: usize,
+        seq: usize,
+        vocab: usize,
+        salt: u64,
+        device: &Device,
+    ) -> Tensor<2, Int> {
+        let ids: Vec<i64> = (0..batch * seq)
+            .map(|i| ((i as u64 * 2654435761 + salt * 97 + 13) % vocab as u64) as i64)
+            .collect();
+        Tensor::from_data(TensorData::new(ids, [batch, seq]), device)
+    }
+}

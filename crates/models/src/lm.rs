@@ -1,0 +1,400 @@
+//! The language model: token embedding, position information, `n_layers` pre-norm [`Block`]s,
+//! a final LayerNorm and an output head (tied to the token embedding or not).
+
+use burn::module::Module;
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
+    Linear,
+};
+use burn::tensor::{Device, Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::block::{Block, BlockConfig};
+use crate::mixer::{MixerConfig, MixerContext};
+use crate::{ModelError, init};
+
+/// How the model knows where a token is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Position {
+    /// A learned absolute embedding per position, added to the token embedding (GPT-2).
+    Learned,
+    /// Rotary embedding of queries and keys inside attention mixers (Su et al. 2021).
+    Rope,
+    /// No position information (only meaningful for mixers that carry their own).
+    None,
+}
+
+/// The `[model]` section: everything needed to rebuild an [`Lm`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmConfig {
+    /// Number of token ids. Left out, it is taken from the data (256 for bytes, the number of
+    /// distinct characters for char-level text, symbols + 1 for the copy task).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Number of blocks.
+    pub n_layers: usize,
+    /// Hidden width of each block's MLP; 0 builds blocks without an MLP.
+    pub d_ff: usize,
+    /// Context length: the longest sequence the model accepts (and the training window).
+    pub seq_len: usize,
+    /// Dropout on embeddings, attention weights and sublayer outputs (0 disables it).
+    pub dropout: f64,
+    /// Position information: `learned`, `rope` or `none`.
+    pub position: Position,
+    /// RoPE base frequency, used when `position = "rope"`.
+    pub rope_theta: f32,
+    /// Share the output head with the token embedding.
+    pub tie_embeddings: bool,
+    /// The token mixer of every block.
+    pub mixer: MixerConfig,
+}
+
+impl Default for LmConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: None,
+            d_model: 256,
+            n_layers: 4,
+            d_ff: 1024,
+            seq_len: 256,
+            dropout: 0.0,
+            position: Position::Learned,
+            rope_theta: 10_000.0,
+            tie_embeddings: true,
+            mixer: MixerConfig::default(),
+        }
+    }
+}
+
+impl LmConfig {
+    fn mixer_context(&self) -> MixerContext {
+        MixerContext {
+            d_model: self.d_model,
+            n_layers: self.n_layers,
+            dropout: self.dropout,
+            max_seq_len: self.seq_len,
+            rope_theta: (self.position == Position::Rope).then_some(self.rope_theta),
+        }
+    }
+
+    /// Check every field; the error names the field and the fix.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        match self.vocab_size {
+            None => {
+                return Err(ModelError::invalid(
+                    "vocab_size",
+                    "(unset)",
+                    "set it, or let the data fill it in",
+                ));
+            }
+            Some(0) => return Err(ModelError::invalid("vocab_size", 0, "must be at least 1")),
+            Some(_) => {}
+        }
+        for (field, value) in [
+            ("d_model", self.d_model),
+            ("n_layers", self.n_layers),
+            ("seq_len", self.seq_len),
+        ] {
+            if value == 0 {
+                return Err(ModelError::invalid(field, 0, "must be at least 1"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(ModelError::invalid(
+                "dropout",
+                self.dropout,
+                "must be in [0, 1)",
+            ));
+        }
+        if self.position == Position::Rope && (self.rope_theta.is_nan() || self.rope_theta <= 0.0) {
+            return Err(ModelError::invalid(
+                "rope_theta",
+                self.rope_theta,
+                "must be positive",
+            ));
+        }
+        self.mixer.validate(&self.mixer_context())
+    }
+
+    /// Validate, then build the model on `device` (seed the device first for a reproducible
+    /// initialisation).
+    pub fn init(&self, device: &Device) -> Result<Lm, ModelError> {
+        self.validate()?;
+        let vocab_size = self.vocab_size.expect("validated");
+        let embedding = |n| {
+            EmbeddingConfig::new(n, self.d_model)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: init::STD,
+                })
+                .init(device)
+        };
+        let block = BlockConfig {
+            mixer: self.mixer.clone(),
+            ctx: self.mixer_context(),
+            d_ff: (self.d_ff > 0).then_some(self.d_ff),
+        };
+        Ok(Lm {
+            token_embedding: embedding(vocab_size),
+            pos_embedding: (self.position == Position::Learned).then(|| embedding(self.seq_len)),
+            dropout: DropoutConfig::new(self.dropout).init(),
+            blocks: (0..self.n_layers).map(|_| block.init(device)).collect(),
+            norm_final: LayerNormConfig::new(self.d_model).init(device),
+            head: (!self.tie_embeddings)
+                .then(|| init::linear(self.d_model, vocab_size, false, init::STD, device)),
+            seq_len: self.seq_len,
+        })
+    }
+}
+
+/// A decoder (or, with a bidirectional mixer, encoder) language model.
+#[derive(Module, Debug)]
+pub struct Lm {
+    /// `[vocab, d_model]` token embedding.
+    pub token_embedding: Embedding,
+    /// `[seq_len, d_model]` learned absolute positions, when `position = "learned"`.
+    pub pos_embedding: Option<Embedding>,
+    /// Dropout on the summed embeddings.
+    pub dropout: Dropout,
+    /// The blocks, input first.
+    pub blocks: Vec<Block>,
+    /// LayerNorm before the head.
+    pub norm_final: LayerNorm,
+    /// Untied output head `d_model -> vocab`; `None` when tied to `token_embedding`.
+    pub head: Option<Linear>,
+    /// Longest sequence accepted.
+    pub seq_len: usize,
+}
+
+impl Lm {
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` ids, `seq <= seq_len`
+    /// - output: `[batch, seq, vocab]` logits
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let [batch, seq] = tokens.dims();
+        assert!(
+            seq <= self.seq_len,
+            "sequence of {seq} tokens is longer than the model's seq_len {}",
+            self.seq_len
+        );
+        let device = tokens.device();
+        let mut x = self.token_embedding.forward(tokens); // [batch, seq, d_model]
+        if let Some(pos) = &self.pos_embedding {
+            let positions = Tensor::<1, Int>::arange(0..seq as i64, &device).reshape([1, seq]);
+            let [_, _, d_model] = x.dims();
+            x = x + pos.forward(positions).expand([batch, seq, d_model]);
+        }
+        let mut x = self.dropout.forward(x);
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        let x = self.norm_final.forward(x);
+        match &self.head {
+            Some(head) => head.forward(x),
+            // Tied head: logits = x · Eᵀ, `[batch, seq, d_model] x [1, d_model, vocab]`.
+            None => x.matmul(
+                self.token_embedding
+                    .weight
+                    .val()
+                    .transpose()
+                    .unsqueeze::<3>(),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loss::cross_entropy_sum;
+    use crate::mixer::DenseAttentionConfig;
+    use crate::test_util::{devices, to_vec, tokens};
+    use burn::module::{ModuleVisitor, Param};
+    use burn::optim::{AdamWConfig, GradientsParams};
+
+    fn tiny(position: Position, tie: bool) -> LmConfig {
+        LmConfig {
+            vocab_size: Some(11),
+            d_model: 16,
+            n_layers: 2,
+            d_ff: 32,
+            seq_len: 8,
+            dropout: 0.0,
+            position,
+            rope_theta: 10_000.0,
+            tie_embeddings: tie,
+            mixer: MixerConfig::Dense(DenseAttentionConfig {
+                n_heads: 4,
+                causal: true,
+            }),
+        }
+    }
+
+    #[test]
+    fn logits_have_shape_batch_seq_vocab() {
+        for (name, device) in devices() {
+            for (position, tie) in [
+                (Position::Learned, true),
+                (Position::Rope, false),
+                (Position::None, true),
+            ] {
+                let model = tiny(position, tie).init(&device).unwrap();
+                let logits = model.forward(tokens(3, 5, 11, 0, &device));
+                assert_eq!(logits.dims(), [3, 5, 11], "{name} {position:?}");
+                assert!(to_vec(logits).iter().all(|v| v.is_finite()));
+            }
+        }
+    }
+
+    #[test]
+    fn future_tokens_do_not_change_past_logits_exactly() {
+        for (name, device) in devices() {
+            for position in [Position::Learned, Position::Rope] {
+                device.seed(11);
+                let model = tiny(position, true).init(&device).unwrap();
+                let (batch, seq, vocab) = (2, 8, 11);
+                let a = tokens(batch, seq, vocab, 1, &device);
+                for t in 0..seq - 1 {
+                    // Change every token after position t.
+                    let mut ids = a.to_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+                    for b in 0..batch {
+                        for s in t + 1..seq {
+                            ids[b * seq + s] = (ids[b * seq + s] + 3) % vocab as i64;
+                        }
+                    }
+                    let changed = Tensor::<2, Int>::from_data(
+                        burn::tensor::TensorData::new(ids, [batch, seq]),
+                        &device,
+                    );
+                    let la = to_vec(model.forward(a.clone()));
+                    let lb = to_vec(model.forward(changed));
+                    for b in 0..batch {
+                        for s in 0..seq {
+                            let row = |l: &[f32]| {
+                                l[(b * seq + s) * vocab..(b * seq + s + 1) * vocab].to_vec()
+                            };
+                            if s <= t {
+                                assert_eq!(
+                                    row(&la),
+                                    row(&lb),
+                                    "{name} {position:?}: t={t} leaked into s={s}"
+                                );
+                            } else if s == t + 1 {
+                                assert_ne!(
+                                    row(&la),
+                                    row(&lb),
+                                    "{name}: position {s} should see its own token"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_parameter_receives_a_nonzero_gradient() {
+        struct Check<'a> {
+            grads: &'a GradientsParams,
+            path: Vec<String>,
+            missing: Vec<String>,
+            count: usize,
+        }
+        impl ModuleVisitor for Check<'_> {
+            fn enter_module(&mut self, name: &str, _: &str) {
+                self.path.push(name.into());
+            }
+            fn exit_module(&mut self, _: &str, _: &str) {
+                self.path.pop();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                self.count += 1;
+                let norm = self
+                    .grads
+                    .get::<D>(param.id)
+                    .map_or(0.0, |g| g.abs().sum().into_scalar::<f32>());
+                if norm.is_nan() || norm <= 0.0 {
+                    self.missing.push(self.path.join("."));
+                }
+            }
+        }
+        for (name, device) in devices() {
+            for (position, tie) in [(Position::Learned, true), (Position::Rope, false)] {
+                let ad = device.clone().autodiff();
+                ad.seed(5);
+                let model = tiny(position, tie).init(&ad).unwrap();
+                let loss = cross_entropy_sum(
+                    model.forward(tokens(2, 8, 11, 2, &ad)),
+                    tokens(2, 8, 11, 3, &ad),
+                    None,
+                );
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                let mut check = Check {
+                    grads: &grads,
+                    path: vec![],
+                    missing: vec![],
+                    count: 0,
+                };
+                model.visit(&mut check);
+                assert!(check.count >= 10, "{name}: visited {} params", check.count);
+                assert!(
+                    check.missing.is_empty(),
+                    "{name} {position:?}: no gradient for {:?}",
+                    check.missing
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn tiny_model_overfits_one_batch_on_flex() {
+        let device = burn::tensor::Device::flex().autodiff();
+        device.seed(7);
+        let mut model = tiny(Position::Learned, true).init(&device).unwrap();
+        let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+        let inputs = tokens(4, 8, 11, 4, &device);
+        let targets = tokens(4, 8, 11, 5, &device);
+        let mut losses = vec![];
+        for _ in 0..150 {
+            let loss = cross_entropy_sum(model.forward(inputs.clone()), targets.clone(), None)
+                .div_scalar(32.0);
+            losses.push(loss.clone().into_scalar::<f32>());
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(1e-2, model, grads);
+        }
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(last < 0.1 * first, "loss {first} -> {last}");
+    }
+
+    #[test]
+    fn invalid_config_names_the_field() {
+        let mut c = tiny(Position::Learned, true);
+        c.vocab_size = None;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("model.vocab_size")
+        );
+        let mut c = tiny(Position::Learned, true);
+        c.dropout = 1.5;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("model.dropout")
+        );
+        let mut c = tiny(Position::Learned, true);
+        c.mixer = MixerConfig::Dense(DenseAttentionConfig {
+            n_heads: 5,
+            causal: true,
+        });
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("model.mixer.n_heads = 5"), "{err}");
+    }
+}

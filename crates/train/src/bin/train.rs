@@ -1,0 +1,74 @@
+//! `train`: train a model from a TOML config, or resume a run.
+//!
+//! ```text
+//! cargo run --release --bin train -- --config configs/quickstart.toml
+//! cargo run --release --bin train -- --config configs/dense.toml --backend flex --set data.path=FILE
+//! cargo run --release --bin train -- --resume runs/dense
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::Parser;
+use mixlab_train::{TrainOptions, train};
+
+/// Train a Mixlab language model.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// TOML config file (sections [model], [data], [optim], [train]).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Backend: auto, flex, ndarray or wgpu (overrides train.backend).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Continue the run in this directory from its latest checkpoint.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// Override any config key, e.g. --set train.steps=200 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // First Ctrl-C: finish the step, write a checkpoint, exit 0. Second: leave at once.
+    let handler = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without a new checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: stopping after this step and writing a checkpoint");
+    });
+    if let Err(e) = handler {
+        eprintln!("warning: cannot install the Ctrl-C handler ({e}); Ctrl-C will not checkpoint");
+    }
+    let opts = TrainOptions {
+        config: cli.config,
+        resume: cli.resume,
+        backend: cli.backend,
+        overrides: cli.set,
+    };
+    match train(&opts, stop) {
+        Ok(s) => {
+            let fmt = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.4}"));
+            println!(
+                "{} at step {} | train loss {} | valid loss {} | run dir {}",
+                if s.interrupted { "stopped" } else { "done" },
+                s.step,
+                fmt(s.train_loss),
+                fmt(s.valid_loss),
+                s.run_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Checkpoints: `<run>/checkpoints/step-<N>/` holding the model (`model.bpk`), the optimizer
+//! state (`optim.bpk`), the schedule state (`scheduler.json`) and a `manifest.json`.
+//!
+//! Crash safety: a checkpoint is written into `step-<N>.partial/`, the manifest last, each file
+//! fsynced, then the directory is renamed to `step-<N>/` and the parent fsynced. Only a
+//! directory named `step-<N>` with a manifest counts as a checkpoint, so a run killed mid-write
+//! leaves at worst a `.partial` directory that the next run removes; the previous checkpoint is
+//! untouched.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use mixlab_models::Lm;
+use serde::{Deserialize, Serialize};
+
+/// Version of the checkpoint layout; bumped when it changes incompatibly.
+pub const FORMAT: u32 = 1;
+
+/// What a checkpoint is, written last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Layout version ([`FORMAT`]).
+    pub format: u32,
+    /// Optimiser steps completed.
+    pub step: usize,
+    /// Index of the next training batch the sampler will draw.
+    pub next_batch: u64,
+    /// `train.seed` of the run.
+    pub seed: u64,
+    /// SHA-256 of the resolved config.
+    pub config_hash: String,
+    /// SHA-256 of the `[model]` section: a checkpoint loads only into the same architecture.
+    pub architecture_hash: String,
+    /// The `[model]` section, as TOML, to say what differs when the hashes do not match.
+    pub model_toml: String,
+    /// Concrete backend it was written from.
+    pub backend: String,
+    /// Last validation loss (nats/token), if any evaluation ran.
+    pub valid_loss: Option<f64>,
+}
+
+/// The learning-rate schedule's state. The schedule is a pure function of the step, so the
+/// state is the step and the settings it was computed with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchedulerState {
+    /// Optimiser steps completed.
+    pub step: usize,
+    /// Total steps of the schedule.
+    pub total_steps: usize,
+    /// The `[optim]` settings that shape the schedule.
+    pub optim: crate::config::OptimConfig,
+}
+
+/// The checkpoints directory of a run.
+pub fn dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+/// Write a checkpoint for `manifest.step`, then keep only the newest `keep`.
+pub fn save(
+    run_dir: &Path,
+    model: &Lm,
+    optim: &ModuleOptimizer,
+    scheduler: &SchedulerState,
+    manifest: &Manifest,
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = dir(run_dir);
+    fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    let name = format!("step-{}", manifest.step);
+    let partial = root.join(format!("{name}.partial"));
+    let done = root.join(&name);
+    if partial.exists() {
+        fs::remove_dir_all(&partial)?;
+    }
+    fs::create_dir_all(&partial)?;
+
+    model
+        .clone()
+        .save_file(partial.join("model.bpk"))
+        .with_context(|| format!("cannot write the model to {}", partial.display()))?;
+    optim
+        .save(partial.join("optim.bpk"))
+        .with_context(|| format!("cannot write the optimizer to {}", partial.display()))?;
+    write_synced(
+        &partial.join("scheduler.json"),
+        serde_json::to_string_pretty(scheduler)?.as_bytes(),
+    )?;
+    for f in ["model.bpk", "optim.bpk"] {
+        File::open(partial.join(f))?.sync_all()?;
+    }
+    write_synced(
+        &partial.join("manifest.json"),
+        serde_json::to_string_pretty(manifest)?.as_bytes(),
+    )?;
+    sync_dir(&partial)?;
+    if done.exists() {
+        // Re-saving the same step (e.g. Ctrl-C right after a periodic checkpoint).
+        fs::remove_dir_all(&done)?;
+    }
+    fs::rename(&partial, &done)
+        .with_context(|| format!("cannot rename {} to {}", partial.display(), done.display()))?;
+    sync_dir(&root)?;
+    prune(&root, keep)?;
+    Ok(done)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    File::open(path)?.sync_all()?;
+    Ok(())
+}
+
+/// Complete checkpoints of a run, oldest first, as `(step, dir)`.
+pub fn list(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let root = dir(run_dir);
+    if !root.exists() {
+        return Ok(vec![]);
+    }
+    let mut out = vec![];
+    for entry in fs::read_dir(&root).with_context(|| format!("cannot list {}", root.display()))? {
+        let path = entry?.path();
+        let Some(step) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if path.join("manifest.json").is_file() {
+            out.push((step, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Remove `.partial` leftovers of an interrupted write.
+pub fn clean_partial(run_dir: &Path) -> Result<()> {
+    let root = dir(run_dir);
+    if !root.exists() {
+        return Ok(());
+    }
+    for entry in fs::read_dir(&root)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "partial") {
+            fs::remove_dir_all(&path)?;
+        }
+    }
+    Ok(())
+}
+
+fn prune(root: &Path, keep: usize) -> Result<()> {
+    let run_dir = root.parent().expect("checkpoints dir has a parent");
+    let all = list(run_dir)?;
+    for (_, path) in all.iter().take(all.len().saturating_sub(keep)) {
+        fs::remove_dir_all(path)?;
+    }
+    Ok(())
+}
+
+/// Read the manifest of the checkpoint in `dir`.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join("manifest.json");
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let m: Manifest = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a Mixlab checkpoint manifest", path.display()))?;
+    if m.format != FORMAT {
+        bail!(
+            "{} has checkpoint format {} but this build reads format {FORMAT}",
+            path.display(),
+            m.format
+        );
+    }
+    Ok(m)
+}
+
+/// Load the model weights (and parameter ids) of the checkpoint in `dir` into a freshly built
+/// model of the same architecture.
+pub fn load_model(dir: &Path, model: Lm) -> Result<Lm> {
+    let path = dir.join("model.bpk");
+    model.try_load_file(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot load {}: {e:?}; it was written by a different architecture or is damaged",
+            path.display()
+        )
+    })
+}
+
+/// Load the optimizer state of the checkpoint in `dir`. Build `optim` from the *loaded* model:
+/// the state and the weight-decay groups are keyed by parameter ids, which the model record
+/// restores.
+pub fn load_optim(dir: &Path, optim: ModuleOptimizer) -> Result<ModuleOptimizer> {
+    let path = dir.join("optim.bpk");
+    optim
+        .load(&path)
+        .map_err(|e| anyhow::anyhow!("cannot load {}: {e:?}", path.display()))
+}

@@ -1,0 +1,324 @@
+//! The run configuration: one TOML file with `[model]`, `[data]`, `[optim]` and `[train]`,
+//! mirrored 1:1 by the structs here (the model and data sections are the `models` and `data`
+//! crates' own config types).
+//!
+//! `--set a.b=value` overrides are applied to the TOML document before it is typed, so an
+//! override is checked exactly like a line of the file. Unknown keys and wrong types are errors
+//! that name the file, the key and the line.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use mixlab_data::DataConfig;
+use mixlab_models::LmConfig;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A whole run's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The model (see `mixlab_models::LmConfig`).
+    pub model: LmConfig,
+    /// The data (see `mixlab_data::DataConfig`).
+    pub data: DataConfig,
+    /// Optimiser and learning-rate schedule.
+    pub optim: OptimConfig,
+    /// The training loop.
+    pub train: TrainConfig,
+}
+
+/// `[optim]`: AdamW with decoupled weight decay, global-norm clipping, warmup + cosine decay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Peak learning rate, reached at the end of warmup.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay (`train.steps`).
+    pub min_lr: f64,
+    /// Linear warmup from 0 over this many steps.
+    pub warmup_steps: usize,
+    /// Decoupled weight decay of matrices (not of norms, biases or embeddings).
+    pub weight_decay: f64,
+    /// Adam β₁.
+    pub beta1: f64,
+    /// Adam β₂.
+    pub beta2: f64,
+    /// Adam ε.
+    pub eps: f64,
+    /// Clip the global L2 norm of all gradients to this value; 0 disables clipping.
+    pub grad_clip: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 100,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+/// `[train]`: the loop, evaluation, checkpoints and where the run lands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// `auto`, `flex`, `ndarray` or `wgpu` (the `--backend` flag overrides it).
+    pub backend: String,
+    /// Optimiser steps in the whole run.
+    pub steps: usize,
+    /// Seed of the initialisation, the data sampler and per-step randomness (dropout).
+    pub seed: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step (gradient accumulation).
+    pub grad_accum: usize,
+    /// Evaluate on the validation split every this many steps (and at the end); 0 = only at the end.
+    pub eval_every: usize,
+    /// Validation batches per evaluation.
+    pub eval_batches: usize,
+    /// Write a checkpoint every this many steps (and at the end); 0 = only at the end.
+    pub checkpoint_every: usize,
+    /// Complete checkpoints kept; older ones are deleted.
+    pub keep_checkpoints: usize,
+    /// Write the training loss to `metrics.jsonl` every this many steps.
+    pub log_every: usize,
+    /// Run directory; default `runs/<config file name without .toml>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_dir: Option<PathBuf>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            backend: "auto".into(),
+            steps: 1000,
+            seed: 1337,
+            batch_size: 16,
+            grad_accum: 1,
+            eval_every: 200,
+            eval_batches: 20,
+            checkpoint_every: 500,
+            keep_checkpoints: 3,
+            log_every: 10,
+            run_dir: None,
+        }
+    }
+}
+
+impl Config {
+    /// Read `path` and apply `overrides` (`key=value`, value in TOML syntax; a bare word is taken
+    /// as a string).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Parse TOML `text` (named `origin` in errors) and apply `overrides`.
+    pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
+        let mut doc: toml_edit::DocumentMut = text
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{origin}: invalid TOML: {e}"))?;
+        for item in overrides {
+            apply_override(&mut doc, item)?;
+        }
+        let text = doc.to_string();
+        let config: Config = toml::from_str(&text).map_err(|e| {
+            let hint = if overrides.is_empty() {
+                String::new()
+            } else {
+                format!(" (after --set {})", overrides.join(" --set "))
+            };
+            anyhow::anyhow!("{origin}{hint}: {e}")
+        })?;
+        Ok(config)
+    }
+
+    /// Cross-section checks that the types alone cannot express; each error names the key.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        for (key, value) in [
+            ("train.steps", t.steps),
+            ("train.batch_size", t.batch_size),
+            ("train.grad_accum", t.grad_accum),
+            ("train.keep_checkpoints", t.keep_checkpoints),
+            ("train.log_every", t.log_every),
+            ("train.eval_batches", t.eval_batches),
+        ] {
+            if value == 0 {
+                bail!("{key} = 0: must be at least 1");
+            }
+        }
+        let o = &self.optim;
+        if !(o.lr > 0.0 && o.lr <= 1.0) {
+            bail!("optim.lr = {}: must be in (0, 1]", o.lr);
+        }
+        if !(o.min_lr >= 0.0 && o.min_lr <= o.lr) {
+            bail!(
+                "optim.min_lr = {}: must be in [0, optim.lr = {}]",
+                o.min_lr,
+                o.lr
+            );
+        }
+        for (key, value) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&value) {
+                bail!("{key} = {value}: must be in [0, 1)");
+            }
+        }
+        if o.eps.is_nan() || o.eps <= 0.0 || o.weight_decay < 0.0 || o.grad_clip < 0.0 {
+            bail!(
+                "optim.eps must be > 0, optim.weight_decay and optim.grad_clip >= 0 \
+                 (got {}, {}, {})",
+                o.eps,
+                o.weight_decay,
+                o.grad_clip
+            );
+        }
+        crate::device::BackendChoice::parse(&t.backend)?;
+        Ok(())
+    }
+
+    /// The resolved config as TOML (what a run directory stores and `--resume` trusts).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a Config always serialises")
+    }
+
+    /// SHA-256 of the `[model]` section: two checkpoints are interchangeable iff it matches.
+    pub fn architecture_hash(&self) -> String {
+        let text = toml::to_string(&self.model).expect("a model config always serialises");
+        hex(&Sha256::digest(text.as_bytes()))
+    }
+
+    /// SHA-256 of the whole resolved config.
+    pub fn hash(&self) -> String {
+        hex(&Sha256::digest(self.to_toml().as_bytes()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Apply one `a.b.c=value` to the document.
+fn apply_override(doc: &mut toml_edit::DocumentMut, item: &str) -> Result<()> {
+    let Some((key, raw)) = item.split_once('=') else {
+        bail!("--set {item}: expected key=value, e.g. --set train.steps=200");
+    };
+    let key = key.trim();
+    let raw = raw.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("--set {item}: the key `{key}` has an empty part");
+    }
+    // A value is TOML (`200`, `true`, `"flex"`, `[1, 2]`); a bare word that is not TOML is a
+    // string, so `--set train.backend=flex` works without quotes.
+    let value: toml_edit::Value = raw.parse().unwrap_or_else(|_| toml_edit::Value::from(raw));
+    let mut table = doc.as_table_mut();
+    for part in &parts[..parts.len() - 1] {
+        let entry = table
+            .entry(part)
+            .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()));
+        table = entry
+            .as_table_mut()
+            .with_context(|| format!("--set {item}: `{part}` is not a table"))?;
+    }
+    table.insert(parts[parts.len() - 1], toml_edit::Item::Value(value));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_from_an_empty_file() {
+        let c = Config::parse("", "empty.toml", &[]).unwrap();
+        assert_eq!(c, Config::default());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_key_names_file_key_and_line() {
+        let err = Config::parse("[model]\nd_model = 64\nd_modle = 3\n", "x.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x.toml"), "{err}");
+        assert!(err.contains("d_modle"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let err = Config::parse("[train]\nsteps = \"many\"\n", "y.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2") && err.contains("steps"), "{err}");
+    }
+
+    #[test]
+    fn overrides_apply_before_typing() {
+        let c = Config::parse(
+            "[model.mixer]\nkind = \"dense\"\n[train]\nsteps = 5\n",
+            "z.toml",
+            &[
+                "train.steps=200".into(),
+                "train.backend=flex".into(),
+                "model.mixer.n_heads=8".into(),
+                "data.path=../shared/x.txt".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.train.steps, 200);
+        assert_eq!(c.train.backend, "flex");
+        assert_eq!(c.data.path.as_deref(), Some(Path::new("../shared/x.txt")));
+        let mixlab_models::MixerConfig::Dense(d) = &c.model.mixer;
+        assert_eq!(d.n_heads, 8);
+        let err = Config::parse("", "z.toml", &["train.stepz=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stepz") && err.contains("--set"), "{err}");
+        assert!(Config::parse("", "z.toml", &["nokey".into()]).is_err());
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let mut c = Config::default();
+        c.model.vocab_size = Some(65);
+        c.train.run_dir = Some("runs/x".into());
+        let back = Config::parse(&c.to_toml(), "resolved", &[]).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(back.hash(), c.hash());
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let c = Config::parse("[optim]\nlr = 2.0\n", "v.toml", &[]).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("optim.lr"));
+        let c = Config::parse("[train]\nbackend = \"tpu\"\n", "v.toml", &[]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("tpu") && err.contains("flex"), "{err}");
+    }
+
+    #[test]
+    fn every_shipped_config_parses_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let c = Config::load(&path, &[]).unwrap();
+                c.validate()
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "configs/ should hold the shipped configs");
+    }
+}

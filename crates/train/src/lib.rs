@@ -1,0 +1,15 @@
+//! Mixlab's training side: the TOML config, backend selection, the training loop, checkpoints,
+//! metrics and benchmarks. The `train` and `bench` binaries are thin wiring over this library.
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod metrics;
+pub mod optim;
+pub mod source;
+pub mod trainer;
+
+pub use config::Config;
+pub use trainer::{Summary, TrainOptions, train};

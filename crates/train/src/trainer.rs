@@ -1,0 +1,368 @@
+//! The training loop, top to bottom: config -> data -> device -> model -> (resume) -> steps
+//! (forward, backward, clip, AdamW) with evaluation, metrics and checkpoints -> summary.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use mixlab_models::{Lm, loss::cross_entropy_sum};
+use serde_json::json;
+
+use crate::checkpoint::{self, Manifest, SchedulerState};
+use crate::config::Config;
+use crate::device::{self, BackendChoice};
+use crate::metrics::MetricsLog;
+use crate::optim::{adamw, clip_global_norm, learning_rate};
+use crate::source::{Source, to_tensors};
+
+/// What the `train` command was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// `--config FILE`.
+    pub config: Option<PathBuf>,
+    /// `--resume RUN_DIR`.
+    pub resume: Option<PathBuf>,
+    /// `--backend NAME` (overrides `train.backend`).
+    pub backend: Option<String>,
+    /// `--set key=value`, in order.
+    pub overrides: Vec<String>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// Optimiser steps completed.
+    pub step: usize,
+    /// Whether it stopped early on Ctrl-C (after writing a checkpoint).
+    pub interrupted: bool,
+    /// Last training loss (nats/token).
+    pub train_loss: Option<f64>,
+    /// Last validation loss (nats/token).
+    pub valid_loss: Option<f64>,
+}
+
+/// Resolve the config for `opts`: the file (or the run's saved config when resuming without
+/// one), the `--set` overrides, the backend flag, the default run directory and the vocabulary.
+pub fn resolve_config(opts: &TrainOptions) -> Result<Config> {
+    let (path, default_name) = match (&opts.config, &opts.resume) {
+        (Some(path), _) => (path.clone(), stem(path)),
+        (None, Some(run_dir)) => (run_dir.join("config.toml"), None),
+        (None, None) => bail!("nothing to train: pass --config FILE (or --resume RUN_DIR)"),
+    };
+    let mut config = Config::load(&path, &opts.overrides)?;
+    if let Some(backend) = &opts.backend {
+        config.train.backend = backend.clone();
+    }
+    if let Some(run_dir) = &opts.resume {
+        config.train.run_dir = Some(run_dir.clone());
+    } else if config.train.run_dir.is_none() {
+        let name = default_name.unwrap_or_else(|| "run".into());
+        config.train.run_dir = Some(Path::new("runs").join(name));
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn stem(path: &Path) -> Option<String> {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned())
+}
+
+/// Train as `opts` says; `stop` set (by Ctrl-C) ends the run at the next step boundary with a
+/// checkpoint.
+pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
+    let mut config = resolve_config(opts)?;
+    let run_dir = config.train.run_dir.clone().expect("resolved");
+    let seq = config.model.seq_len;
+    let t = config.train.clone();
+
+    // Data first: it fixes the vocabulary.
+    let source = Source::build(&config.data, seq, t.seed)?;
+    let unit = source.unit(&config.data);
+    match config.model.vocab_size {
+        None => config.model.vocab_size = Some(source.vocab_size()),
+        Some(v) if v < source.vocab_size() => bail!(
+            "model.vocab_size = {v} but the data has {} token ids; remove the key to take it \
+             from the data",
+            source.vocab_size()
+        ),
+        Some(_) => {}
+    }
+    config.model.validate().context("invalid [model]")?;
+
+    // Where we resume from, checked before anything is written.
+    let resume_from = match &opts.resume {
+        Some(dir) => {
+            let Some((_, ckpt)) = checkpoint::list(dir)?.pop() else {
+                bail!(
+                    "{} has no complete checkpoint to resume from (looked for checkpoints/step-N/manifest.json)",
+                    dir.display()
+                );
+            };
+            let manifest = checkpoint::read_manifest(&ckpt)?;
+            if manifest.architecture_hash != config.architecture_hash() {
+                bail!(
+                    "checkpoint {} was written by a different architecture:\n{}\nhint: resume \
+                     without --config to use the run's own config.toml, or start a new run \
+                     with --set train.run_dir=runs/NEW",
+                    ckpt.display(),
+                    diff_models(&manifest.model_toml, &config)
+                );
+            }
+            Some((ckpt, manifest))
+        }
+        None => {
+            if let Some((step, _)) = checkpoint::list(&run_dir)?.pop() {
+                bail!(
+                    "{} already holds a run (checkpoint at step {step}); continue it with \
+                     --resume {}, or start a new one with --set train.run_dir=runs/NEW",
+                    run_dir.display(),
+                    run_dir.display()
+                );
+            }
+            None
+        }
+    };
+
+    let selected = device::select(BackendChoice::parse(&config.train.backend)?)?;
+    let device = selected.device.clone();
+    let ad = device.clone().autodiff();
+
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+    checkpoint::clean_partial(&run_dir)?;
+    std::fs::write(run_dir.join("config.toml"), config.to_toml())?;
+    if let Some(tok) = source.tokenizer() {
+        std::fs::write(run_dir.join("tokenizer.json"), serde_json::to_string(tok)?)?;
+    }
+
+    ad.seed(t.seed);
+    let mut model: Lm = config.model.init(&ad).context("invalid [model]")?;
+    if let Some((ckpt, _)) = &resume_from {
+        model = checkpoint::load_model(ckpt, model)?;
+    }
+    // Built after loading: weight-decay groups are keyed by the (restored) parameter ids.
+    let mut optim = adamw(&config.optim, &model);
+    let (mut start, mut valid_loss) = (0, None);
+    if let Some((ckpt, manifest)) = &resume_from {
+        optim = checkpoint::load_optim(ckpt, optim)?;
+        start = manifest.step;
+        valid_loss = manifest.valid_loss;
+    }
+    let mut metrics = MetricsLog::open(&run_dir, resume_from.as_ref().map(|(_, m)| m.step))?;
+
+    eprintln!(
+        "mixlab: {} | {} parameters | {} | vocab {} | run dir {}",
+        selected.description,
+        model.num_params(),
+        config.model.mixer.kind(),
+        config.model.vocab_size.unwrap_or(0),
+        run_dir.display()
+    );
+    if start > 0 {
+        eprintln!("mixlab: resumed at step {start}");
+    }
+
+    let valid_batches = source.valid_batches(t.batch_size, seq, t.eval_batches);
+    let progress = progress_bar(t.steps as u64, start as u64);
+    let tokens_per_step = (t.batch_size * t.grad_accum * seq) as f64;
+    let started = Instant::now();
+    let mut window = (Instant::now(), 0usize);
+    let mut train_loss = None;
+    let mut step = start;
+    let mut interrupted = false;
+
+    while step < t.steps {
+        if stop.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        // Per-step randomness (dropout) comes from (seed, step), so a resumed run repeats it.
+        ad.seed(mix(t.seed, step as u64));
+        let lr = learning_rate(&config.optim, step, t.steps);
+        let batches: Vec<_> = (0..t.grad_accum)
+            .map(|m| source.train_batch(t.batch_size, seq, (step * t.grad_accum + m) as u64))
+            .collect();
+        let weight: f64 = batches.iter().map(|b| b.weight_sum()).sum();
+        let mut loss_sum = 0.0;
+        let mut accumulator = GradientsAccumulator::<Lm>::new();
+        for batch in &batches {
+            let (inputs, targets, weights) = to_tensors(batch, &ad);
+            let loss =
+                cross_entropy_sum(model.forward(inputs), targets, weights).div_scalar(weight);
+            loss_sum += f64::from(loss.clone().into_scalar::<f32>());
+            accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+        }
+        let (grads, grad_norm) =
+            clip_global_norm(&model, accumulator.grads(), config.optim.grad_clip);
+        model = optim.step(lr, model, grads);
+        step += 1;
+        train_loss = Some(loss_sum);
+        if !loss_sum.is_finite() {
+            bail!(
+                "training loss became {loss_sum} at step {step}; lower optim.lr or raise \
+                 optim.warmup_steps (the last checkpoint is kept)"
+            );
+        }
+
+        window.1 += 1;
+        let tokens_per_s = tokens_per_step * window.1 as f64 / window.0.elapsed().as_secs_f64();
+        progress.set_position(step as u64);
+        progress.set_message(format!(
+            "loss {loss_sum:.4} | lr {lr:.2e} | {tokens_per_s:.0} tok/s"
+        ));
+        if step % t.log_every == 0 || step == t.steps {
+            let mut extra = vec![
+                ("lr", json!(lr)),
+                ("grad_norm", json!(grad_norm)),
+                ("tokens_per_s", json!(tokens_per_s)),
+                ("elapsed_s", json!(started.elapsed().as_secs_f64())),
+            ];
+            if let Some((name, value)) = unit.metric(loss_sum) {
+                extra.push((name, json!(value)));
+            }
+            metrics.write(step, "train", loss_sum, &extra)?;
+            window = (Instant::now(), 0);
+        }
+        if (t.eval_every > 0 && step % t.eval_every == 0) || step == t.steps {
+            let loss = evaluate(&model, &valid_batches, &device);
+            valid_loss = Some(loss);
+            let mut extra = vec![];
+            let shown = match unit.metric(loss) {
+                Some((name, value)) => {
+                    extra.push((name, json!(value)));
+                    format!("{name} {value:.4}")
+                }
+                None => String::new(),
+            };
+            metrics.write(step, "valid", loss, &extra)?;
+            progress.println(format!("step {step}: valid loss {loss:.4} {shown}"));
+        }
+        let periodic = t.checkpoint_every > 0 && step % t.checkpoint_every == 0;
+        if periodic || step == t.steps {
+            save(
+                &config,
+                &run_dir,
+                &model,
+                &optim,
+                step,
+                valid_loss,
+                selected.backend,
+            )?;
+        }
+    }
+    if interrupted {
+        save(
+            &config,
+            &run_dir,
+            &model,
+            &optim,
+            step,
+            valid_loss,
+            selected.backend,
+        )?;
+        progress.println(format!("interrupted: checkpoint written at step {step}"));
+    }
+    progress.finish_and_clear();
+    Ok(Summary {
+        run_dir,
+        step,
+        interrupted,
+        train_loss,
+        valid_loss,
+    })
+}
+
+/// Mean validation loss (nats per counted token) of `model` over `batches`, without autodiff
+/// and with dropout off.
+pub fn evaluate(model: &Lm, batches: &[mixlab_data::Batch], device: &Device) -> f64 {
+    let model = model.valid();
+    let (mut sum, mut weight) = (0.0, 0.0);
+    for batch in batches {
+        let (inputs, targets, weights) = to_tensors(batch, device);
+        let loss = cross_entropy_sum(model.forward(inputs), targets, weights);
+        sum += f64::from(loss.into_scalar::<f32>());
+        weight += batch.weight_sum();
+    }
+    sum / weight.max(1.0)
+}
+
+fn save(
+    config: &Config,
+    run_dir: &Path,
+    model: &Lm,
+    optim: &burn::optim::ModuleOptimizer,
+    step: usize,
+    valid_loss: Option<f64>,
+    backend: &str,
+) -> Result<()> {
+    let manifest = Manifest {
+        format: checkpoint::FORMAT,
+        step,
+        next_batch: (step * config.train.grad_accum) as u64,
+        seed: config.train.seed,
+        config_hash: config.hash(),
+        architecture_hash: config.architecture_hash(),
+        model_toml: toml::to_string(&config.model)?,
+        backend: backend.into(),
+        valid_loss,
+    };
+    let scheduler = SchedulerState {
+        step,
+        total_steps: config.train.steps,
+        optim: config.optim.clone(),
+    };
+    checkpoint::save(
+        run_dir,
+        model,
+        optim,
+        &scheduler,
+        &manifest,
+        config.train.keep_checkpoints,
+    )?;
+    Ok(())
+}
+
+/// Lines of the `[model]` sections that differ: `key: checkpoint -> now`.
+fn diff_models(saved_toml: &str, now: &Config) -> String {
+    let now_toml = toml::to_string(&now.model).unwrap_or_default();
+    let saved: Vec<&str> = saved_toml.lines().collect();
+    let current: Vec<&str> = now_toml.lines().collect();
+    let mut out: Vec<String> = saved
+        .iter()
+        .filter(|l| !current.contains(l))
+        .map(|l| format!("  checkpoint: {l}"))
+        .collect();
+    out.extend(
+        current
+            .iter()
+            .filter(|l| !saved.contains(l))
+            .map(|l| format!("  config now: {l}")),
+    );
+    out.join("\n")
+}
+
+/// A step's seed from the run seed (SplitMix64 finaliser of `seed + step`).
+fn mix(seed: u64, step: u64) -> u64 {
+    let mut z = seed.wrapping_add(step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn progress_bar(len: u64, pos: u64) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}")
+            .expect("valid template"),
+    );
+    bar.set_position(pos);
+    bar
+}

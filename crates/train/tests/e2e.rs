@@ -1,0 +1,454 @@
+//! End-to-end tests of the `train` and `bench` binaries: a run's files, bit-exact resume,
+//! Ctrl-C, every user error, and wgpu/flex parity. One test binary for the crate.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn train_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_train"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mixlab-e2e-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A small copy-task config, fast on flex.
+const TINY: &str = r#"
+[model]
+d_model = 32
+n_layers = 2
+d_ff = 64
+seq_len = 16
+dropout = 0.1
+
+[model.mixer]
+kind = "dense"
+n_heads = 4
+
+[data]
+corpus = "copy"
+n_symbols = 8
+
+[optim]
+lr = 3e-3
+warmup_steps = 3
+
+[train]
+backend = "flex"
+steps = 8
+batch_size = 8
+eval_every = 4
+eval_batches = 2
+checkpoint_every = 4
+keep_checkpoints = 2
+log_every = 1
+"#;
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    write_named(dir, "tiny.toml", text)
+}
+
+fn write_named(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("the binary runs")
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn metrics(run_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn losses(lines: &[Value], split: &str) -> Vec<(u64, f64)> {
+    lines
+        .iter()
+        .filter(|l| l["split"] == split)
+        .map(|l| (l["step"].as_u64().unwrap(), l["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_run_writes_config_metrics_and_complete_checkpoints() {
+    let dir = scratch("files");
+    let config = write_config(&dir, TINY);
+    let run_dir = dir.join("run");
+    let out = run(train_bin()
+        .arg("--config")
+        .arg(&config)
+        .args(["--set", &format!("train.run_dir=\"{}\"", run_dir.display())]));
+    ok(&out);
+    let lines = metrics(&run_dir);
+    assert_eq!(losses(&lines, "train").len(), 8);
+    assert_eq!(
+        losses(&lines, "valid")
+            .iter()
+            .map(|l| l.0)
+            .collect::<Vec<_>>(),
+        vec![4, 8]
+    );
+    for l in &lines {
+        assert!(l["loss"].as_f64().unwrap().is_finite());
+    }
+    let resolved = std::fs::read_to_string(run_dir.join("config.toml")).unwrap();
+    assert!(
+        resolved.contains("vocab_size = 9"),
+        "vocab filled from the data:\n{resolved}"
+    );
+    let ckpts: Vec<String> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ckpts.len(), 2, "{ckpts:?}");
+    for c in ["step-4", "step-8"] {
+        let d = run_dir.join("checkpoints").join(c);
+        for f in ["model.bpk", "optim.bpk", "scheduler.json", "manifest.json"] {
+            assert!(d.join(f).is_file(), "{c}/{f}");
+        }
+    }
+    let manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("checkpoints/step-8/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["step"], 8);
+    assert_eq!(manifest["next_batch"], 8);
+
+    // Starting a fresh run over it is refused, pointing at --resume.
+    let out = run(train_bin()
+        .arg("--config")
+        .arg(&config)
+        .args(["--set", &format!("train.run_dir=\"{}\"", run_dir.display())]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+}
+
+#[test]
+fn resumed_run_repeats_the_uninterrupted_losses_bit_for_bit() {
+    let dir = scratch("resume");
+    let config = write_config(&dir, TINY);
+    let full = dir.join("full");
+    ok(&run(train_bin().arg("--config").arg(&config).args([
+        "--set",
+        &format!("train.run_dir=\"{}\"", full.display()),
+    ])));
+
+    // The same run, interrupted after step 4: only the step-4 checkpoint survives.
+    let cut = dir.join("cut");
+    ok(&run(train_bin().arg("--config").arg(&config).args([
+        "--set",
+        &format!("train.run_dir=\"{}\"", cut.display()),
+    ])));
+    std::fs::remove_dir_all(cut.join("checkpoints/step-8")).unwrap();
+
+    let out = run(train_bin().arg("--resume").arg(&cut));
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resumed at step 4"));
+    let (a, b) = (metrics(&full), metrics(&cut));
+    let (ta, tb) = (losses(&a, "train"), losses(&b, "train"));
+    assert_eq!(ta.len(), 8);
+    for ((sa, la), (sb, lb)) in ta.iter().zip(&tb) {
+        assert_eq!(sa, sb);
+        assert_eq!(la.to_bits(), lb.to_bits(), "step {sa}: {la} vs {lb}");
+    }
+    assert_eq!(tb.len(), 8, "metrics.jsonl reads as one run");
+    assert_eq!(losses(&a, "valid"), losses(&b, "valid"));
+}
+
+#[test]
+fn ctrl_c_checkpoints_at_a_step_boundary_and_exits_zero() {
+    let dir = scratch("sigint");
+    let config = write_config(&dir, &TINY.replace("steps = 8", "steps = 100000"));
+    let run_dir = dir.join("run");
+    let child = train_bin()
+        .arg("--config")
+        .arg(&config)
+        .args(["--set", &format!("train.run_dir=\"{}\"", run_dir.display())])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (a few metric lines), then interrupt.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let n =
+            std::fs::read_to_string(run_dir.join("metrics.jsonl")).map_or(0, |s| s.lines().count());
+        if n >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("stopped at step"), "{stdout}");
+    let steps: Vec<u64> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("step-")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let last = *steps.iter().max().expect("a checkpoint was written");
+    assert!(last >= 3, "{steps:?}");
+    // ... and the run continues from it.
+    let out = run(train_bin()
+        .arg("--resume")
+        .arg(&run_dir)
+        .args(["--set", &format!("train.steps={}", last + 2)]));
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("resumed at step {last}")));
+}
+
+/// Each user mistake: exit code 1, a one-line cause naming the culprit, no panic.
+#[test]
+fn user_errors_are_clear_and_exit_1() {
+    let dir = scratch("errors");
+    let config = write_config(&dir, TINY);
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--config".into(),
+                dir.join("missing.toml").display().to_string(),
+            ],
+            "missing.toml",
+        ),
+        (
+            vec![
+                "--config".into(),
+                write_named(&dir, "unknown-key.toml", "[model]\nd_model = 8\nnope = 1\n")
+                    .display()
+                    .to_string(),
+            ],
+            "line 3",
+        ),
+        (
+            vec![
+                "--config".into(),
+                write_named(&dir, "bad-toml.toml", "[train\n")
+                    .display()
+                    .to_string(),
+            ],
+            "invalid TOML",
+        ),
+        (
+            vec![
+                "--config".into(),
+                write_config(&dir, TINY).display().to_string(),
+                "--backend".into(),
+                "tpu".into(),
+            ],
+            "unknown backend `tpu`",
+        ),
+        (
+            vec![
+                "--config".into(),
+                config.display().to_string(),
+                "--set".into(),
+                "model.mixer.n_heads=3".into(),
+            ],
+            "model.mixer.n_heads = 3",
+        ),
+        (
+            vec![
+                "--config".into(),
+                config.display().to_string(),
+                "--set".into(),
+                "data.corpus=\"text\"".into(),
+                "--set".into(),
+                format!("data.path=\"{}\"", dir.join("no-such-corpus.txt").display()),
+            ],
+            "no-such-corpus.txt",
+        ),
+        (
+            vec!["--resume".into(), dir.join("no-run").display().to_string()],
+            "no-run",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = run(train_bin().args(&args).current_dir(&dir));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: expected `{needle}` in: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn resuming_with_another_architecture_is_refused() {
+    let dir = scratch("arch");
+    let config = write_config(&dir, &TINY.replace("steps = 8", "steps = 4"));
+    let run_dir = dir.join("run");
+    ok(&run(train_bin().arg("--config").arg(&config).args([
+        "--set",
+        &format!("train.run_dir=\"{}\"", run_dir.display()),
+    ])));
+    let out = run(train_bin()
+        .arg("--config")
+        .arg(&config)
+        .arg("--resume")
+        .arg(&run_dir)
+        .args(["--set", "model.d_model=64"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("different architecture") && stderr.contains("d_model"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bench_prints_a_json_line_per_backend() {
+    let dir = scratch("bench");
+    let config = write_config(&dir, TINY);
+    let out = run(Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["train", "--config"])
+        .arg(&config)
+        .args([
+            "--backend",
+            "flex",
+            "--backend",
+            "ndarray",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ]));
+    ok(&out);
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (line, backend) in lines.iter().zip(["flex", "ndarray"]) {
+        assert_eq!(line["kind"], "train");
+        assert_eq!(line["backend"], backend);
+        assert!(line["tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(line["params"].as_u64().unwrap() > 1000);
+        assert!(line["peak_rss_mb"].as_f64().unwrap() > 1.0);
+    }
+}
+
+/// flex and wgpu compute the same model: logits within 1e-4 relative, and the same loss after
+/// one AdamW step. Skips (with the reason) when no wgpu adapter exists, unless
+/// `MIXLAB_REQUIRE_WGPU=1` (CI installs Mesa's llvmpipe Vulkan driver and sets it).
+#[test]
+fn wgpu_matches_flex_logits_and_one_training_step() {
+    use burn::module::Module;
+    use burn::optim::GradientsParams;
+    use burn::tensor::{Device, DeviceKind, Int, Tensor, TensorData};
+    use mixlab_models::{LmConfig, loss::cross_entropy_sum};
+
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        // SAFETY: set before any thread of this test touches the environment-reading driver.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+    }
+    let wgpu = match mixlab_train::device::wgpu(DeviceKind::DefaultDevice) {
+        Ok(s) => s,
+        Err(e) => {
+            assert!(
+                std::env::var_os("MIXLAB_REQUIRE_WGPU").is_none(),
+                "MIXLAB_REQUIRE_WGPU is set but wgpu has no adapter: {e}"
+            );
+            eprintln!("skipped: no wgpu adapter ({e})");
+            return;
+        }
+    };
+    eprintln!("wgpu parity on {}", wgpu.description);
+    let cfg = LmConfig {
+        vocab_size: Some(13),
+        d_model: 32,
+        n_layers: 2,
+        d_ff: 64,
+        seq_len: 16,
+        ..LmConfig::default()
+    };
+    let flex = Device::flex().autodiff();
+    let gpu = wgpu.device.clone().autodiff();
+    flex.seed(9);
+    let model_f = cfg.init(&flex).unwrap();
+    let model_w = cfg
+        .init(&gpu)
+        .unwrap()
+        .load_record(model_f.clone().into_record());
+
+    let ids: Vec<i64> = (0..2 * 16).map(|i| (i * 7 + 3) % 13).collect();
+    let targets: Vec<i64> = (0..2 * 16).map(|i| (i * 5 + 1) % 13).collect();
+    let tok = |v: &Vec<i64>, d: &Device| {
+        Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [2, 16]), d)
+    };
+    let to_vec = |t: Tensor<3>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+
+    let lf = to_vec(model_f.valid().forward(tok(&ids, &Device::flex())));
+    let lw = to_vec(model_w.valid().forward(tok(&ids, &wgpu.device)));
+    let scale = lf.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for (i, (a, b)) in lf.iter().zip(&lw).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * scale.max(1.0),
+            "logit {i}: flex {a} vs wgpu {b}"
+        );
+    }
+
+    let step = |model: mixlab_models::Lm, d: &Device| {
+        let mut optim = mixlab_train::optim::adamw(&Default::default(), &model);
+        let loss =
+            cross_entropy_sum(model.forward(tok(&ids, d)), tok(&targets, d), None).div_scalar(32.0);
+        let before = loss.clone().into_scalar::<f32>();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let model = optim.step(1e-3, model, grads);
+        let after = cross_entropy_sum(model.forward(tok(&ids, d)), tok(&targets, d), None)
+            .div_scalar(32.0)
+            .into_scalar::<f32>();
+        (before, after)
+    };
+    let (bf, af) = step(model_f, &flex);
+    let (bw, aw) = step(model_w, &gpu);
+    assert!(
+        (bf - bw).abs() < 1e-4 * bf.abs(),
+        "loss before: flex {bf} vs wgpu {bw}"
+    );
+    assert!(
+        (af - aw).abs() < 1e-3 * af.abs(),
+        "loss after a step: flex {af} vs wgpu {aw}"
+    );
+    assert!(
+        af < bf,
+        "one step lowers the loss on its batch ({bf} -> {af})"
+    );
+}
