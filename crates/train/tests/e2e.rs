@@ -355,7 +355,10 @@ fn bench_prints_a_json_line_per_backend() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2);
+    assert_eq!(lines.len(), 3, "one line per backend, then the comparison");
+    assert_eq!(lines[2]["kind"], "compare");
+    assert_eq!(lines[2]["tokens_per_s_ratio"]["flex"], 1.0);
+    assert!(lines[2]["tokens_per_s_ratio"]["ndarray"].as_f64().unwrap() > 0.0);
     for (line, backend) in lines.iter().zip(["flex", "ndarray"]) {
         assert_eq!(line["kind"], "train");
         assert_eq!(line["backend"], backend);

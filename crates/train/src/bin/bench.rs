@@ -48,25 +48,78 @@ fn main() -> ExitCode {
         steps,
         warmup,
     } = Cli::parse().command;
-    let backends: Vec<Option<String>> = if backend.is_empty() {
-        vec![None]
-    } else {
-        backend.into_iter().map(Some).collect()
+    if backend.len() > 1 {
+        return compare(&backend);
+    }
+    let opts = TrainOptions {
+        config: Some(config),
+        resume: None,
+        backend: backend.into_iter().next(),
+        overrides: set,
     };
+    match mixlab_train::bench::train_step(&opts, steps.max(1), warmup) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Several backends: measure each in its own process (so `peak_rss_mb` is that backend's
+/// alone), print their lines, then one `compare` line with throughput ratios against the first.
+fn compare(backends: &[String]) -> ExitCode {
+    let exe = std::env::current_exe().expect("the running executable has a path");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut lines = vec![];
     for backend in backends {
-        let opts = TrainOptions {
-            config: Some(config.clone()),
-            resume: None,
-            backend,
-            overrides: set.clone(),
-        };
-        match mixlab_train::bench::train_step(&opts, steps.max(1), warmup) {
-            Ok(line) => println!("{line}"),
+        // The same arguments with only this backend.
+        let mut single = vec![];
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if a == "--backend" {
+                it.next();
+            } else if !a.starts_with("--backend=") {
+                single.push(a.clone());
+            }
+        }
+        single.extend(["--backend".to_string(), backend.clone()]);
+        let out = match std::process::Command::new(&exe).args(&single).output() {
+            Ok(out) => out,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: cannot run {}: {e}", exe.display());
                 return ExitCode::from(1);
+            }
+        };
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            return ExitCode::from(1);
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("{line}");
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                lines.push(v);
             }
         }
     }
+    let base = &lines[0];
+    let ratios: serde_json::Map<String, serde_json::Value> = lines
+        .iter()
+        .map(|l| {
+            let r = l["tokens_per_s"].as_f64().unwrap_or(0.0)
+                / base["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+            (
+                l["backend"].as_str().unwrap_or("?").to_string(),
+                serde_json::json!(r),
+            )
+        })
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({"kind": "compare", "baseline": base["backend"], "tokens_per_s_ratio": ratios})
+    );
     ExitCode::SUCCESS
 }
