@@ -59,9 +59,10 @@ impl BlockConfig {
 impl Block {
     /// # Shapes
     /// - `x`: `[batch, seq, d_model]`
+    /// - `key_pe`: `[d_head, seq_len]`, the model's shared relative-position keys, if any
     /// - output: `[batch, seq, d_model]`
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.mixer.forward(self.norm_mixer.forward(x));
+    pub fn forward(&self, x: Tensor<3>, key_pe: Option<&Tensor<2>>) -> Tensor<3> {
+        let x = x.clone() + self.mixer.forward(self.norm_mixer.forward(x), key_pe);
         match (&self.norm_mlp, &self.mlp) {
             (Some(norm), Some(mlp)) => x.clone() + mlp.forward(norm.forward(x)),
             _ => x,

@@ -18,7 +18,10 @@ pub mod mlp;
 
 pub use block::{Block, BlockConfig};
 pub use lm::{Lm, LmConfig, Position};
-pub use mixer::{DenseAttention, DenseAttentionConfig, Mixer, MixerConfig};
+pub use mixer::{
+    DenseAttention, DenseAttentionConfig, Mixer, MixerConfig, PersistentAttention,
+    PersistentAttentionConfig,
+};
 pub use mlp::{Mlp, MlpConfig};
 
 /// A model configuration that cannot be built, with the field at fault and how to fix it.

@@ -1,12 +1,12 @@
 //! The language model: token embedding, position information, `n_layers` pre-norm [`Block`]s,
 //! a final LayerNorm and an output head (tied to the token embedding or not).
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
     Linear,
 };
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Distribution, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::block::{Block, BlockConfig};
@@ -21,6 +21,9 @@ pub enum Position {
     Learned,
     /// Rotary embedding of queries and keys inside attention mixers (Su et al. 2021).
     Rope,
+    /// A learned relative-position key embedding `[d_head, seq_len]` shared by all layers
+    /// (Sukhbaatar et al. 2019), for mixers that support it (`persistent`).
+    Relative,
     /// No position information (only meaningful for mixers that carry their own).
     None,
 }
@@ -78,6 +81,7 @@ impl LmConfig {
             dropout: self.dropout,
             max_seq_len: self.seq_len,
             rope_theta: (self.position == Position::Rope).then_some(self.rope_theta),
+            relative_positions: self.position == Position::Relative,
         }
     }
 
@@ -141,6 +145,14 @@ impl LmConfig {
         Ok(Lm {
             token_embedding: embedding(vocab_size),
             pos_embedding: (self.position == Position::Learned).then(|| embedding(self.seq_len)),
+            key_pe: (self.position == Position::Relative).then(|| {
+                let d_head = self.mixer.d_head(self.d_model).expect("validated");
+                Param::from_tensor(Tensor::random(
+                    [d_head, self.seq_len],
+                    Distribution::Normal(0.0, 1.0),
+                    device,
+                ))
+            }),
             dropout: DropoutConfig::new(self.dropout).init(),
             blocks: (0..self.n_layers).map(|_| block.init(device)).collect(),
             norm_final: LayerNormConfig::new(self.d_model).init(device),
@@ -158,6 +170,9 @@ pub struct Lm {
     pub token_embedding: Embedding,
     /// `[seq_len, d_model]` learned absolute positions, when `position = "learned"`.
     pub pos_embedding: Option<Embedding>,
+    /// `[d_head, seq_len]` relative-position keys shared by every block, when
+    /// `position = "relative"` (index = distance between query and key).
+    pub key_pe: Option<Param<Tensor<2>>>,
     /// Dropout on the summed embeddings.
     pub dropout: Dropout,
     /// The blocks, input first.
@@ -171,6 +186,14 @@ pub struct Lm {
 }
 
 impl Lm {
+    /// Penalties the mixers add to the training loss (adaptive span), summed; `None` if none.
+    pub fn regularization(&self) -> Option<Tensor<1>> {
+        self.blocks
+            .iter()
+            .filter_map(|b| b.mixer.regularization(self.seq_len))
+            .reduce(|a, b| a + b)
+    }
+
     /// # Shapes
     /// - `tokens`: `[batch, seq]` ids, `seq <= seq_len`
     /// - output: `[batch, seq, vocab]` logits
@@ -189,8 +212,9 @@ impl Lm {
             x = x + pos.forward(positions).expand([batch, seq, d_model]);
         }
         let mut x = self.dropout.forward(x);
+        let key_pe = self.key_pe.as_ref().map(|p| p.val());
         for block in &self.blocks {
-            x = block.forward(x);
+            x = block.forward(x, key_pe.as_ref());
         }
         let x = self.norm_final.forward(x);
         match &self.head {

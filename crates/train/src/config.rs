@@ -278,7 +278,9 @@ mod tests {
         assert_eq!(c.train.steps, 200);
         assert_eq!(c.train.backend, "flex");
         assert_eq!(c.data.path.as_deref(), Some(Path::new("../shared/x.txt")));
-        let mixlab_models::MixerConfig::Dense(d) = &c.model.mixer;
+        let mixlab_models::MixerConfig::Dense(d) = &c.model.mixer else {
+            panic!("dense mixer expected");
+        };
         assert_eq!(d.n_heads, 8);
         let err = Config::parse("", "z.toml", &["train.stepz=1".into()])
             .unwrap_err()

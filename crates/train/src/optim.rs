@@ -14,7 +14,7 @@ use burn::tensor::Tensor;
 use crate::config::OptimConfig;
 
 /// AdamW for `model`: weight decay on every parameter of rank >= 2 that is not an embedding;
-/// none on norms, biases and embeddings (nanoGPT / GPT-3 practice). With a tied head the
+/// none on norms, biases, embeddings and position keys (nanoGPT / GPT-3 practice). With a tied head the
 /// output projection is the token embedding, so it is not decayed either.
 pub fn adamw<M: Module>(config: &OptimConfig, model: &M) -> ModuleOptimizer {
     let adamw = |weight_decay: f64| {
@@ -48,7 +48,11 @@ pub fn no_decay_params<M: Module>(model: &M) -> Vec<ParamId> {
             self.path.pop();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let in_embedding = self.path.iter().any(|p| p.contains("embedding"));
+            // Token / position embeddings, and position keys such as `key_pe`.
+            let in_embedding = self
+                .path
+                .iter()
+                .any(|p| p.contains("embedding") || p.ends_with("_pe"));
             if D < 2 || in_embedding {
                 self.ids.push(param.id);
             }

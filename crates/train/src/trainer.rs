@@ -195,9 +195,13 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         let mut accumulator = GradientsAccumulator::<Lm>::new();
         for batch in &batches {
             let (inputs, targets, weights) = to_tensors(batch, &ad);
-            let loss =
+            let mut loss =
                 cross_entropy_sum(model.forward(inputs), targets, weights).div_scalar(weight);
             loss_sum += f64::from(loss.clone().into_scalar::<f32>());
+            if let Some(penalty) = model.regularization() {
+                // Once per optimiser step in total, spread over the micro-batches.
+                loss = loss + penalty.div_scalar(t.grad_accum as f64);
+            }
             accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
         }
         let (grads, grad_norm) =

@@ -455,3 +455,34 @@ fn wgpu_matches_flex_logits_and_one_training_step() {
         "one step lowers the loss on its batch ({bf} -> {af})"
     );
 }
+
+#[test]
+fn an_all_attention_model_with_adaptive_span_trains_end_to_end() {
+    let dir = scratch("allattn");
+    let config = write_config(&dir, &TINY.replace("steps = 8", "steps = 6"));
+    let run_dir = dir.join("run");
+    let out = run(train_bin().arg("--config").arg(&config).args([
+        "--set",
+        &format!("train.run_dir=\"{}\"", run_dir.display()),
+        "--set",
+        "model.d_ff=0",
+        "--set",
+        "model.position=\"relative\"",
+        "--set",
+        "model.mixer.kind=\"persistent\"",
+        "--set",
+        "model.mixer.n_persistent=32",
+        "--set",
+        "model.mixer.adaptive_span=true",
+        "--set",
+        "model.mixer.span_ramp=4",
+    ]));
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("persistent"), "{stderr}");
+    let lines = metrics(&run_dir);
+    let train = losses(&lines, "train");
+    assert_eq!(train.len(), 6);
+    assert!(train.iter().all(|(_, l)| l.is_finite()));
+    assert!(train[5].1 < train[0].1, "loss falls: {train:?}");
+}

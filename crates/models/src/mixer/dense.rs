@@ -35,6 +35,19 @@ impl Default for DenseAttentionConfig {
 
 impl DenseAttentionConfig {
     pub(crate) fn validate(&self, ctx: &MixerContext) -> Result<(), ModelError> {
+        if ctx.relative_positions {
+            return Err(ModelError::invalid(
+                "position",
+                "\"relative\"",
+                "dense attention has no relative-position term; use \"learned\" or \"rope\" \
+                 (relative positions belong to kind = \"persistent\")",
+            ));
+        }
+        self.validate_heads(ctx)
+    }
+
+    /// Checks shared by every attention mixer built on these projections.
+    pub(crate) fn validate_heads(&self, ctx: &MixerContext) -> Result<(), ModelError> {
         if self.n_heads == 0 || !ctx.d_model.is_multiple_of(self.n_heads) {
             return Err(ModelError::invalid(
                 "mixer.n_heads",
@@ -177,6 +190,7 @@ mod tests {
             dropout: 0.0,
             max_seq_len: 16,
             rope_theta: rope.then_some(10_000.0),
+            relative_positions: false,
         }
     }
 

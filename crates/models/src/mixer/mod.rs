@@ -7,8 +7,10 @@
 //! `Block` and `Lm` do not change.
 
 mod dense;
+mod persistent;
 
 pub use dense::{DenseAttention, DenseAttentionConfig};
+pub use persistent::{PersistentAttention, PersistentAttentionConfig, relative_scores, span_mask};
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
@@ -29,6 +31,8 @@ pub struct MixerContext {
     pub max_seq_len: usize,
     /// Rotary position embedding inside the mixer (`Some(theta)`), or none.
     pub rope_theta: Option<f32>,
+    /// The model passes a relative-position key embedding (`position = "relative"`).
+    pub relative_positions: bool,
 }
 
 /// The token mixer of every block, as written under `[model.mixer]` (`kind = "dense"`, ...).
@@ -37,6 +41,8 @@ pub struct MixerContext {
 pub enum MixerConfig {
     /// Multi-head scaled dot-product self-attention over all (earlier) positions.
     Dense(DenseAttentionConfig),
+    /// Attention over the context plus learned persistent key/value vectors (all-attention).
+    Persistent(PersistentAttentionConfig),
 }
 
 impl Default for MixerConfig {
@@ -50,6 +56,7 @@ impl MixerConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             MixerConfig::Dense(_) => "dense",
+            MixerConfig::Persistent(_) => "persistent",
         }
     }
 
@@ -57,13 +64,24 @@ impl MixerConfig {
     pub fn is_causal(&self) -> bool {
         match self {
             MixerConfig::Dense(c) => c.causal,
+            MixerConfig::Persistent(c) => c.causal,
         }
+    }
+
+    /// Width of one head, for mixers that have heads.
+    pub fn d_head(&self, d_model: usize) -> Option<usize> {
+        let n_heads = match self {
+            MixerConfig::Dense(c) => c.n_heads,
+            MixerConfig::Persistent(c) => c.n_heads,
+        };
+        (n_heads > 0).then(|| d_model / n_heads)
     }
 
     /// Check the settings against the model they will sit in.
     pub fn validate(&self, ctx: &MixerContext) -> Result<(), ModelError> {
         match self {
             MixerConfig::Dense(c) => c.validate(ctx),
+            MixerConfig::Persistent(c) => c.validate(ctx),
         }
     }
 
@@ -71,24 +89,39 @@ impl MixerConfig {
     pub fn init(&self, ctx: &MixerContext, device: &Device) -> Mixer {
         match self {
             MixerConfig::Dense(c) => Mixer::Dense(c.init(ctx, device)),
+            MixerConfig::Persistent(c) => Mixer::Persistent(c.init(ctx, device)),
         }
     }
 }
 
 /// A token mixer module.
+// One mixer per block, built once: the variants' size difference costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Mixer {
     /// See [`DenseAttention`].
     Dense(DenseAttention),
+    /// See [`PersistentAttention`].
+    Persistent(PersistentAttention),
 }
 
 impl Mixer {
     /// # Shapes
     /// - `x`: `[batch, seq, d_model]`
+    /// - `key_pe`: `[d_head, seq_len]` relative-position keys when `position = "relative"`
     /// - output: `[batch, seq, d_model]`
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, key_pe: Option<&Tensor<2>>) -> Tensor<3> {
         match self {
             Mixer::Dense(m) => m.forward(x),
+            Mixer::Persistent(m) => m.forward(x, key_pe),
+        }
+    }
+
+    /// A penalty this mixer adds to the training loss (adaptive span), if any.
+    pub fn regularization(&self, seq_len: usize) -> Option<Tensor<1>> {
+        match self {
+            Mixer::Dense(_) => None,
+            Mixer::Persistent(m) => m.regularization(seq_len),
         }
     }
 }
