@@ -2,6 +2,7 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 /// `batch` rows of `seq + 1` tokens: inputs are the first `seq`, targets the last `seq`.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,42 +38,75 @@ impl Batch {
     }
 }
 
-/// Draws random windows of `seq + 1` consecutive tokens.
-///
-/// Stateless by design: batch number `index` is a pure function of `(seed, index)` (a ChaCha8
-/// stream per index), so a run resumed at step k draws exactly the batches the uninterrupted
-/// run would have, and the sampler state in a checkpoint is just the next index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WindowSampler {
-    /// Seed of every stream.
-    pub seed: u64,
+/// How training batches are drawn. Both are pure functions of `(seed, batch index)`, so a run
+/// resumed at step k draws exactly the batches the uninterrupted run would have, and the
+/// sampler's whole state in a checkpoint is the next index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sampler {
+    /// Windows at random offsets (a ChaCha8 stream per batch index).
+    Random,
+    /// The token stream cut into `batch` equal parallel streams, read in order one window at a
+    /// time (Transformer-XL style), wrapping around at the end of an epoch.
+    Stream,
 }
 
-impl WindowSampler {
-    /// The `index`-th batch of `batch` windows from `tokens`.
+impl Sampler {
+    /// The `index`-th batch of `batch` windows of `seq + 1` tokens.
     ///
     /// # Panics
-    /// If `tokens` is shorter than one window (callers check with a clear error first).
-    pub fn batch(&self, tokens: &[u32], batch: usize, seq: usize, index: u64) -> Batch {
-        assert!(
-            tokens.len() > seq,
-            "{} tokens < one window of {}",
-            tokens.len(),
-            seq + 1
-        );
-        let mut rng = stream(self.seed, index);
-        let last_start = tokens.len() - (seq + 1);
-        let mut out = Vec::with_capacity(batch * (seq + 1));
-        for _ in 0..batch {
-            let start = rng.random_range(0..=last_start);
-            out.extend_from_slice(&tokens[start..start + seq + 1]);
+    /// If `tokens` is too short (callers check with a clear error first).
+    pub fn batch(self, tokens: &[u32], batch: usize, seq: usize, seed: u64, index: u64) -> Batch {
+        match self {
+            Sampler::Random => random_batch(tokens, batch, seq, seed, index),
+            Sampler::Stream => stream_batch(tokens, batch, seq, index),
         }
-        Batch {
-            batch,
-            seq,
-            tokens: out,
-            weights: None,
-        }
+    }
+}
+
+fn random_batch(tokens: &[u32], batch: usize, seq: usize, seed: u64, index: u64) -> Batch {
+    assert!(
+        tokens.len() > seq,
+        "{} tokens < one window of {}",
+        tokens.len(),
+        seq + 1
+    );
+    let mut rng = stream(seed, index);
+    let last_start = tokens.len() - (seq + 1);
+    let mut out = Vec::with_capacity(batch * (seq + 1));
+    for _ in 0..batch {
+        let start = rng.random_range(0..=last_start);
+        out.extend_from_slice(&tokens[start..start + seq + 1]);
+    }
+    Batch {
+        batch,
+        seq,
+        tokens: out,
+        weights: None,
+    }
+}
+
+/// Batch `index` of the contiguous-stream sampler: row `r` reads stream `r` (the `r`-th of
+/// `batch` equal slices of `tokens`) at window `index mod windows_per_stream`.
+pub fn stream_batch(tokens: &[u32], batch: usize, seq: usize, index: u64) -> Batch {
+    let stream_len = tokens.len() / batch;
+    assert!(
+        stream_len > seq,
+        "streams of {stream_len} tokens < one window of {}",
+        seq + 1
+    );
+    let windows = ((stream_len - 1) / seq) as u64;
+    let offset = (index % windows) as usize * seq;
+    let mut out = Vec::with_capacity(batch * (seq + 1));
+    for r in 0..batch {
+        let start = r * stream_len + offset;
+        out.extend_from_slice(&tokens[start..start + seq + 1]);
+    }
+    Batch {
+        batch,
+        seq,
+        tokens: out,
+        weights: None,
     }
 }
 
@@ -83,21 +117,50 @@ pub(crate) fn stream(seed: u64, index: u64) -> ChaCha8Rng {
     rng
 }
 
-/// Deterministic evaluation batches: consecutive non-overlapping windows (stride `seq`, so every
-/// token but the first is predicted once), at most `max_batches` batches of `batch` windows.
-/// The last batch may have fewer rows.
-pub fn eval_windows(tokens: &[u32], batch: usize, seq: usize, max_batches: usize) -> Vec<Batch> {
-    let n_windows = tokens.len().saturating_sub(1) / seq;
-    let windows: Vec<&[u32]> = (0..n_windows.min(batch * max_batches))
-        .map(|w| &tokens[w * seq..w * seq + seq + 1])
-        .collect();
-    windows
-        .chunks(batch)
-        .map(|rows| Batch {
-            batch: rows.len(),
-            seq,
-            tokens: rows.concat(),
-            weights: None,
+/// Evaluation batches over a whole split: every token but the first is scored exactly once
+/// (weight 1), with at least `seq - stride` tokens of context (except near the start).
+///
+/// Windows of `seq + 1` tokens start every `stride` tokens; a window scores only the targets
+/// no earlier window scored (its last `stride`, the first window all `seq`). The last window is
+/// shifted to end at the split's last token. `stride = seq` gives non-overlapping windows.
+/// `max_batches` caps the work (then only a prefix of the split is scored).
+pub fn eval_windows(
+    tokens: &[u32],
+    batch: usize,
+    seq: usize,
+    stride: usize,
+    max_batches: Option<usize>,
+) -> Vec<Batch> {
+    assert!(
+        stride >= 1 && stride <= seq,
+        "stride {stride} must be in 1..={seq}"
+    );
+    let targets = tokens.len().saturating_sub(1);
+    let mut rows: Vec<(usize, usize)> = vec![]; // (start, first scored target index in window)
+    let mut scored = 0; // targets 0..scored (global target t predicts token t + 1) are done
+    let mut start = 0;
+    while scored < targets && targets >= seq {
+        let start_now = start.min(targets - seq);
+        rows.push((start_now, scored - start_now));
+        scored = start_now + seq;
+        start += stride;
+    }
+    let limit = max_batches.map_or(usize::MAX, |m| m.saturating_mul(batch));
+    rows.truncate(limit);
+    rows.chunks(batch)
+        .map(|chunk| {
+            let mut out = Vec::with_capacity(chunk.len() * (seq + 1));
+            let mut weights = Vec::with_capacity(chunk.len() * seq);
+            for &(s, first) in chunk {
+                out.extend_from_slice(&tokens[s..s + seq + 1]);
+                weights.extend((0..seq).map(|j| if j >= first { 1.0 } else { 0.0 }));
+            }
+            Batch {
+                batch: chunk.len(),
+                seq,
+                tokens: out,
+                weights: Some(weights),
+            }
         })
         .collect()
 }
@@ -107,19 +170,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn windows_are_contiguous_slices_and_reproducible() {
+    fn random_windows_are_contiguous_slices_and_reproducible() {
         let tokens: Vec<u32> = (0..1000).collect();
-        let s = WindowSampler { seed: 7 };
-        let a = s.batch(&tokens, 4, 16, 3);
+        let a = Sampler::Random.batch(&tokens, 4, 16, 7, 3);
         assert_eq!(
             a,
-            s.batch(&tokens, 4, 16, 3),
+            Sampler::Random.batch(&tokens, 4, 16, 7, 3),
             "same (seed, index) -> same batch"
         );
         assert_ne!(
             a,
-            s.batch(&tokens, 4, 16, 4),
+            Sampler::Random.batch(&tokens, 4, 16, 7, 4),
             "another index -> another batch"
+        );
+        assert_ne!(
+            a,
+            Sampler::Random.batch(&tokens, 4, 16, 8, 3),
+            "another seed -> another batch"
         );
         for row in a.tokens.chunks(17) {
             for pair in row.windows(2) {
@@ -132,12 +199,12 @@ mod tests {
     }
 
     #[test]
-    fn windows_reach_both_ends() {
+    fn random_windows_reach_both_ends() {
         let tokens: Vec<u32> = (0..20).collect();
-        let s = WindowSampler { seed: 1 };
         let starts: Vec<u32> = (0..200)
             .flat_map(|i| {
-                s.batch(&tokens, 2, 9, i)
+                Sampler::Random
+                    .batch(&tokens, 2, 9, 1, i)
                     .tokens
                     .chunks(10)
                     .map(|r| r[0])
@@ -149,23 +216,63 @@ mod tests {
     }
 
     #[test]
-    fn eval_windows_cover_the_split_once() {
-        let tokens: Vec<u32> = (0..101).collect();
-        let batches = eval_windows(&tokens, 3, 10, 100);
-        let rows: usize = batches.iter().map(|b| b.batch).sum();
-        assert_eq!(rows, 10);
-        assert_eq!(batches.last().unwrap().batch, 1);
-        let (_, targets): (Vec<_>, Vec<_>) = batches.iter().map(|b| b.inputs_targets()).unzip();
-        let all: Vec<i64> = targets.concat();
+    fn streams_are_read_in_order_and_wrap() {
+        let tokens: Vec<u32> = (0..100).collect();
+        // 2 streams of 50 tokens, windows of 10 + 1: 4 windows per stream.
+        let b0 = stream_batch(&tokens, 2, 10, 0);
+        let b1 = stream_batch(&tokens, 2, 10, 1);
+        assert_eq!(&b0.tokens[..11], &(0..11).collect::<Vec<u32>>()[..]);
+        assert_eq!(&b0.tokens[11..], &(50..61).collect::<Vec<u32>>()[..]);
+        assert_eq!(b1.tokens[0], 10, "the next batch continues each stream");
+        assert_eq!(b1.tokens[11], 60);
         assert_eq!(
-            all,
-            (1..101).collect::<Vec<i64>>(),
-            "every token but the first is a target once"
+            stream_batch(&tokens, 2, 10, 4),
+            b0,
+            "an epoch later it wraps"
         );
         assert_eq!(
-            eval_windows(&tokens, 3, 10, 2).len(),
+            Sampler::Stream.batch(&tokens, 2, 10, 99, 1),
+            b1,
+            "the seed does not matter"
+        );
+    }
+
+    #[test]
+    fn eval_windows_score_every_token_once() {
+        let tokens: Vec<u32> = (0..101).collect();
+        for (seq, stride) in [(10, 10), (10, 3), (7, 7), (7, 1), (100, 100), (30, 20)] {
+            let batches = eval_windows(&tokens, 3, seq, stride, None);
+            let mut scored = vec![];
+            for b in &batches {
+                let (_, targets) = b.inputs_targets();
+                let w = b.weights.as_ref().unwrap();
+                for (row, chunk) in targets.chunks(seq).enumerate() {
+                    for (j, t) in chunk.iter().enumerate() {
+                        if w[row * seq + j] == 1.0 {
+                            scored.push(*t);
+                            // Context: every scored token but the first window's has >= seq - stride.
+                            if *t as usize > seq {
+                                assert!(
+                                    j + 1 >= seq - stride,
+                                    "seq {seq} stride {stride}: token {t} has context {j}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            scored.sort();
+            assert_eq!(
+                scored,
+                (1..101).collect::<Vec<i64>>(),
+                "seq {seq} stride {stride}"
+            );
+        }
+        assert_eq!(
+            eval_windows(&tokens, 3, 10, 10, Some(2)).len(),
             2,
             "max_batches caps the work"
         );
+        assert!(eval_windows(&tokens[..5], 3, 10, 10, None).is_empty());
     }
 }

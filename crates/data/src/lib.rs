@@ -7,30 +7,46 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod catalogue;
 pub mod copy;
 pub mod text;
 
-pub use batch::{Batch, WindowSampler, eval_windows};
+pub use batch::{Batch, Sampler, eval_windows, stream_batch};
+pub use catalogue::{Corpus, LoadRequest, Splits, corpus_dir, load};
 pub use copy::CopyTask;
-pub use text::{Level, TextCorpus, Tokenizer};
+pub use text::{Level, Tokenizer, WordVocab};
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// The `[data]` section: which corpus, and how to cut it into tokens and splits.
+/// The `[data]` section: which corpus, and how to cut it into tokens, splits and batches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// `copy` (synthetic copy task, no file) or `text` (any local text file).
+    /// A named corpus (`enwik8`, `text8`, `wikitext-2`, `wikitext-103`, `wikitext-2-raw`,
+    /// `wikitext-103-raw`, `ptb`, `ptb-char`, `tinyshakespeare`), `text` (any local file or
+    /// directory) or `copy` (synthetic).
     pub corpus: Corpus,
-    /// The text file, for `corpus = "text"`.
+    /// For `text`: the file or directory. For a named corpus: its folder (default
+    /// `<root>/<corpus>`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
-    /// Tokenisation of text: `byte` (vocab 256) or `char` (the training split's characters).
+    /// Where named corpora land: `<root>/<corpus>/`.
+    pub root: PathBuf,
+    /// Tokenisation of `text` and the raw WikiText corpora: `byte`, `char` or `word`.
     pub level: Level,
-    /// Fraction of the text, taken from its end, held out for validation.
+    /// `text` only: fraction held out for validation.
     pub valid_fraction: f64,
+    /// `text` only: fraction held out for test, at the very end.
+    pub test_fraction: f64,
+    /// Training batches: `random` windows, or `stream` (the token stream cut into `batch`
+    /// parallel streams read in order, Transformer-XL style).
+    pub sampler: Sampler,
+    /// Evaluation stride: each scored token has at least `seq_len - eval_stride` tokens of
+    /// context; default (and at most) `seq_len`, i.e. non-overlapping windows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_stride: Option<usize>,
     /// Alphabet size of the copy task (the separator is one more symbol).
     pub n_symbols: usize,
 }
@@ -40,21 +56,15 @@ impl Default for DataConfig {
         Self {
             corpus: Corpus::Text,
             path: None,
+            root: PathBuf::from("datasets"),
             level: Level::Byte,
             valid_fraction: 0.1,
+            test_fraction: 0.0,
+            sampler: Sampler::Random,
+            eval_stride: None,
             n_symbols: 16,
         }
     }
-}
-
-/// The corpora this crate knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Corpus {
-    /// Sequences `x SEP x` of random symbols; loss counts only on the copied half.
-    Copy,
-    /// A local UTF-8 (char level) or arbitrary (byte level) text file.
-    Text,
 }
 
 /// Everything that can go wrong reading or cutting data, with the file and the fix.
@@ -90,6 +100,38 @@ pub enum DataError {
         tokens: usize,
         /// Tokens needed.
         needed: usize,
+    },
+    /// The file is empty.
+    #[error("{path} is empty")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A corpus file is not where it should be.
+    #[error(
+        "corpus {corpus}: {path} not found; place the corpus files in that folder (see \
+         datasets/README.md for sources and checksums) or point data.path at its folder"
+    )]
+    Missing {
+        /// The corpus.
+        corpus: &'static str,
+        /// The expected file.
+        path: PathBuf,
+    },
+    /// A held-out split has a word the training vocabulary lacks, and the corpus has no `<unk>`.
+    #[error(
+        "{split} split, {path} line {line}: the word `{word}` is not in the training \
+         vocabulary and the corpus has no <unk> token"
+    )]
+    UnknownWord {
+        /// The word.
+        word: String,
+        /// `valid` or `test`.
+        split: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
     },
     /// A config field has a value the data cannot use.
     #[error("data.{field}: {message}")]

@@ -1,6 +1,6 @@
-//! Plain text corpora: byte- or character-level tokenisation and a contiguous train/valid split.
+//! Tokenisation: byte, character and word level.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +15,8 @@ pub enum Level {
     Byte,
     /// One token per Unicode scalar value seen in the training split.
     Char,
+    /// One token per whitespace-separated word, `<eos>` after every line (blank lines too).
+    Word,
 }
 
 /// Maps text to token ids and back. Saved with a run so a resumed or evaluated model reads
@@ -29,10 +31,12 @@ pub enum Tokenizer {
     Char {
         /// The alphabet, sorted.
         chars: Vec<char>,
-        /// Whether an extra id for unseen characters exists (only when the validation split
-        /// has characters the training split lacks).
+        /// Whether an extra id for unseen characters exists (only when the held-out splits
+        /// have characters the training split lacks).
         unknown: bool,
     },
+    /// Word level: the training split's words in order of first appearance.
+    Word(WordVocab),
 }
 
 impl Tokenizer {
@@ -41,17 +45,20 @@ impl Tokenizer {
         match self {
             Tokenizer::Byte => 256,
             Tokenizer::Char { chars, unknown } => chars.len() + usize::from(*unknown),
+            Tokenizer::Word(v) => v.len(),
         }
     }
 
-    /// A char-level tokenizer for `train`, with an unknown id only if `valid` needs one.
-    pub fn char_level(train: &str, valid: &str) -> Self {
+    /// A char-level tokenizer for `train`, with an unknown id only if `held_out` needs one.
+    pub fn char_level(train: &str, held_out: &str) -> Self {
         let chars: Vec<char> = train.chars().collect::<BTreeSet<_>>().into_iter().collect();
-        let unknown = valid.chars().any(|c| chars.binary_search(&c).is_err());
+        let unknown = held_out.chars().any(|c| chars.binary_search(&c).is_err());
         Tokenizer::Char { chars, unknown }
     }
 
-    /// Token ids of `text` (bytes of its UTF-8 encoding at byte level).
+    /// Token ids of `text` (bytes of its UTF-8 encoding at byte level; unknown words map to
+    /// `<unk>` when the vocabulary has it, else are dropped — use [`WordVocab::encode_lines`]
+    /// for a strict, located error).
     pub fn encode(&self, text: &str) -> Vec<u32> {
         match self {
             Tokenizer::Byte => text.bytes().map(u32::from).collect(),
@@ -59,10 +66,16 @@ impl Tokenizer {
                 .chars()
                 .map(|c| chars.binary_search(&c).unwrap_or(chars.len()) as u32)
                 .collect(),
+            Tokenizer::Word(v) => text
+                .lines()
+                .flat_map(|line| line.split_whitespace().chain([EOS]))
+                .filter_map(|w| v.id(w).or(v.unk))
+                .collect(),
         }
     }
 
-    /// Text of `ids` (lossy for byte sequences that are not UTF-8; `�` for unknown ids).
+    /// Text of `ids` (lossy for byte sequences that are not UTF-8; `�` for unknown ids; words
+    /// joined by spaces with `<eos>` as a newline).
     pub fn decode(&self, ids: &[u32]) -> String {
         match self {
             Tokenizer::Byte => {
@@ -73,73 +86,131 @@ impl Tokenizer {
                 .iter()
                 .map(|&i| chars.get(i as usize).copied().unwrap_or('\u{FFFD}'))
                 .collect(),
-        }
-    }
-}
-
-/// A tokenised text, split contiguously: the first `1 - valid_fraction` for training, the rest
-/// for validation (nanoGPT's split).
-#[derive(Debug, Clone)]
-pub struct TextCorpus {
-    /// How the text was tokenised.
-    pub tokenizer: Tokenizer,
-    /// Training tokens.
-    pub train: Vec<u32>,
-    /// Validation tokens.
-    pub valid: Vec<u32>,
-}
-
-impl TextCorpus {
-    /// Read and split the file at `path`.
-    pub fn load(path: &Path, level: Level, valid_fraction: f64) -> Result<Self, DataError> {
-        let bytes = std::fs::read(path).map_err(|source| DataError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        match level {
-            Level::Byte => Ok(Self::from_bytes(&bytes, valid_fraction)),
-            Level::Char => {
-                let text = std::str::from_utf8(&bytes).map_err(|e| DataError::NotUtf8 {
-                    path: path.to_path_buf(),
-                    offset: e.valid_up_to(),
-                })?;
-                Ok(Self::from_text_chars(text, valid_fraction))
+            Tokenizer::Word(v) => {
+                let mut out = String::new();
+                for &i in ids {
+                    match v.word(i) {
+                        Some(EOS) => out.push('\n'),
+                        Some(w) => {
+                            if !out.is_empty() && !out.ends_with('\n') {
+                                out.push(' ');
+                            }
+                            out.push_str(w);
+                        }
+                        None => out.push('\u{FFFD}'),
+                    }
+                }
+                out
             }
         }
     }
+}
 
-    /// Byte-level corpus of `bytes`.
-    pub fn from_bytes(bytes: &[u8], valid_fraction: f64) -> Self {
-        let cut = split_point(bytes.len(), valid_fraction);
-        TextCorpus {
-            tokenizer: Tokenizer::Byte,
-            train: bytes[..cut].iter().map(|&b| u32::from(b)).collect(),
-            valid: bytes[cut..].iter().map(|&b| u32::from(b)).collect(),
-        }
-    }
+/// The end-of-line token of word-level corpora.
+pub const EOS: &str = "<eos>";
+/// The unknown-word token, when a corpus defines it (PTB, WikiText).
+pub const UNK: &str = "<unk>";
 
-    /// Character-level corpus of `text`; the split is by characters.
-    pub fn from_text_chars(text: &str, valid_fraction: f64) -> Self {
-        let n_chars = text.chars().count();
-        let cut_chars = split_point(n_chars, valid_fraction);
-        let cut = text
-            .char_indices()
-            .nth(cut_chars)
-            .map_or(text.len(), |(i, _)| i);
-        let (train, valid) = text.split_at(cut);
-        let tokenizer = Tokenizer::char_level(train, valid);
-        TextCorpus {
-            train: tokenizer.encode(train),
-            valid: tokenizer.encode(valid),
-            tokenizer,
+/// A word vocabulary: the training split's words in order of first appearance (the
+/// pytorch/examples word_language_model convention), `<eos>` among them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "WordList", into = "WordList")]
+pub struct WordVocab {
+    words: Vec<String>,
+    index: HashMap<String, u32>,
+    unk: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WordList {
+    words: Vec<String>,
+}
+
+impl From<WordList> for WordVocab {
+    fn from(list: WordList) -> Self {
+        let index: HashMap<String, u32> = list
+            .words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.clone(), i as u32))
+            .collect();
+        let unk = index.get(UNK).copied();
+        WordVocab {
+            words: list.words,
+            index,
+            unk,
         }
     }
 }
 
-/// Index where the validation part starts.
-fn split_point(len: usize, valid_fraction: f64) -> usize {
-    let valid = (len as f64 * valid_fraction).round() as usize;
-    len - valid.min(len)
+impl From<WordVocab> for WordList {
+    fn from(v: WordVocab) -> Self {
+        WordList { words: v.words }
+    }
+}
+
+impl WordVocab {
+    /// The vocabulary of a training text.
+    pub fn from_train(text: &str) -> Self {
+        let mut words: Vec<String> = vec![];
+        let mut index: HashMap<String, u32> = HashMap::new();
+        for line in text.lines() {
+            for w in line.split_whitespace().chain([EOS]) {
+                if !index.contains_key(w) {
+                    index.insert(w.to_string(), words.len() as u32);
+                    words.push(w.to_string());
+                }
+            }
+        }
+        WordList { words }.into()
+    }
+
+    /// Number of words.
+    pub fn len(&self) -> usize {
+        self.words.len()
+    }
+
+    /// Whether the vocabulary is empty.
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    /// Id of `word`.
+    pub fn id(&self, word: &str) -> Option<u32> {
+        self.index.get(word).copied()
+    }
+
+    /// Word of `id`.
+    pub fn word(&self, id: u32) -> Option<&str> {
+        self.words.get(id as usize).map(String::as_str)
+    }
+
+    /// Ids of every line's words plus `<eos>`. A word outside the vocabulary maps to `<unk>`
+    /// when the vocabulary has it, else is an error naming the word, split, file and line.
+    pub fn encode_lines(
+        &self,
+        text: &str,
+        split: &'static str,
+        path: &Path,
+    ) -> Result<Vec<u32>, DataError> {
+        let mut ids = Vec::with_capacity(text.len() / 5);
+        for (n, line) in text.lines().enumerate() {
+            for w in line.split_whitespace().chain([EOS]) {
+                match self.id(w).or(self.unk) {
+                    Some(id) => ids.push(id),
+                    None => {
+                        return Err(DataError::UnknownWord {
+                            word: w.to_string(),
+                            split,
+                            path: path.to_path_buf(),
+                            line: n + 1,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(ids)
+    }
 }
 
 #[cfg(test)]
@@ -147,46 +218,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn byte_split_is_contiguous_and_complete() {
-        let text = b"abcdefghij";
-        let c = TextCorpus::from_bytes(text, 0.2);
-        assert_eq!(
-            c.train,
-            b"abcdefgh".iter().map(|&b| b as u32).collect::<Vec<_>>()
-        );
-        assert_eq!(c.valid, vec![b'i' as u32, b'j' as u32]);
-        assert_eq!(c.tokenizer.vocab_size(), 256);
-    }
-
-    #[test]
-    fn char_vocab_comes_from_train_split_and_round_trips() {
-        let c = TextCorpus::from_text_chars("ééaab|cz", 0.25);
-        // train = "ééaab|", valid = "cz": both unseen, so an unknown id exists.
-        let Tokenizer::Char { chars, unknown } = &c.tokenizer else {
+    fn char_vocab_comes_from_train_and_round_trips() {
+        let tok = Tokenizer::char_level("ééaab|", "cz");
+        let Tokenizer::Char { chars, unknown } = &tok else {
             panic!("char level")
         };
         assert_eq!(chars, &vec!['a', 'b', '|', 'é']);
-        assert!(unknown);
-        assert_eq!(c.tokenizer.vocab_size(), 5);
-        assert_eq!(c.valid, vec![4, 4]);
-        assert_eq!(c.tokenizer.decode(&c.train), "ééaab|");
+        assert!(unknown, "held-out characters need an unknown id");
+        assert_eq!(tok.vocab_size(), 5);
+        assert_eq!(tok.encode("cz"), vec![4, 4]);
+        assert_eq!(tok.decode(&tok.encode("ééaab|")), "ééaab|");
+        assert_eq!(Tokenizer::char_level("abcabc", "ab").vocab_size(), 3);
     }
 
     #[test]
-    fn char_vocab_has_no_unknown_when_valid_is_covered() {
-        let c = TextCorpus::from_text_chars("abcabcab", 0.25);
-        assert_eq!(c.tokenizer.vocab_size(), 3);
-        assert_eq!(c.tokenizer.decode(&c.valid), "ab");
-    }
-
-    #[test]
-    fn not_utf8_is_an_error_naming_the_offset() {
-        let dir = std::env::temp_dir().join(format!("mixlab-data-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("bad.txt");
-        std::fs::write(&path, [b'a', b'b', 0xff, b'c']).unwrap();
-        let err = TextCorpus::load(&path, Level::Char, 0.1).unwrap_err();
-        assert!(err.to_string().contains("offset 2"), "{err}");
-        assert!(TextCorpus::load(&path, Level::Byte, 0.1).is_ok());
+    fn word_vocab_appends_eos_to_every_line_including_blank_ones() {
+        let v = WordVocab::from_train(" the cat \n \n the dog \n");
+        assert_eq!(v.len(), 4, "the cat <eos> dog");
+        let ids = v
+            .encode_lines(" the cat \n \n the dog \n", "train", Path::new("x"))
+            .unwrap();
+        assert_eq!(ids.len(), 3 + 1 + 3);
+        assert_eq!(ids[3], v.id(EOS).unwrap());
+        let tok = Tokenizer::Word(v);
+        assert_eq!(tok.decode(&ids), "the cat\n\nthe dog\n");
+        let json = serde_json::to_string(&tok).unwrap();
+        assert_eq!(serde_json::from_str::<Tokenizer>(&json).unwrap(), tok);
     }
 }

@@ -21,7 +21,7 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
     let mut config = resolve_config(opts)?;
     let seq = config.model.seq_len;
     let batch_size = config.train.batch_size;
-    let source = Source::build(&config.data, seq, config.train.seed).ok();
+    let source = Source::build(&config.data, seq, batch_size, config.train.seed).ok();
     let vocab = match (&source, config.model.vocab_size) {
         (_, Some(v)) => v,
         (Some(s), None) => s.vocab_size(),

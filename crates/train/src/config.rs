@@ -81,7 +81,8 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     /// Evaluate on the validation split every this many steps (and at the end); 0 = only at the end.
     pub eval_every: usize,
-    /// Validation batches per evaluation.
+    /// Validation batches per periodic evaluation; 0 = the whole split. The evaluation at the
+    /// end of training always covers the whole valid split (and the test split, if any).
     pub eval_batches: usize,
     /// Write a checkpoint every this many steps (and at the end); 0 = only at the end.
     pub checkpoint_every: usize,
@@ -150,7 +151,6 @@ impl Config {
             ("train.grad_accum", t.grad_accum),
             ("train.keep_checkpoints", t.keep_checkpoints),
             ("train.log_every", t.log_every),
-            ("train.eval_batches", t.eval_batches),
         ] {
             if value == 0 {
                 bail!("{key} = 0: must be at least 1");

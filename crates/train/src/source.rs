@@ -3,8 +3,8 @@
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use mixlab_data::{
-    Batch, CopyTask, Corpus, DataConfig, DataError, Level, TextCorpus, Tokenizer, WindowSampler,
-    eval_windows,
+    Batch, CopyTask, Corpus, DataConfig, DataError, LoadRequest, Sampler, Splits, Tokenizer,
+    corpus_dir, eval_windows,
 };
 
 /// How losses are reported besides nats per token.
@@ -39,18 +39,22 @@ pub enum Source {
         /// Validation batches: the same task on a disjoint seed.
         valid: CopyTask,
     },
-    /// A text file.
+    /// A text corpus (named or a local file).
     Text {
-        /// Tokens and tokenizer.
-        corpus: TextCorpus,
-        /// Random-window sampler over the training split.
-        sampler: WindowSampler,
+        /// Tokens of every split, and the tokenizer.
+        splits: Splits,
+        /// How training batches are drawn.
+        sampler: Sampler,
+        /// Seed of the sampler.
+        seed: u64,
+        /// Evaluation stride (<= seq).
+        stride: usize,
     },
 }
 
 impl Source {
     /// Build the source for `config`, windows of `seq` inputs, seeded by `seed`.
-    pub fn build(config: &DataConfig, seq: usize, seed: u64) -> Result<Self> {
+    pub fn build(config: &DataConfig, seq: usize, batch_size: usize, seed: u64) -> Result<Self> {
         let source: Result<Self> = match config.corpus {
             Corpus::Copy => {
                 if !seq.is_multiple_of(2) || seq < 2 {
@@ -79,36 +83,64 @@ impl Source {
                 };
                 Ok(Source::Copy { task, valid })
             }
-            Corpus::Text => {
-                let Some(path) = &config.path else {
-                    bail!(DataError::Invalid {
+            corpus => {
+                let path = match (&config.path, corpus) {
+                    (Some(path), _) => path.clone(),
+                    (None, Corpus::Text) => bail!(DataError::Invalid {
                         field: "path",
                         message: "corpus = \"text\" needs a file: set data.path in the config \
                                   or pass --set data.path=FILE"
                             .into(),
-                    });
+                    }),
+                    (None, named) => corpus_dir(&config.root, named),
                 };
-                if !(config.valid_fraction > 0.0 && config.valid_fraction < 1.0) {
+                let (v, t) = (config.valid_fraction, config.test_fraction);
+                if !(v > 0.0 && t >= 0.0 && v + t < 1.0) {
                     bail!(DataError::Invalid {
                         field: "valid_fraction",
-                        message: format!("must be in (0, 1), got {}", config.valid_fraction),
+                        message: format!(
+                            "valid_fraction must be > 0, test_fraction >= 0, and together < 1 \
+                             (got {v} and {t})"
+                        ),
                     });
                 }
-                let corpus = TextCorpus::load(path, config.level, config.valid_fraction)?;
+                let stride = config.eval_stride.unwrap_or(seq);
+                if stride == 0 || stride > seq {
+                    bail!(DataError::Invalid {
+                        field: "eval_stride",
+                        message: format!("must be in 1..=model.seq_len ({seq}), got {stride}"),
+                    });
+                }
+                let splits = mixlab_data::load(&LoadRequest {
+                    corpus,
+                    path: &path,
+                    level: config.level,
+                    valid_fraction: v,
+                    test_fraction: t,
+                })?;
                 let what = path.display().to_string();
-                for (split, tokens) in [("train", &corpus.train), ("valid", &corpus.valid)] {
-                    if tokens.len() <= seq {
+                let train_needed = match config.sampler {
+                    Sampler::Random => seq + 1,
+                    Sampler::Stream => (seq + 1) * batch_size,
+                };
+                for (split, tokens, needed) in [
+                    ("train", &splits.train, train_needed),
+                    ("valid", &splits.valid, seq + 1),
+                ] {
+                    if tokens.len() < needed {
                         bail!(DataError::TooShort {
                             split,
                             what: what.clone(),
                             tokens: tokens.len(),
-                            needed: seq + 1,
+                            needed,
                         });
                     }
                 }
                 Ok(Source::Text {
-                    corpus,
-                    sampler: WindowSampler { seed },
+                    splits,
+                    sampler: config.sampler,
+                    seed,
+                    stride,
                 })
             }
         };
@@ -119,7 +151,7 @@ impl Source {
     pub fn vocab_size(&self) -> usize {
         match self {
             Source::Copy { task, .. } => task.vocab_size(),
-            Source::Text { corpus, .. } => corpus.tokenizer.vocab_size(),
+            Source::Text { splits, .. } => splits.tokenizer.vocab_size(),
         }
     }
 
@@ -127,15 +159,16 @@ impl Source {
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
         match self {
             Source::Copy { .. } => None,
-            Source::Text { corpus, .. } => Some(&corpus.tokenizer),
+            Source::Text { splits, .. } => Some(&splits.tokenizer),
         }
     }
 
     /// The unit losses are reported in.
     pub fn unit(&self, config: &DataConfig) -> Unit {
-        match (self, config.level) {
-            (Source::Copy { .. }, _) => Unit::Nats,
-            (Source::Text { .. }, Level::Byte | Level::Char) => Unit::Bpc,
+        match self {
+            Source::Copy { .. } => Unit::Nats,
+            Source::Text { .. } if config.corpus.is_word_level(config.level) => Unit::Ppl,
+            Source::Text { .. } => Unit::Bpc,
         }
     }
 
@@ -143,17 +176,41 @@ impl Source {
     pub fn train_batch(&self, batch: usize, seq: usize, index: u64) -> Batch {
         match self {
             Source::Copy { task, .. } => task.batch(batch, index),
-            Source::Text { corpus, sampler } => sampler.batch(&corpus.train, batch, seq, index),
+            Source::Text {
+                splits,
+                sampler,
+                seed,
+                ..
+            } => sampler.batch(&splits.train, batch, seq, *seed, index),
         }
     }
 
-    /// The fixed validation batches.
-    pub fn valid_batches(&self, batch: usize, seq: usize, max_batches: usize) -> Vec<Batch> {
+    /// Validation batches: at most `max_batches` (`None` = the whole split).
+    pub fn valid_batches(
+        &self,
+        batch: usize,
+        seq: usize,
+        max_batches: Option<usize>,
+    ) -> Vec<Batch> {
         match self {
-            Source::Copy { valid, .. } => (0..max_batches as u64)
+            Source::Copy { valid, .. } => (0..max_batches.unwrap_or(8) as u64)
                 .map(|i| valid.batch(batch, i))
                 .collect(),
-            Source::Text { corpus, .. } => eval_windows(&corpus.valid, batch, seq, max_batches),
+            Source::Text { splits, stride, .. } => {
+                eval_windows(&splits.valid, batch, seq, *stride, max_batches)
+            }
+        }
+    }
+
+    /// Test batches over the whole test split, when the corpus has one.
+    pub fn test_batches(&self, batch: usize, seq: usize) -> Option<Vec<Batch>> {
+        match self {
+            Source::Copy { .. } => None,
+            Source::Text { splits, stride, .. } => splits
+                .test
+                .as_ref()
+                .filter(|t| t.len() > seq)
+                .map(|t| eval_windows(t, batch, seq, *stride, None)),
         }
     }
 }

@@ -84,7 +84,7 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let t = config.train.clone();
 
     // Data first: it fixes the vocabulary.
-    let source = Source::build(&config.data, seq, t.seed)?;
+    let source = Source::build(&config.data, seq, t.batch_size, t.seed)?;
     let unit = source.unit(&config.data);
     match config.model.vocab_size {
         None => config.model.vocab_size = Some(source.vocab_size()),
@@ -170,7 +170,11 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         eprintln!("mixlab: resumed at step {start}");
     }
 
-    let valid_batches = source.valid_batches(t.batch_size, seq, t.eval_batches);
+    let valid_batches = source.valid_batches(
+        t.batch_size,
+        seq,
+        (t.eval_batches > 0).then_some(t.eval_batches),
+    );
     let progress = progress_bar(t.steps as u64, start as u64);
     let tokens_per_step = (t.batch_size * t.grad_accum * seq) as f64;
     let started = Instant::now();
@@ -235,19 +239,37 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
             metrics.write(step, "train", loss_sum, &extra)?;
             window = (Instant::now(), 0);
         }
-        if (t.eval_every > 0 && step % t.eval_every == 0) || step == t.steps {
-            let loss = evaluate(&model, &valid_batches, &device);
-            valid_loss = Some(loss);
-            let mut extra = vec![];
-            let shown = match unit.metric(loss) {
-                Some((name, value)) => {
-                    extra.push((name, json!(value)));
-                    format!("{name} {value:.4}")
-                }
-                None => String::new(),
+        let last = step == t.steps;
+        if (t.eval_every > 0 && step % t.eval_every == 0) || last {
+            // The final evaluation covers the whole valid split, then the test split.
+            let full;
+            let batches = if last && t.eval_batches > 0 {
+                full = source.valid_batches(t.batch_size, seq, None);
+                &full
+            } else {
+                &valid_batches
             };
-            metrics.write(step, "valid", loss, &extra)?;
-            progress.println(format!("step {step}: valid loss {loss:.4} {shown}"));
+            let mut splits = vec![("valid", evaluate(&model, batches, &device))];
+            if last && let Some(test) = source.test_batches(t.batch_size, seq) {
+                splits.push(("test", evaluate(&model, &test, &device)));
+            }
+            for (split, (loss, tokens)) in splits {
+                if split == "valid" {
+                    valid_loss = Some(loss);
+                }
+                let mut extra = vec![("tokens", json!(tokens))];
+                let shown = match unit.metric(loss) {
+                    Some((name, value)) => {
+                        extra.push((name, json!(value)));
+                        format!("{name} {value:.4}")
+                    }
+                    None => String::new(),
+                };
+                metrics.write(step, split, loss, &extra)?;
+                progress.println(format!(
+                    "step {step}: {split} loss {loss:.4} {shown} ({tokens} tokens)"
+                ));
+            }
         }
         let periodic = t.checkpoint_every > 0 && step % t.checkpoint_every == 0;
         if periodic || step == t.steps {
@@ -284,9 +306,9 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     })
 }
 
-/// Mean validation loss (nats per counted token) of `model` over `batches`, without autodiff
-/// and with dropout off.
-pub fn evaluate(model: &Lm, batches: &[mixlab_data::Batch], device: &Device) -> f64 {
+/// Mean loss (nats per scored token) of `model` over `batches` and the number of tokens
+/// scored, without autodiff and with dropout off.
+pub fn evaluate(model: &Lm, batches: &[mixlab_data::Batch], device: &Device) -> (f64, u64) {
     let model = model.valid();
     let (mut sum, mut weight) = (0.0, 0.0);
     for batch in batches {
@@ -295,7 +317,7 @@ pub fn evaluate(model: &Lm, batches: &[mixlab_data::Batch], device: &Device) -> 
         sum += f64::from(loss.into_scalar::<f32>());
         weight += batch.weight_sum();
     }
-    sum / weight.max(1.0)
+    (sum / weight.max(1.0), weight as u64)
 }
 
 fn save(

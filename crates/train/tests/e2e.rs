@@ -486,3 +486,54 @@ fn an_all_attention_model_with_adaptive_span_trains_end_to_end() {
     assert!(train.iter().all(|(_, l)| l.is_finite()));
     assert!(train[5].1 < train[0].1, "loss falls: {train:?}");
 }
+
+#[test]
+fn a_word_level_corpus_reports_perplexity_over_whole_splits() {
+    let ptb = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets/ptb");
+    if !ptb.is_dir() {
+        eprintln!("skipped: {} is absent", ptb.display());
+        return;
+    }
+    let dir = scratch("ptb");
+    let config = write_config(
+        &dir,
+        &TINY
+            .replace("corpus = \"copy\"", "corpus = \"ptb\"")
+            .replace("steps = 8", "steps = 2")
+            .replace("eval_every = 4", "eval_every = 0"),
+    );
+    let run_dir = dir.join("run");
+    let out = run(train_bin().arg("--config").arg(&config).args([
+        "--set",
+        &format!("train.run_dir=\"{}\"", run_dir.display()),
+        "--set",
+        &format!("data.path=\"{}\"", ptb.display()),
+    ]));
+    ok(&out);
+    let lines = metrics(&run_dir);
+    let valid = lines
+        .iter()
+        .find(|l| l["split"] == "valid")
+        .expect("a valid line");
+    let test = lines
+        .iter()
+        .find(|l| l["split"] == "test")
+        .expect("a test line");
+    // Every token of the split but the first is scored once, <eos> included.
+    assert_eq!(valid["tokens"], 73_760 - 1);
+    assert_eq!(test["tokens"], 82_430 - 1);
+    let (loss, ppl) = (
+        valid["loss"].as_f64().unwrap(),
+        valid["ppl"].as_f64().unwrap(),
+    );
+    assert!((ppl - loss.exp()).abs() < 1e-6 * ppl);
+    assert!(
+        ppl < 10_000.0 * 1.5,
+        "about uniform over 10k words after 2 steps: {ppl}"
+    );
+    assert!(
+        std::fs::read_to_string(run_dir.join("config.toml"))
+            .unwrap()
+            .contains("vocab_size = 10000")
+    );
+}
