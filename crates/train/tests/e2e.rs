@@ -176,8 +176,17 @@ fn resumed_run_repeats_the_uninterrupted_losses_bit_for_bit() {
 }
 
 #[test]
-fn ctrl_c_checkpoints_at_a_step_boundary_and_exits_zero() {
-    let dir = scratch("sigint");
+fn sigint_checkpoints_at_a_step_boundary_and_exits_zero() {
+    interrupt_checkpoints_and_resumes("-INT");
+}
+
+#[test]
+fn sigterm_checkpoints_at_a_step_boundary_and_exits_zero() {
+    interrupt_checkpoints_and_resumes("-TERM");
+}
+
+fn interrupt_checkpoints_and_resumes(signal: &str) {
+    let dir = scratch(&format!("signal{signal}"));
     let config = write_config(&dir, &TINY.replace("steps = 8", "steps = 100000"));
     let run_dir = dir.join("run");
     let child = train_bin()
@@ -203,7 +212,7 @@ fn ctrl_c_checkpoints_at_a_step_boundary_and_exits_zero() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -211,6 +220,7 @@ fn ctrl_c_checkpoints_at_a_step_boundary_and_exits_zero() {
     ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("stopped at step"), "{stdout}");
+    assert!(stdout.contains("resume with: train --resume"), "{stdout}");
     let steps: Vec<u64> = std::fs::read_dir(run_dir.join("checkpoints"))
         .unwrap()
         .filter_map(|e| {

@@ -36,7 +36,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    // First Ctrl-C: finish the step, write a checkpoint, exit 0. Second: leave at once.
+    // First Ctrl-C (SIGINT) or SIGTERM: finish the step, write a checkpoint, exit 0.
+    // A second one leaves at once.
     let handler = ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
             eprintln!("\nsecond interrupt: exiting without a new checkpoint");
@@ -64,6 +65,9 @@ fn main() -> ExitCode {
                 fmt(s.valid_loss),
                 s.run_dir.display()
             );
+            if s.interrupted {
+                println!("resume with: train --resume {}", s.run_dir.display());
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
