@@ -205,69 +205,109 @@ pub fn corpus_dir(root: &Path, corpus: Corpus) -> PathBuf {
     root.join(corpus.name())
 }
 
-/// Load and split a corpus per its protocol.
+/// The source files of a request, in split order (one file, three split files, or a
+/// directory's files sorted).
+pub fn sources(req: &LoadRequest) -> Result<Vec<PathBuf>, DataError> {
+    match req.corpus.spec().map(|s| s.layout) {
+        None => {
+            let path = req.path;
+            if path.is_dir() {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                    .map_err(|source| DataError::Io {
+                        path: path.to_path_buf(),
+                        source,
+                    })?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.is_file())
+                    .collect();
+                files.sort();
+                if files.is_empty() {
+                    return Err(DataError::Empty {
+                        path: path.to_path_buf(),
+                    });
+                }
+                Ok(files)
+            } else {
+                Ok(vec![path.to_path_buf()])
+            }
+        }
+        // `data.path` may name the file itself rather than its folder.
+        Some(Layout::OneFile { .. }) if req.path.is_file() => Ok(vec![req.path.to_path_buf()]),
+        Some(Layout::OneFile { file, .. }) => Ok(vec![find(req.path, file, req.corpus)?]),
+        Some(Layout::Files { train, valid, test }) => [train, valid, test]
+            .into_iter()
+            .map(|names| find(req.path, names, req.corpus))
+            .collect(),
+    }
+}
+
+/// Load and split a corpus per its protocol, through the token cache in `cache_dir`: a valid
+/// cache is memory-mapped instead of tokenising; a damaged one is reported through `notify`
+/// and rebuilt; a cache that cannot be written (a read-only folder) is reported and skipped.
+pub fn load_cached(
+    req: &LoadRequest,
+    cache_dir: &Path,
+    notify: &mut dyn FnMut(String),
+) -> Result<Splits, DataError> {
+    let srcs = sources(req)?;
+    let settings = format!(
+        "{}|{:?}|{}|{}",
+        req.corpus.name(),
+        req.corpus.level(req.level),
+        req.valid_fraction,
+        req.test_fraction
+    );
+    let dir = crate::cache::entry_dir(cache_dir, req.corpus.name(), &settings, &srcs);
+    match crate::cache::load(&dir) {
+        Ok(splits) => return Ok(splits),
+        Err(crate::cache::Stale::Absent) => {}
+        Err(crate::cache::Stale::Invalid(why)) => {
+            notify(format!("rebuilding the token cache ({why})"))
+        }
+    }
+    let splits = load(req)?;
+    if let Err(e) = crate::cache::store(&dir, &splits) {
+        notify(format!(
+            "cannot write the token cache in {} ({e}); continuing without it",
+            dir.display()
+        ));
+    }
+    Ok(splits)
+}
+
+/// Load and split a corpus per its protocol (no cache).
 pub fn load(req: &LoadRequest) -> Result<Splits, DataError> {
+    let srcs = sources(req)?;
     let Some(spec) = req.corpus.spec() else {
-        return load_text(req);
+        let mut bytes = vec![];
+        for f in &srcs {
+            bytes.extend(read(f)?);
+        }
+        let (v, t) = (req.valid_fraction, req.test_fraction);
+        let pieces = cut_fraction(&bytes, req.level, req.path, 1.0 - v - t, v)?;
+        return tokenize_pieces(req.level, pieces, req.path, t > 0.0);
     };
     let level = spec.level.unwrap_or(req.level);
     match spec.layout {
         Layout::OneFile {
-            file,
             train_pct,
             valid_pct,
+            ..
         } => {
-            // `data.path` may name the file itself rather than its folder.
-            let path = if req.path.is_file() {
-                req.path.to_path_buf()
-            } else {
-                find(req.path, file, req.corpus)?
-            };
-            let bytes = read(&path)?;
-            let pieces = cut_percent(&bytes, level, &path, train_pct, valid_pct)?;
-            tokenize_pieces(level, pieces, &path, train_pct + valid_pct < 100)
+            let path = &srcs[0];
+            let bytes = read(path)?;
+            let pieces = cut_percent(&bytes, level, path, train_pct, valid_pct)?;
+            tokenize_pieces(level, pieces, path, train_pct + valid_pct < 100)
         }
-        Layout::Files { train, valid, test } => {
-            let mut texts = vec![];
-            for names in [train, valid, test] {
-                let path = find(req.path, names, req.corpus)?;
-                texts.push((read(&path)?, path));
-            }
-            let [train, valid, test] = [0, 1, 2].map(|i| texts[i].0.as_slice());
-            let paths: Vec<&Path> = texts.iter().map(|(_, p)| p.as_path()).collect();
-            split_files(level, [train, valid, test], &paths)
+        Layout::Files { .. } => {
+            let texts = srcs
+                .iter()
+                .map(|p| read(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let paths: Vec<&Path> = srcs.iter().map(PathBuf::as_path).collect();
+            split_files(level, [&texts[0], &texts[1], &texts[2]], &paths)
         }
     }
-}
-
-fn load_text(req: &LoadRequest) -> Result<Splits, DataError> {
-    let path = req.path;
-    let bytes = if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|source| DataError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
-        files.sort();
-        let mut all = vec![];
-        for f in files {
-            all.extend(read(&f)?);
-        }
-        all
-    } else {
-        read(path)?
-    };
-    if bytes.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
-    let (v, t) = (req.valid_fraction, req.test_fraction);
-    let pieces = cut_fraction(&bytes, req.level, path, 1.0 - v - t, v)?;
-    tokenize_pieces(req.level, pieces, path, t > 0.0)
 }
 
 /// The first existing file among `names` in `dir`.
@@ -603,6 +643,50 @@ mod tests {
             err.contains("enwik8") && err.contains("wikitext-103"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_cache_returns_what_tokenising_returns_and_heals_itself() {
+        let dir = std::env::temp_dir().join(format!("mixlab-lc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("c.txt"),
+            " the cat sat \n on the mat \n the end \n".repeat(50),
+        )
+        .unwrap();
+        let req = LoadRequest {
+            corpus: Corpus::Text,
+            path: &dir.join("c.txt"),
+            level: Level::Word,
+            valid_fraction: 0.2,
+            test_fraction: 0.1,
+        };
+        let cache = dir.join("cache");
+        let mut notes = vec![];
+        let fresh = load(&req).unwrap();
+        let first = load_cached(&req, &cache, &mut |m| notes.push(m)).unwrap();
+        let second = load_cached(&req, &cache, &mut |m| notes.push(m)).unwrap();
+        for s in [&first, &second] {
+            assert_eq!(
+                (&s.train, &s.valid, &s.test, &s.tokenizer),
+                (&fresh.train, &fresh.valid, &fresh.test, &fresh.tokenizer)
+            );
+        }
+        assert!(notes.is_empty(), "{notes:?}");
+        // Damage the cache: it is reported and rebuilt, with the same result.
+        let entry = std::fs::read_dir(&cache)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::write(entry.join("valid.bin"), b"junk").unwrap();
+        let healed = load_cached(&req, &cache, &mut |m| notes.push(m)).unwrap();
+        assert_eq!(healed.valid, fresh.valid);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("rebuilding"), "{notes:?}");
+        assert!(crate::cache::load(&entry).is_ok(), "rebuilt");
     }
 
     #[test]

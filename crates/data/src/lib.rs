@@ -7,12 +7,13 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod cache;
 pub mod catalogue;
 pub mod copy;
 pub mod text;
 
 pub use batch::{Batch, Sampler, eval_windows, stream_batch};
-pub use catalogue::{Corpus, LoadRequest, Splits, corpus_dir, load};
+pub use catalogue::{Corpus, LoadRequest, Splits, corpus_dir, load, load_cached, sources};
 pub use copy::CopyTask;
 pub use text::{Level, Tokenizer, WordVocab};
 
@@ -49,6 +50,8 @@ pub struct DataConfig {
     pub eval_stride: Option<usize>,
     /// Alphabet size of the copy task (the separator is one more symbol).
     pub n_symbols: usize,
+    /// Where tokenised corpora are cached (memory-mapped on later runs).
+    pub cache_dir: PathBuf,
 }
 
 impl Default for DataConfig {
@@ -63,6 +66,7 @@ impl Default for DataConfig {
             sampler: Sampler::Random,
             eval_stride: None,
             n_symbols: 16,
+            cache_dir: PathBuf::from("datasets/.cache"),
         }
     }
 }

@@ -81,6 +81,73 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
     }))
 }
 
+/// Tokenisation and cache throughput on a synthetic word-level corpus of `size_mb` MB shaped
+/// like WikiText-103 (267,735 word types with Zipf-distributed frequencies, ~20-word lines, one
+/// blank line in three): time to tokenise from text, to build the cache, and to load from it.
+pub fn data_load(size_mb: usize, dir: &std::path::Path) -> Result<Value> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("synthetic.tokens");
+    let target = size_mb * 1_000_000;
+    if std::fs::metadata(&path).map_or(true, |m| (m.len() as usize) < target) {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let types = 267_735f64;
+        let (mut written, mut line) = (0usize, 0usize);
+        while written < target {
+            let mut text = String::from(" ");
+            if line % 3 != 2 {
+                for _ in 0..20 {
+                    // Zipf(1) by inverse transform: rank = types^u.
+                    let rank = types.powf(rng.random::<f64>()) as u64;
+                    text.push_str(&format!("w{rank} "));
+                }
+            }
+            text.push('\n');
+            out.write_all(text.as_bytes())?;
+            written += text.len();
+            line += 1;
+        }
+        out.flush()?;
+    }
+    let request = mixlab_data::LoadRequest {
+        corpus: mixlab_data::Corpus::Text,
+        path: &path,
+        level: mixlab_data::Level::Word,
+        valid_fraction: 0.01,
+        test_fraction: 0.01,
+    };
+    let started = Instant::now();
+    let splits = mixlab_data::load(&request)?;
+    let tokenize_s = started.elapsed().as_secs_f64();
+    let tokens = splits.train.len() + splits.valid.len() + splits.test.as_ref().map_or(0, Vec::len);
+    let vocab = splits.tokenizer.vocab_size();
+    let peak_tokenize = peak_rss_mb();
+    drop(splits);
+    let cache = dir.join("cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    let started = Instant::now();
+    mixlab_data::load_cached(&request, &cache, &mut |n| eprintln!("{n}"))?;
+    let build_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let cached = mixlab_data::load_cached(&request, &cache, &mut |n| eprintln!("{n}"))?;
+    let cache_load_s = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        cached.train.len() + cached.valid.len() + cached.test.as_ref().map_or(0, Vec::len)
+            == tokens
+    );
+    Ok(json!({
+        "kind": "data",
+        "size_mb": std::fs::metadata(&path)?.len() as f64 / 1e6,
+        "tokens": tokens,
+        "vocab": vocab,
+        "tokenize_s": tokenize_s,
+        "cache_build_s": build_s,
+        "cache_load_s": cache_load_s,
+        "peak_rss_mb_tokenize": peak_tokenize,
+    }))
+}
+
 /// Peak resident set size of this process in MiB (Linux `VmHWM`), or null elsewhere.
 pub fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

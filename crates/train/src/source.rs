@@ -111,13 +111,20 @@ impl Source {
                         message: format!("must be in 1..=model.seq_len ({seq}), got {stride}"),
                     });
                 }
-                let splits = mixlab_data::load(&LoadRequest {
+                let request = LoadRequest {
                     corpus,
                     path: &path,
                     level: config.level,
                     valid_fraction: v,
                     test_fraction: t,
-                })?;
+                };
+                let splits = if config.cache_dir.as_os_str().is_empty() {
+                    mixlab_data::load(&request)?
+                } else {
+                    mixlab_data::load_cached(&request, &config.cache_dir, &mut |note| {
+                        eprintln!("mixlab: {note}")
+                    })?
+                };
                 let what = path.display().to_string();
                 let train_needed = match config.sampler {
                     Sampler::Random => seq + 1,

@@ -38,16 +38,39 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         warmup: usize,
     },
+    /// Corpus tokenisation and token-cache load times on a synthetic WikiText-103-shaped corpus.
+    Data {
+        /// Size of the generated corpus in MB (WikiText-103 train is about 540).
+        #[arg(long, default_value_t = 540)]
+        size_mb: usize,
+        /// Folder for the generated corpus and its cache.
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
-    let Command::Train {
-        config,
-        backend,
-        set,
-        steps,
-        warmup,
-    } = Cli::parse().command;
+    let (config, backend, set, steps, warmup) = match Cli::parse().command {
+        Command::Train {
+            config,
+            backend,
+            set,
+            steps,
+            warmup,
+        } => (config, backend, set, steps, warmup),
+        Command::Data { size_mb, dir } => {
+            return match mixlab_train::bench::data_load(size_mb, &dir) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+    };
     if backend.len() > 1 {
         return compare(&backend);
     }
