@@ -513,12 +513,18 @@ fn a_word_level_corpus_reports_perplexity_over_whole_splits() {
             .replace("eval_every = 4", "eval_every = 0"),
     );
     let run_dir = dir.join("run");
-    let out = run(train_bin().arg("--config").arg(&config).args([
-        "--set",
-        &format!("train.run_dir=\"{}\"", run_dir.display()),
-        "--set",
-        &format!("data.path=\"{}\"", ptb.display()),
-    ]));
+    let out = run(train_bin()
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "--set",
+            &format!("train.run_dir=\"{}\"", run_dir.display()),
+            "--set",
+            &format!("data.path=\"{}\"", ptb.display()),
+            "--set",
+            &format!("data.cache_dir=\"{}\"", dir.join("cache").display()),
+        ])
+        .current_dir(&dir));
     ok(&out);
     let lines = metrics(&run_dir);
     let valid = lines
@@ -541,6 +547,7 @@ fn a_word_level_corpus_reports_perplexity_over_whole_splits() {
         ppl < 10_000.0 * 1.5,
         "about uniform over 10k words after 2 steps: {ppl}"
     );
+    assert!(dir.join("cache").is_dir(), "the corpus was cached");
     assert!(
         std::fs::read_to_string(run_dir.join("config.toml"))
             .unwrap()
