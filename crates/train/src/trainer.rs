@@ -183,11 +183,7 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let mut step = start;
     let mut interrupted = false;
 
-    while step < t.steps {
-        if stop.load(Ordering::SeqCst) {
-            interrupted = true;
-            break;
-        }
+    while step < t.steps && !interrupted {
         // Per-step randomness (dropout) comes from (seed, step), so a resumed run repeats it.
         ad.seed(mix(t.seed, step as u64));
         let lr = learning_rate(&config.optim, step, t.steps);
@@ -271,8 +267,10 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                 ));
             }
         }
+        // A signal (Ctrl-C, SIGTERM) ends the run here, at a step boundary, with a checkpoint.
+        interrupted = stop.load(Ordering::SeqCst) && step < t.steps;
         let periodic = t.checkpoint_every > 0 && step % t.checkpoint_every == 0;
-        if periodic || step == t.steps {
+        if periodic || step == t.steps || interrupted {
             save(
                 &config,
                 &run_dir,
@@ -285,15 +283,6 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         }
     }
     if interrupted {
-        save(
-            &config,
-            &run_dir,
-            &model,
-            &optim,
-            step,
-            valid_loss,
-            selected.backend,
-        )?;
         progress.println(format!("interrupted: checkpoint written at step {step}"));
     }
     progress.finish_and_clear();

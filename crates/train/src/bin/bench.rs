@@ -59,16 +59,7 @@ fn main() -> ExitCode {
             warmup,
         } => (config, backend, set, steps, warmup),
         Command::Data { size_mb, dir } => {
-            return match mixlab_train::bench::data_load(size_mb, &dir) {
-                Ok(line) => {
-                    println!("{line}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            };
+            return emit(mixlab_train::bench::data_load(size_mb, &dir));
         }
     };
     if backend.len() > 1 {
@@ -80,7 +71,12 @@ fn main() -> ExitCode {
         backend: backend.into_iter().next(),
         overrides: set,
     };
-    match mixlab_train::bench::train_step(&opts, steps.max(1), warmup) {
+    emit(mixlab_train::bench::train_step(&opts, steps.max(1), warmup))
+}
+
+/// Print a measurement's JSON line, or its error with exit code 1.
+fn emit(result: anyhow::Result<serde_json::Value>) -> ExitCode {
+    match result {
         Ok(line) => {
             println!("{line}");
             ExitCode::SUCCESS
