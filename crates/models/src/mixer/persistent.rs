@@ -351,7 +351,7 @@ impl PersistentAttention {
 }
 
 /// Relative-position scores `q_i · key_pe[:, i - j]` for every query `i` and key `j <= i`
-/// (entries with `j > i` hold an arbitrary valid index and must be masked by the caller).
+/// (entries with `j > i` hold other values and must be masked by the caller).
 ///
 /// # Shapes
 /// - `q`: `[batch, n_heads, seq, d_head]`
@@ -365,13 +365,18 @@ pub fn relative_scores(q: Tensor<4>, key_pe: &Tensor<2>) -> Tensor<4> {
         "key_pe covers {span} distances, sequence has {seq}"
     );
     let device = q.device();
-    let by_distance = q.matmul(key_pe.clone().unsqueeze::<4>()); // [batch, n_heads, seq, span]
-    // distance[i, j] = i - j, clamped at 0 above the diagonal.
-    let i = Tensor::<1, Int>::arange(0..seq as i64, &device).reshape([seq, 1]);
-    let j = Tensor::<1, Int>::arange(0..seq as i64, &device).reshape([1, seq]);
-    let distance = (i.expand([seq, seq]) - j.expand([seq, seq])).clamp_min(0);
-    let distance = distance.unsqueeze::<4>().expand([batch, n_heads, seq, seq]);
-    by_distance.narrow(3, 0, seq).gather(3, distance)
+    // by_distance[.., i, m] = q_i · key_pe[:, seq - 1 - m] (distances in reverse order).
+    let reversed = key_pe.clone().narrow(1, 0, seq).flip([1]); // [d_head, seq]
+    let by_distance = q.matmul(reversed.unsqueeze::<4>()); // [batch, n_heads, seq, seq]
+    // The relative shift (Transformer-XL's `_rel_shift`): pad one zero column on the left, read
+    // the [seq, seq + 1] rows as [seq + 1, seq], drop the first row. Then
+    // out[i, j] = by_distance[i, j + seq - 1 - i] = q_i · key_pe[:, i - j] for j <= i: a few
+    // copies instead of a gather (whose backward is a slow scatter-add).
+    let zeros = Tensor::<4>::zeros([batch, n_heads, seq, 1], &device);
+    Tensor::cat(vec![zeros, by_distance], 3)
+        .reshape([batch, n_heads, seq + 1, seq])
+        .narrow(2, 1, seq)
+        .reshape([batch, n_heads, seq, seq])
 }
 
 /// `m[h, i, j] = clamp((R + z_h - (i - j)) / R, 0, 1)` with `z_h = fraction_h · seq`.
