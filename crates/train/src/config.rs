@@ -90,6 +90,9 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Write the training loss to `metrics.jsonl` every this many steps.
     pub log_every: usize,
+    /// What a non-finite loss or gradient norm does: `stop` (exit 1 naming the step; nothing is
+    /// written for it, the last checkpoint stays) or `skip` (drop that update, count it, warn).
+    pub on_nonfinite: NonFinite,
     /// Run directory; default `runs/<config file name without .toml>`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run_dir: Option<PathBuf>,
@@ -108,9 +111,20 @@ impl Default for TrainConfig {
             checkpoint_every: 500,
             keep_checkpoints: 3,
             log_every: 10,
+            on_nonfinite: NonFinite::Stop,
             run_dir: None,
         }
     }
+}
+
+/// Policy for a step whose loss or gradient norm is NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinite {
+    /// Exit with an error naming the step.
+    Stop,
+    /// Drop the update (the step and its batches are consumed), count it and warn.
+    Skip,
 }
 
 impl Config {

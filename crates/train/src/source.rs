@@ -170,6 +170,20 @@ impl Source {
         }
     }
 
+    /// How many distinct token ids occur in the training data (enwik8: 205 of 256 bytes).
+    pub fn occurring(&self) -> usize {
+        match self {
+            Source::Copy { task, .. } => task.vocab_size(),
+            Source::Text { splits, .. } => {
+                let mut seen = vec![false; splits.tokenizer.vocab_size()];
+                for &t in &splits.train {
+                    seen[t as usize] = true;
+                }
+                seen.iter().filter(|&&s| s).count()
+            }
+        }
+    }
+
     /// The unit losses are reported in.
     pub fn unit(&self, config: &DataConfig) -> Unit {
         match self {

@@ -15,7 +15,7 @@ use mixlab_models::{Lm, loss::cross_entropy_sum};
 use serde_json::json;
 
 use crate::checkpoint::{self, Manifest, SchedulerState};
-use crate::config::Config;
+use crate::config::{Config, NonFinite};
 use crate::device::{self, BackendChoice};
 use crate::metrics::MetricsLog;
 use crate::optim::{adamw, clip_global_norm, learning_rate};
@@ -159,11 +159,12 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let mut metrics = MetricsLog::open(&run_dir, resume_from.as_ref().map(|(_, m)| m.step))?;
 
     eprintln!(
-        "mixlab: {} | {} parameters | {} | vocab {} | run dir {}",
+        "mixlab: {} | {} parameters | {} | vocab {} ({} occur in train) | run dir {}",
         selected.description,
         model.num_params(),
         config.model.mixer.kind(),
         config.model.vocab_size.unwrap_or(0),
+        source.occurring(),
         run_dir.display()
     );
     if start > 0 {
@@ -181,6 +182,11 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let mut window = (Instant::now(), 0usize);
     let mut train_loss = None;
     let mut step = start;
+    let mut skipped = 0usize;
+    // Fault injection for the tests: make the loss of this (0-based) step NaN.
+    let poison_step = std::env::var("MIXLAB_FAULT_NAN_STEP")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
     let mut interrupted = false;
 
     while step < t.steps && !interrupted {
@@ -197,6 +203,9 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
             let (inputs, targets, weights) = to_tensors(batch, &ad);
             let mut loss =
                 cross_entropy_sum(model.forward(inputs), targets, weights).div_scalar(weight);
+            if poison_step == Some(step) {
+                loss = loss.mul_scalar(f64::NAN);
+            }
             loss_sum += f64::from(loss.clone().into_scalar::<f32>());
             if let Some(penalty) = model.regularization() {
                 // Once per optimiser step in total, spread over the micro-batches.
@@ -206,14 +215,28 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         }
         let (grads, grad_norm) =
             clip_global_norm(&model, accumulator.grads(), config.optim.grad_clip);
-        model = optim.step(lr, model, grads);
         step += 1;
         train_loss = Some(loss_sum);
-        if !loss_sum.is_finite() {
-            bail!(
-                "training loss became {loss_sum} at step {step}; lower optim.lr or raise \
-                 optim.warmup_steps (the last checkpoint is kept)"
-            );
+        if loss_sum.is_finite() && grad_norm.is_finite() {
+            model = optim.step(lr, model, grads);
+        } else {
+            match t.on_nonfinite {
+                NonFinite::Stop => bail!(
+                    "the loss ({loss_sum}) or gradient norm ({grad_norm}) is not finite at step \
+                     {step}; nothing was written for it and the last checkpoint is kept. Lower \
+                     optim.lr, raise optim.warmup_steps, or set train.on_nonfinite = \"skip\""
+                ),
+                NonFinite::Skip => {
+                    skipped += 1;
+                    say(
+                        &progress,
+                        format!(
+                            "warning: step {step} skipped (loss {loss_sum}, gradient norm \
+                         {grad_norm}); {skipped} skipped so far"
+                        ),
+                    );
+                }
+            }
         }
 
         window.1 += 1;
@@ -228,6 +251,7 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                 ("grad_norm", json!(grad_norm)),
                 ("tokens_per_s", json!(tokens_per_s)),
                 ("elapsed_s", json!(started.elapsed().as_secs_f64())),
+                ("skipped_steps", json!(skipped)),
             ];
             if let Some((name, value)) = unit.metric(loss_sum) {
                 extra.push((name, json!(value)));
@@ -262,9 +286,10 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                     None => String::new(),
                 };
                 metrics.write(step, split, loss, &extra)?;
-                progress.println(format!(
-                    "step {step}: {split} loss {loss:.4} {shown} ({tokens} tokens)"
-                ));
+                say(
+                    &progress,
+                    format!("step {step}: {split} loss {loss:.4} {shown} ({tokens} tokens)"),
+                );
             }
         }
         // A signal (Ctrl-C, SIGTERM) ends the run here, at a step boundary, with a checkpoint.
@@ -283,7 +308,10 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         }
     }
     if interrupted {
-        progress.println(format!("interrupted: checkpoint written at step {step}"));
+        say(
+            &progress,
+            format!("interrupted: checkpoint written at step {step}"),
+        );
     }
     progress.finish_and_clear();
     Ok(Summary {
@@ -370,6 +398,16 @@ fn mix(seed: u64, step: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// A line for the user: above the progress bar when it is drawn, else on stderr (indicatif
+/// hides the bar, and drops its `println`, when stderr is not a terminal).
+fn say(progress: &ProgressBar, line: String) {
+    if progress.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        progress.println(line);
+    }
 }
 
 fn progress_bar(len: u64, pos: u64) -> ProgressBar {

@@ -554,3 +554,53 @@ fn a_word_level_corpus_reports_perplexity_over_whole_splits() {
             .contains("vocab_size = 10000")
     );
 }
+
+#[test]
+fn a_nan_stops_the_run_or_is_skipped_as_configured() {
+    let dir = scratch("nan");
+    let config = write_config(&dir, TINY);
+    // stop (default): exit 1 naming the step; the step-4 checkpoint is the last one.
+    let stop_dir = dir.join("stop");
+    let out = run(train_bin()
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "--set",
+            &format!("train.run_dir=\"{}\"", stop_dir.display()),
+        ])
+        .env("MIXLAB_FAULT_NAN_STEP", "5"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("not finite at step 6") && stderr.contains("on_nonfinite"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let ckpts: Vec<String> = std::fs::read_dir(stop_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ckpts, vec!["step-4".to_string()]);
+    // skip: the run finishes; the bad update is dropped and counted.
+    let skip_dir = dir.join("skip");
+    let out = run(train_bin()
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "--set",
+            &format!("train.run_dir=\"{}\"", skip_dir.display()),
+            "--set",
+            "train.on_nonfinite=\"skip\"",
+        ])
+        .env("MIXLAB_FAULT_NAN_STEP", "5"));
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("step 6 skipped"));
+    let lines = metrics(&skip_dir);
+    let last = lines.iter().rfind(|l| l["split"] == "train").unwrap();
+    assert_eq!(last["step"], 8);
+    assert_eq!(last["skipped_steps"], 1);
+    assert!(
+        last["loss"].as_f64().unwrap().is_finite(),
+        "later steps are unharmed"
+    );
+}
