@@ -195,6 +195,15 @@ impl Config {
                 o.grad_clip
             );
         }
+        if !self.model.mixer.is_causal() {
+            bail!(
+                "model.mixer.causal = false: a bidirectional {} mixer lets position t see \
+                 tokens after t, so next-token training would read the answer. Set \
+                 model.mixer.causal = true (for kind = \"fourier\" that is the causal Fourier \
+                 variant); a masked-LM objective for bidirectional mixers is not implemented yet",
+                self.model.mixer.kind()
+            );
+        }
         crate::device::BackendChoice::parse(&t.backend)?;
         Ok(())
     }
@@ -317,6 +326,12 @@ mod tests {
     fn validation_names_the_key() {
         let c = Config::parse("[optim]\nlr = 2.0\n", "v.toml", &[]).unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("optim.lr"));
+        let c = Config::parse("[model.mixer]\nkind = \"fourier\"\n", "v.toml", &[]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("model.mixer.causal = false") && err.contains("fourier"),
+            "{err}"
+        );
         let c = Config::parse("[train]\nbackend = \"tpu\"\n", "v.toml", &[]).unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("tpu") && err.contains("flex"), "{err}");

@@ -604,3 +604,21 @@ fn a_nan_stops_the_run_or_is_skipped_as_configured() {
         "later steps are unharmed"
     );
 }
+
+#[test]
+fn a_causal_fnet_trains_end_to_end() {
+    let dir = scratch("fnet");
+    let config = write_config(&dir, &TINY.replace("steps = 8", "steps = 4"));
+    let run_dir = dir.join("run");
+    let out = run(train_bin().arg("--config").arg(&config).args([
+        "--set",
+        &format!("train.run_dir=\"{}\"", run_dir.display()),
+        "--set",
+        "model.mixer={ kind = \"fourier\", causal = true }",
+    ]));
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fourier"));
+    let train = losses(&metrics(&run_dir), "train");
+    assert_eq!(train.len(), 4);
+    assert!(train.iter().all(|(_, l)| l.is_finite()));
+}

@@ -7,9 +7,11 @@
 //! `Block` and `Lm` do not change.
 
 mod dense;
+mod fourier;
 mod persistent;
 
 pub use dense::{DenseAttention, DenseAttentionConfig};
+pub use fourier::{FourierImpl, FourierMixer, FourierMixerConfig, dft_matrices, dft_mix, fft_mix};
 pub use persistent::{PersistentAttention, PersistentAttentionConfig, relative_scores, span_mask};
 
 use burn::module::Module;
@@ -43,6 +45,8 @@ pub enum MixerConfig {
     Dense(DenseAttentionConfig),
     /// Attention over the context plus learned persistent key/value vectors (all-attention).
     Persistent(PersistentAttentionConfig),
+    /// FNet: parameter-free `Re(DFT_seq(DFT_hidden(x)))` (bidirectional unless `causal`).
+    Fourier(FourierMixerConfig),
 }
 
 impl Default for MixerConfig {
@@ -57,6 +61,7 @@ impl MixerConfig {
         match self {
             MixerConfig::Dense(_) => "dense",
             MixerConfig::Persistent(_) => "persistent",
+            MixerConfig::Fourier(_) => "fourier",
         }
     }
 
@@ -65,6 +70,7 @@ impl MixerConfig {
         match self {
             MixerConfig::Dense(c) => c.causal,
             MixerConfig::Persistent(c) => c.causal,
+            MixerConfig::Fourier(c) => c.causal,
         }
     }
 
@@ -73,6 +79,7 @@ impl MixerConfig {
         let n_heads = match self {
             MixerConfig::Dense(c) => c.n_heads,
             MixerConfig::Persistent(c) => c.n_heads,
+            MixerConfig::Fourier(_) => return None,
         };
         (n_heads > 0).then(|| d_model / n_heads)
     }
@@ -82,6 +89,7 @@ impl MixerConfig {
         match self {
             MixerConfig::Dense(c) => c.validate(ctx),
             MixerConfig::Persistent(c) => c.validate(ctx),
+            MixerConfig::Fourier(c) => c.validate(ctx),
         }
     }
 
@@ -90,6 +98,7 @@ impl MixerConfig {
         match self {
             MixerConfig::Dense(c) => Mixer::Dense(c.init(ctx, device)),
             MixerConfig::Persistent(c) => Mixer::Persistent(c.init(ctx, device)),
+            MixerConfig::Fourier(c) => Mixer::Fourier(c.init(ctx)),
         }
     }
 }
@@ -103,6 +112,8 @@ pub enum Mixer {
     Dense(DenseAttention),
     /// See [`PersistentAttention`].
     Persistent(PersistentAttention),
+    /// See [`FourierMixer`].
+    Fourier(FourierMixer),
 }
 
 impl Mixer {
@@ -114,13 +125,14 @@ impl Mixer {
         match self {
             Mixer::Dense(m) => m.forward(x),
             Mixer::Persistent(m) => m.forward(x, key_pe),
+            Mixer::Fourier(m) => m.forward(x),
         }
     }
 
     /// A penalty this mixer adds to the training loss (adaptive span), if any.
     pub fn regularization(&self, seq_len: usize) -> Option<Tensor<1>> {
         match self {
-            Mixer::Dense(_) => None,
+            Mixer::Dense(_) | Mixer::Fourier(_) => None,
             Mixer::Persistent(m) => m.regularization(seq_len),
         }
     }

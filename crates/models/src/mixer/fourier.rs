@@ -1,0 +1,411 @@
+//! FNet Fourier mixing (Lee-Thorp et al. 2021): the attention sublayer replaced by a
+//! parameter-free 2-D DFT, keeping the real part, `y = Re(FFT_seq(FFT_hidden(x)))`.
+//!
+//! Differs from dense attention: no parameters, no heads, O(n log n) in the sequence, and it is
+//! **bidirectional** — every output position mixes every input position, so it only fits an
+//! autoregressive objective in its causal variant. It ignores padding, as the reference
+//! implementation does: padded positions take part in the transform, so in a batch of
+//! variable-length sequences every output depends on how much padding its row has.
+//!
+//! Two implementations of the same function:
+//! - `fft`: `burn::signal::cfft` along hidden then along sequence (with backward); both lengths
+//!   must be powers of two and the backend must have the FFT ops (flex and the CubeCL backends,
+//!   not ndarray);
+//! - `dft`: the DFT-matrix identity `Re(F_s X F_h) = C_s X C_h − S_s X S_h` with the cosine and
+//!   sine matrices `C[j, k] = cos(2π jk / n)`, `S[j, k] = sin(2π jk / n)`; any length, every
+//!   backend (the paper's TPU path). Cost O(s² d + s d²).
+//!
+//! Causal variant (our extension for autoregressive LM): `y = Re((M ∘ F_s) X F_h)` with `M` the
+//! lower-triangular mask (diagonal included), i.e. `(M∘C_s) X C_h − (M∘S_s) X S_h`: position
+//! `t` mixes positions `<= t` only, each with its full-sequence DFT coefficient. It has no FFT
+//! form (the masked matrix is not a DFT), so it always uses the DFT path: O(s² d + s d²).
+//!
+//! The trigonometric matrices are built in f64 (angles reduced modulo `n` before scaling, so
+//! long sequences stay exact) and applied in f32.
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use super::MixerContext;
+use crate::ModelError;
+
+/// Which implementation computes the transform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FourierImpl {
+    /// FFT where it applies (power-of-two lengths, a backend with FFT ops), else DFT matrices.
+    Auto,
+    /// Always `burn::signal` FFTs (an error if a length is not a power of two).
+    Fft,
+    /// Always DFT matrices.
+    Dft,
+}
+
+/// Settings of [`FourierMixer`] under `[model.mixer]` with `kind = "fourier"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FourierMixerConfig {
+    /// `auto`, `fft` or `dft`.
+    pub implementation: FourierImpl,
+    /// The causal variant (lower-triangular mask on the sequence DFT).
+    pub causal: bool,
+}
+
+impl Default for FourierMixerConfig {
+    fn default() -> Self {
+        Self {
+            implementation: FourierImpl::Auto,
+            causal: false,
+        }
+    }
+}
+
+impl FourierMixerConfig {
+    pub(crate) fn validate(&self, ctx: &MixerContext) -> Result<(), ModelError> {
+        if ctx.relative_positions {
+            return Err(ModelError::invalid(
+                "position",
+                "\"relative\"",
+                "Fourier mixing has no relative-position term; use \"learned\" or \"none\"",
+            ));
+        }
+        if ctx.rope_theta.is_some() {
+            return Err(ModelError::invalid(
+                "position",
+                "\"rope\"",
+                "RoPE rotates attention queries and keys; Fourier mixing has none: use \"learned\"",
+            ));
+        }
+        if self.implementation == FourierImpl::Fft {
+            if self.causal {
+                return Err(ModelError::invalid(
+                    "mixer.implementation",
+                    "\"fft\"",
+                    "the causal variant has no FFT form; use \"dft\" or \"auto\"",
+                ));
+            }
+            for (what, n) in [("d_model", ctx.d_model), ("seq_len", ctx.max_seq_len)] {
+                if !n.is_power_of_two() {
+                    return Err(ModelError::invalid(
+                        "mixer.implementation",
+                        "\"fft\"",
+                        format!(
+                            "the FFT path needs power-of-two lengths but {what} = {n}; use \"auto\" or \"dft\""
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn init(&self, _ctx: &MixerContext) -> FourierMixer {
+        FourierMixer {
+            allow_fft: self.implementation != FourierImpl::Dft,
+            force_fft: self.implementation == FourierImpl::Fft,
+            causal: self.causal,
+        }
+    }
+}
+
+/// Parameter-free Fourier token mixing.
+#[derive(Module, Debug)]
+pub struct FourierMixer {
+    /// The FFT path may be used (`implementation` is `auto` or `fft`).
+    pub allow_fft: bool,
+    /// The FFT path must be used (`implementation = "fft"`).
+    pub force_fft: bool,
+    /// The causal variant.
+    pub causal: bool,
+}
+
+impl FourierMixer {
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]`
+    /// - output: `[batch, seq, d_model]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [_, seq, d_model] = x.dims();
+        if self.uses_fft(seq, d_model, &x.device()) {
+            fft_mix(x)
+        } else {
+            dft_mix(x, self.causal)
+        }
+    }
+
+    /// Whether the FFT path computes `[.., seq, d_model]` inputs on `device`.
+    pub fn uses_fft(&self, seq: usize, d_model: usize, device: &Device) -> bool {
+        let pow2 = seq.is_power_of_two() && d_model.is_power_of_two();
+        self.force_fft || (self.allow_fft && !self.causal && pow2 && has_fft(device))
+    }
+}
+
+/// burn-signal's FFT ops exist on flex and the CubeCL backends (wgpu, cuda, ...), not ndarray.
+fn has_fft(device: &Device) -> bool {
+    let name = format!("{device:?}");
+    name.contains("Flex") || name.contains("Cube")
+}
+
+/// `Re(FFT_seq(FFT_hidden(x)))` by burn-signal FFTs.
+///
+/// # Shapes
+/// - `x`: `[batch, seq, d_model]`, both lengths powers of two
+/// - output: `[batch, seq, d_model]`
+pub fn fft_mix(x: Tensor<3>) -> Tensor<3> {
+    let zeros = x.zeros_like();
+    let (re, im) = burn::signal::cfft(x, zeros, 2, None); // along hidden
+    let (re, _) = burn::signal::cfft(re, im, 1, None); // along the sequence
+    re
+}
+
+/// `[n, n]` cosine and sine DFT matrices, `cos(2π jk / n)` and `sin(2π jk / n)`, optionally with
+/// the upper triangle (k > j) zeroed.
+pub fn dft_matrices(n: usize, lower_triangular: bool, device: &Device) -> (Tensor<2>, Tensor<2>) {
+    let mut cos = Vec::with_capacity(n * n);
+    let mut sin = Vec::with_capacity(n * n);
+    for j in 0..n {
+        for k in 0..n {
+            if lower_triangular && k > j {
+                cos.push(0.0f32);
+                sin.push(0.0f32);
+            } else {
+                // Reduce jk modulo n first: exact integer arithmetic, then one rounding.
+                let angle = 2.0 * std::f64::consts::PI * ((j * k) % n) as f64 / n as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(cos, [n, n]), device),
+        Tensor::from_data(TensorData::new(sin, [n, n]), device),
+    )
+}
+
+/// `Re(F_s X F_h) = C_s X C_h − S_s X S_h` (with `M ∘` on the sequence matrices when causal).
+///
+/// # Shapes
+/// - `x`: `[batch, seq, d_model]`, any lengths
+/// - output: `[batch, seq, d_model]`
+pub fn dft_mix(x: Tensor<3>, causal: bool) -> Tensor<3> {
+    let [_, seq, d_model] = x.dims();
+    let device = x.device();
+    let (c_h, s_h) = dft_matrices(d_model, false, &device);
+    let (c_s, s_s) = dft_matrices(seq, causal, &device);
+    let a = x.clone().matmul(c_h.unsqueeze::<3>()); // [batch, seq, d_model]
+    let b = x.matmul(s_h.unsqueeze::<3>());
+    c_s.unsqueeze::<3>().matmul(a) - s_s.unsqueeze::<3>().matmul(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{devices, to_vec};
+    use burn::tensor::Distribution;
+
+    /// Direct O(s² d²) DFT in f64: Re Σ_{j,k} x[j,k] e^{-2πi (tj/s + uk/d)}, masked to j <= t when
+    /// causal.
+    fn direct(x: &[f32], seq: usize, d: usize, causal: bool) -> Vec<f64> {
+        let mut y = vec![0.0f64; seq * d];
+        for t in 0..seq {
+            for u in 0..d {
+                let mut acc = 0.0;
+                for j in 0..seq {
+                    if causal && j > t {
+                        continue;
+                    }
+                    for k in 0..d {
+                        let phase = 2.0
+                            * std::f64::consts::PI
+                            * (((t * j) % seq) as f64 / seq as f64
+                                + ((u * k) % d) as f64 / d as f64);
+                        acc += f64::from(x[j * d + k]) * phase.cos();
+                    }
+                }
+                y[t * d + u] = acc;
+            }
+        }
+        y
+    }
+
+    fn close(got: &[f32], want: &[f64], what: &str) {
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1.0);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (f64::from(*g) - w).abs() <= 1e-4 * scale,
+                "{what} [{i}]: {g} vs {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn dft_path_equals_a_direct_dft_for_any_length() {
+        for (name, device) in devices() {
+            for (seq, d) in [(12, 24), (100, 24), (128, 64), (16, 8)] {
+                for causal in [false, true] {
+                    device.seed(1);
+                    let x =
+                        Tensor::<3>::random([2, seq, d], Distribution::Normal(0.0, 1.0), &device);
+                    let xs = to_vec(x.clone());
+                    let got = to_vec(dft_mix(x, causal));
+                    for b in 0..2 {
+                        let want = direct(&xs[b * seq * d..(b + 1) * seq * d], seq, d, causal);
+                        close(
+                            &got[b * seq * d..(b + 1) * seq * d],
+                            &want,
+                            &format!("{name} {seq}x{d} causal={causal}"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fft_path_equals_dft_path_values_and_gradients_on_flex() {
+        let device = Device::flex().autodiff();
+        assert!(
+            has_fft(&device)
+                && !has_fft(&{
+                    #[allow(deprecated)]
+                    Device::ndarray()
+                })
+        );
+        for (seq, d) in [(16, 8), (64, 32), (256, 64)] {
+            device.seed(2);
+            let x = Tensor::<3>::random([2, seq, d], Distribution::Normal(0.0, 1.0), &device)
+                .require_grad();
+            let w = Tensor::<3>::random([2, seq, d], Distribution::Normal(0.0, 1.0), &device);
+            let y_fft = fft_mix(x.clone());
+            let y_dft = dft_mix(x.clone(), false);
+            let (a, b) = (to_vec(y_fft.clone()), to_vec(y_dft.clone()));
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (p, q) in a.iter().zip(&b) {
+                assert!(
+                    (p - q).abs() <= 1e-4 * scale,
+                    "{seq}x{d}: fft {p} vs dft {q}"
+                );
+            }
+            let g_fft = (y_fft * w.clone()).sum().backward();
+            let g_fft = to_vec(x.grad(&g_fft).unwrap());
+            let g_dft = (y_dft * w).sum().backward();
+            let g_dft = to_vec(x.grad(&g_dft).unwrap());
+            let scale = g_dft.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (p, q) in g_fft.iter().zip(&g_dft) {
+                assert!(
+                    (p - q).abs() <= 1e-4 * scale,
+                    "{seq}x{d}: grad fft {p} vs dft {q}"
+                );
+            }
+        }
+    }
+
+    /// Finite differences of `L = Σ w ∘ y` on the DFT path. The map is linear, so central
+    /// differences have no truncation error and a large step keeps f32 rounding small.
+    #[test]
+    fn dft_path_gradient_matches_finite_differences() {
+        for (name, device) in devices() {
+            let ad = device.clone().autodiff();
+            for causal in [false, true] {
+                ad.seed(3);
+                let (seq, d) = (6, 5);
+                let x = Tensor::<3>::random([1, seq, d], Distribution::Normal(0.0, 1.0), &ad)
+                    .require_grad();
+                let w = Tensor::<3>::random([1, seq, d], Distribution::Normal(0.0, 1.0), &ad);
+                let grads = (dft_mix(x.clone(), causal) * w.clone()).sum().backward();
+                let analytic = to_vec(x.grad(&grads).unwrap());
+                let loss = |xv: Vec<f32>| {
+                    let xt = Tensor::<3>::from_data(TensorData::new(xv, [1, seq, d]), &device);
+                    f64::from(
+                        (dft_mix(xt, causal) * w.clone().inner())
+                            .sum()
+                            .into_scalar::<f32>(),
+                    )
+                };
+                let base = to_vec(x.clone().inner());
+                let h = 0.5f32;
+                for i in 0..seq * d {
+                    let mut plus = base.clone();
+                    plus[i] += h;
+                    let mut minus = base.clone();
+                    minus[i] -= h;
+                    let fd = (loss(plus) - loss(minus)) / (2.0 * f64::from(h));
+                    assert!(
+                        (fd - f64::from(analytic[i])).abs() < 2e-3 * (1.0 + fd.abs()),
+                        "{name} causal={causal} [{i}]: fd {fd} vs {}",
+                        analytic[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn causal_variant_is_causal_and_keeps_the_bidirectional_terms() {
+        for (name, device) in devices() {
+            device.seed(4);
+            let (seq, d) = (10, 6);
+            let x = Tensor::<3>::random([1, seq, d], Distribution::Normal(0.0, 1.0), &device);
+            let xs = to_vec(x.clone());
+            let y = to_vec(dft_mix(x, true));
+            for t in 0..seq {
+                // Outputs <= t do not change when tokens > t do...
+                let mut changed = xs.clone();
+                for v in changed.iter_mut().skip((t + 1) * d) {
+                    *v += 3.0;
+                }
+                let yc = to_vec(dft_mix(
+                    Tensor::from_data(TensorData::new(changed, [1, seq, d]), &device),
+                    true,
+                ));
+                assert_eq!(y[..(t + 1) * d], yc[..(t + 1) * d], "{name}: t={t}");
+                // ...and row t equals the bidirectional transform of x with rows > t zeroed.
+                let mut truncated = xs.clone();
+                for v in truncated.iter_mut().skip((t + 1) * d) {
+                    *v = 0.0;
+                }
+                let yb = to_vec(dft_mix(
+                    Tensor::from_data(TensorData::new(truncated, [1, seq, d]), &device),
+                    false,
+                ));
+                for u in 0..d {
+                    let (a, b) = (y[t * d + u], yb[t * d + u]);
+                    assert!(
+                        (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                        "{name}: row {t}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn ctx() -> MixerContext {
+        MixerContext {
+            d_model: 32,
+            n_layers: 1,
+            dropout: 0.0,
+            max_seq_len: 64,
+            rope_theta: None,
+            relative_positions: false,
+        }
+    }
+
+    #[test]
+    fn auto_picks_fft_only_where_it_applies() {
+        let flex = Device::flex();
+        #[allow(deprecated)]
+        let ndarray = Device::ndarray();
+        let auto = FourierMixerConfig::default();
+        let m = auto.init(&ctx());
+        assert!(m.uses_fft(64, 32, &flex));
+        assert!(m.uses_fft(64, 32, &flex.clone().autodiff()));
+        assert!(!m.uses_fft(64, 24, &flex), "24 is not a power of two");
+        assert!(!m.uses_fft(64, 32, &ndarray), "ndarray has no FFT ops");
+        let causal = FourierMixerConfig {
+            causal: true,
+            ..auto
+        }
+        .init(&ctx());
+        assert!(!causal.uses_fft(64, 32, &flex));
+    }
+}
