@@ -4,7 +4,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-/// `batch` rows of `seq + 1` tokens: inputs are the first `seq`, targets the last `seq`.
+/// `batch` windows of `seq + 1` tokens. For next-token prediction the inputs are the first
+/// `seq` tokens of each window and the targets the last `seq`; a masked-LM batch (see
+/// [`Batch::masked`]) has corrupted inputs and the window's first `seq` tokens as targets.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     /// Number of rows.
@@ -15,6 +17,8 @@ pub struct Batch {
     pub tokens: Vec<u32>,
     /// Row-major `[batch, seq]` loss weight of each target; `None` means all ones.
     pub weights: Option<Vec<f32>>,
+    /// Row-major `[batch, seq]` corrupted inputs of a masked-LM batch; `None` for next-token.
+    pub masked_inputs: Option<Vec<u32>>,
 }
 
 impl Batch {
@@ -23,10 +27,50 @@ impl Batch {
         let mut inputs = Vec::with_capacity(self.batch * self.seq);
         let mut targets = Vec::with_capacity(self.batch * self.seq);
         for row in self.tokens.chunks_exact(self.seq + 1) {
-            inputs.extend(row[..self.seq].iter().map(|&t| i64::from(t)));
-            targets.extend(row[1..].iter().map(|&t| i64::from(t)));
+            match self.masked_inputs {
+                Some(_) => targets.extend(row[..self.seq].iter().map(|&t| i64::from(t))),
+                None => {
+                    inputs.extend(row[..self.seq].iter().map(|&t| i64::from(t)));
+                    targets.extend(row[1..].iter().map(|&t| i64::from(t)));
+                }
+            }
+        }
+        if let Some(masked) = &self.masked_inputs {
+            inputs.extend(masked.iter().map(|&t| i64::from(t)));
         }
         (inputs, targets)
+    }
+
+    /// BERT-style masked-LM corruption (Devlin et al. 2019) of this batch's windows: in each
+    /// row `max(1, round(rate · seq))` distinct positions are chosen; 80% of them become
+    /// `mask_id`, 10% a uniformly random token in `0..vocab`, 10% stay. Targets are the
+    /// original tokens and only the chosen positions carry loss weight. A pure function of
+    /// `(seed, index)`, like the samplers.
+    pub fn masked(&self, mask_id: u32, vocab: u32, rate: f64, seed: u64, index: u64) -> Batch {
+        let mut rng = stream(seed ^ 0x4D41_534B_4D41_534B, index); // "MASKMASK"
+        let per_row = ((rate * self.seq as f64).round() as usize).clamp(1, self.seq);
+        let mut inputs = Vec::with_capacity(self.batch * self.seq);
+        let mut weights = vec![0.0f32; self.batch * self.seq];
+        for (r, row) in self.tokens.chunks_exact(self.seq + 1).enumerate() {
+            let mut input = row[..self.seq].to_vec();
+            for p in rand::seq::index::sample(&mut rng, self.seq, per_row) {
+                weights[r * self.seq + p] = 1.0;
+                let roll: f64 = rng.random();
+                if roll < 0.8 {
+                    input[p] = mask_id;
+                } else if roll < 0.9 {
+                    input[p] = rng.random_range(0..vocab);
+                }
+            }
+            inputs.extend(input);
+        }
+        Batch {
+            batch: self.batch,
+            seq: self.seq,
+            tokens: self.tokens.clone(),
+            weights: Some(weights),
+            masked_inputs: Some(inputs),
+        }
     }
 
     /// Total loss weight: the number of targets that count.
@@ -83,6 +127,7 @@ fn random_batch(tokens: &[u32], batch: usize, seq: usize, seed: u64, index: u64)
         seq,
         tokens: out,
         weights: None,
+        masked_inputs: None,
     }
 }
 
@@ -107,6 +152,7 @@ pub fn stream_batch(tokens: &[u32], batch: usize, seq: usize, index: u64) -> Bat
         seq,
         tokens: out,
         weights: None,
+        masked_inputs: None,
     }
 }
 
@@ -160,6 +206,7 @@ pub fn eval_windows(
                 seq,
                 tokens: out,
                 weights: Some(weights),
+                masked_inputs: None,
             }
         })
         .collect()
@@ -213,6 +260,46 @@ mod tests {
             .collect();
         assert_eq!(*starts.iter().min().unwrap(), 0);
         assert_eq!(*starts.iter().max().unwrap(), 10);
+    }
+
+    #[test]
+    fn masking_follows_the_80_10_10_recipe_and_is_reproducible() {
+        let tokens: Vec<u32> = (0..5000).map(|i| i % 50).collect();
+        let plain = Sampler::Random.batch(&tokens, 64, 100, 1, 0);
+        let m = plain.masked(50, 50, 0.15, 1, 0);
+        assert_eq!(m, plain.masked(50, 50, 0.15, 1, 0));
+        assert_ne!(m, plain.masked(50, 50, 0.15, 1, 1));
+        let (inputs, targets) = m.inputs_targets();
+        let (plain_inputs, _) = plain.inputs_targets();
+        assert_eq!(
+            targets, plain_inputs,
+            "targets are the original, unshifted tokens"
+        );
+        let w = m.weights.as_ref().unwrap();
+        assert_eq!(m.weight_sum(), 64.0 * 15.0, "15 positions per row of 100");
+        let (mut masked, mut random, mut kept) = (0, 0, 0);
+        for i in 0..inputs.len() {
+            if w[i] == 0.0 {
+                assert_eq!(inputs[i], targets[i], "unchosen positions are untouched");
+            } else if inputs[i] == 50 {
+                masked += 1;
+            } else if inputs[i] == targets[i] {
+                kept += 1;
+            } else {
+                random += 1;
+            }
+        }
+        let n = f64::from(masked + random + kept);
+        assert!(
+            (f64::from(masked) / n - 0.8).abs() < 0.04,
+            "{masked} of {n}"
+        );
+        // A random replacement can draw the original token (1 in 50), counted as kept.
+        assert!(
+            (f64::from(random) / n - 0.1).abs() < 0.03,
+            "{random} of {n}"
+        );
+        assert!((f64::from(kept) / n - 0.1).abs() < 0.03, "{kept} of {n}");
     }
 
     #[test]

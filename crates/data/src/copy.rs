@@ -52,6 +52,7 @@ impl CopyTask {
             seq: 2 * half,
             tokens,
             weights: Some(weights),
+            masked_inputs: None,
         }
     }
 }

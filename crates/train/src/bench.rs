@@ -22,11 +22,14 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
     let seq = config.model.seq_len;
     let batch_size = config.train.batch_size;
     let source = Source::build(&config.data, seq, batch_size, config.train.seed).ok();
+    let objective = config.train.objective;
     let vocab = match (&source, config.model.vocab_size) {
         (_, Some(v)) => v,
-        (Some(s), None) => s.vocab_size(),
+        (Some(s), None) => s.model_vocab(objective),
         (None, None) => 256,
     };
+    // Random tokens leave room for [MASK] at the top of the vocabulary.
+    let data_vocab = vocab - usize::from(objective == crate::config::Objective::Masked);
     config.model.vocab_size = Some(vocab);
     let selected = device::select(BackendChoice::parse(&config.train.backend)?)?;
     let ad = selected.device.clone().autodiff();
@@ -40,14 +43,28 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
             batch: batch_size,
             seq,
             tokens: (0..batch_size * (seq + 1))
-                .map(|_| rng.random_range(0..vocab as u32))
+                .map(|_| rng.random_range(0..data_vocab as u32))
                 .collect(),
             weights: None,
+            masked_inputs: None,
         },
     };
     let mut times = vec![];
     for i in 0..warmup + steps {
         let batch = batch_at(i as u64);
+        let batch = match objective {
+            crate::config::Objective::Causal => batch,
+            crate::config::Objective::Masked => {
+                let mask = data_vocab as u32;
+                batch.masked(
+                    mask,
+                    mask,
+                    config.train.mask_rate,
+                    config.train.seed,
+                    i as u64,
+                )
+            }
+        };
         let started = Instant::now();
         let (inputs, targets, weights) = to_tensors(&batch, &ad);
         let loss = cross_entropy_sum(model.forward(inputs), targets, weights)

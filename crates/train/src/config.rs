@@ -90,6 +90,12 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Write the training loss to `metrics.jsonl` every this many steps.
     pub log_every: usize,
+    /// `causal` (next-token prediction; causal mixers only) or `masked` (BERT-style masked LM:
+    /// `mask_rate` of the positions chosen, 80% `[MASK]`, 10% random, 10% kept; the loss and
+    /// bpc / ppl are over the chosen positions; the vocabulary gets one extra id, `[MASK]`).
+    pub objective: Objective,
+    /// Fraction of positions chosen per sequence by the masked objective.
+    pub mask_rate: f64,
     /// What a non-finite loss or gradient norm does: `stop` (exit 1 naming the step; nothing is
     /// written for it, the last checkpoint stays) or `skip` (drop that update, count it, warn).
     pub on_nonfinite: NonFinite,
@@ -111,10 +117,22 @@ impl Default for TrainConfig {
             checkpoint_every: 500,
             keep_checkpoints: 3,
             log_every: 10,
+            objective: Objective::Causal,
+            mask_rate: 0.15,
             on_nonfinite: NonFinite::Stop,
             run_dir: None,
         }
     }
+}
+
+/// The training objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Predict token t + 1 from tokens <= t.
+    Causal,
+    /// Reconstruct masked tokens from the corrupted sequence (both directions).
+    Masked,
 }
 
 /// Policy for a step whose loss or gradient norm is NaN or infinite.
@@ -195,14 +213,17 @@ impl Config {
                 o.grad_clip
             );
         }
-        if !self.model.mixer.is_causal() {
+        if t.objective == Objective::Causal && !self.model.mixer.is_causal() {
             bail!(
-                "model.mixer.causal = false: a bidirectional {} mixer lets position t see \
-                 tokens after t, so next-token training would read the answer. Set \
-                 model.mixer.causal = true (for kind = \"fourier\" that is the causal Fourier \
-                 variant); a masked-LM objective for bidirectional mixers is not implemented yet",
+                "model.mixer.causal = false with train.objective = \"causal\": a bidirectional \
+                 {} mixer lets position t see the token it must predict. Use \
+                 train.objective = \"masked\" (masked-LM), or model.mixer.causal = true (for \
+                 kind = \"fourier\": the causal Fourier variant)",
                 self.model.mixer.kind()
             );
+        }
+        if !(t.mask_rate > 0.0 && t.mask_rate < 1.0) {
+            bail!("train.mask_rate = {}: must be in (0, 1)", t.mask_rate);
         }
         crate::device::BackendChoice::parse(&t.backend)?;
         Ok(())

@@ -1,6 +1,8 @@
 //! The data a run trains on, built from `[data]`, and its conversion to tensors.
 
 use anyhow::{Context, Result, bail};
+
+use crate::config::Objective;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use mixlab_data::{
     Batch, CopyTask, Corpus, DataConfig, DataError, LoadRequest, Sampler, Splits, Tokenizer,
@@ -167,6 +169,31 @@ impl Source {
         match self {
             Source::Copy { .. } => None,
             Source::Text { splits, .. } => Some(&splits.tokenizer),
+        }
+    }
+
+    /// Vocabulary the model needs under `objective`: the data's, plus `[MASK]` when masked.
+    pub fn model_vocab(&self, objective: Objective) -> usize {
+        self.vocab_size() + usize::from(objective == Objective::Masked)
+    }
+
+    /// Shape a drawn batch for `objective`: unchanged for next-token prediction; masked with
+    /// `[MASK] = vocab_size()` for the masked objective (`salt` separates training from
+    /// evaluation masks).
+    pub fn for_objective(
+        &self,
+        batch: Batch,
+        objective: Objective,
+        mask_rate: f64,
+        seed: u64,
+        index: u64,
+    ) -> Batch {
+        match objective {
+            Objective::Causal => batch,
+            Objective::Masked => {
+                let vocab = self.vocab_size() as u32;
+                batch.masked(vocab, vocab, mask_rate, seed, index)
+            }
         }
     }
 

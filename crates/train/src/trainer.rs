@@ -86,12 +86,13 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     // Data first: it fixes the vocabulary.
     let source = Source::build(&config.data, seq, t.batch_size, t.seed)?;
     let unit = source.unit(&config.data);
+    let needed = source.model_vocab(t.objective);
     match config.model.vocab_size {
-        None => config.model.vocab_size = Some(source.vocab_size()),
-        Some(v) if v < source.vocab_size() => bail!(
-            "model.vocab_size = {v} but the data has {} token ids; remove the key to take it \
-             from the data",
-            source.vocab_size()
+        None => config.model.vocab_size = Some(needed),
+        Some(v) if v < needed => bail!(
+            "model.vocab_size = {v} but the data needs {needed} token ids (objective {:?}); \
+             remove the key to take it from the data",
+            t.objective
         ),
         Some(_) => {}
     }
@@ -171,11 +172,20 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         eprintln!("mixlab: resumed at step {start}");
     }
 
-    let valid_batches = source.valid_batches(
+    // Evaluation batches are fixed for the run (masks too, from a seed of their own).
+    let eval_seed = t.seed ^ 0x0E7A_1000;
+    let for_eval = |batches: Vec<mixlab_data::Batch>| -> Vec<mixlab_data::Batch> {
+        batches
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| source.for_objective(b, t.objective, t.mask_rate, eval_seed, i as u64))
+            .collect()
+    };
+    let valid_batches = for_eval(source.valid_batches(
         t.batch_size,
         seq,
         (t.eval_batches > 0).then_some(t.eval_batches),
-    );
+    ));
     let progress = progress_bar(t.steps as u64, start as u64);
     let tokens_per_step = (t.batch_size * t.grad_accum * seq) as f64;
     let started = Instant::now();
@@ -194,7 +204,11 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         ad.seed(mix(t.seed, step as u64));
         let lr = learning_rate(&config.optim, step, t.steps);
         let batches: Vec<_> = (0..t.grad_accum)
-            .map(|m| source.train_batch(t.batch_size, seq, (step * t.grad_accum + m) as u64))
+            .map(|m| {
+                let index = (step * t.grad_accum + m) as u64;
+                let batch = source.train_batch(t.batch_size, seq, index);
+                source.for_objective(batch, t.objective, t.mask_rate, t.seed, index)
+            })
             .collect();
         let weight: f64 = batches.iter().map(|b| b.weight_sum()).sum();
         let mut loss_sum = 0.0;
@@ -264,14 +278,14 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
             // The final evaluation covers the whole valid split, then the test split.
             let full;
             let batches = if last && t.eval_batches > 0 {
-                full = source.valid_batches(t.batch_size, seq, None);
+                full = for_eval(source.valid_batches(t.batch_size, seq, None));
                 &full
             } else {
                 &valid_batches
             };
             let mut splits = vec![("valid", evaluate(&model, batches, &device))];
             if last && let Some(test) = source.test_batches(t.batch_size, seq) {
-                splits.push(("test", evaluate(&model, &test, &device)));
+                splits.push(("test", evaluate(&model, &for_eval(test), &device)));
             }
             for (split, (loss, tokens)) in splits {
                 if split == "valid" {

@@ -622,3 +622,55 @@ fn a_causal_fnet_trains_end_to_end() {
     assert_eq!(train.len(), 4);
     assert!(train.iter().all(|(_, l)| l.is_finite()));
 }
+
+#[test]
+fn a_bidirectional_fnet_trains_with_the_masked_objective() {
+    let dir = scratch("fnet-mlm");
+    let shakespeare = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/datasets/tinyshakespeare/input.txt");
+    let corpus = dir.join("corpus.txt");
+    let text = std::fs::read_to_string(&shakespeare)
+        .unwrap_or_else(|_| "to be or not to be, that is the question\n".repeat(200));
+    std::fs::write(&corpus, &text[..text.len().min(50_000)]).unwrap();
+    let config = write_config(&dir, &TINY.replace("steps = 8", "steps = 4"));
+    let run_dir = dir.join("run");
+    let out = run(train_bin().arg("--config").arg(&config).args([
+        "--set",
+        &format!("train.run_dir=\"{}\"", run_dir.display()),
+        "--set",
+        "model.mixer={ kind = \"fourier\" }",
+        "--set",
+        "train.objective=\"masked\"",
+        "--set",
+        "data.corpus=\"text\"",
+        "--set",
+        "data.level=\"char\"",
+        "--set",
+        &format!("data.path=\"{}\"", corpus.display()),
+        "--set",
+        "data.cache_dir=\"\"",
+    ]));
+    ok(&out);
+    let resolved = std::fs::read_to_string(run_dir.join("config.toml")).unwrap();
+    let chars: std::collections::BTreeSet<char> =
+        text[..text.len().min(50_000) * 9 / 10].chars().collect();
+    assert!(
+        resolved.contains(&format!("vocab_size = {}", chars.len() + 1)),
+        "[MASK] is one more id:\n{resolved}"
+    );
+    let lines = metrics(&run_dir);
+    let valid = lines.iter().rfind(|l| l["split"] == "valid").unwrap();
+    assert!(valid["bpc"].as_f64().unwrap().is_finite());
+    // About 15% of the scored windows' positions are evaluated.
+    let tokens = valid["tokens"].as_f64().unwrap();
+    assert!(tokens > 0.0);
+    // Without the masked objective the bidirectional mixer is refused, with the reason.
+    let out = run(train_bin().arg("--config").arg(&config).args([
+        "--set",
+        &format!("train.run_dir=\"{}\"", dir.join("refused").display()),
+        "--set",
+        "model.mixer={ kind = \"fourier\" }",
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("train.objective = \"masked\""));
+}

@@ -379,6 +379,61 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_small_fnet_overfits_one_masked_lm_batch() {
+        use crate::loss::cross_entropy_sum;
+        use crate::{LmConfig, MixerConfig};
+        use burn::optim::{AdamWConfig, GradientsParams};
+        let device = Device::flex().autodiff();
+        device.seed(5);
+        let cfg = LmConfig {
+            vocab_size: Some(12), // 11 symbols + [MASK] = 11
+            d_model: 32,
+            n_layers: 2,
+            d_ff: 64,
+            seq_len: 16,
+            mixer: MixerConfig::Fourier(FourierMixerConfig::default()),
+            ..LmConfig::default()
+        };
+        let mut model = cfg.init(&device).unwrap();
+        let (batch, seq) = (4, 16);
+        let originals: Vec<i64> = (0..batch * seq)
+            .map(|i| ((i * 7 + 3) % 11) as i64)
+            .collect();
+        // Mask every fourth position.
+        let inputs: Vec<i64> = originals
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| if i % 4 == 1 { 11 } else { t })
+            .collect();
+        let weights: Vec<f32> = (0..batch * seq)
+            .map(|i| if i % 4 == 1 { 1.0 } else { 0.0 })
+            .collect();
+        let int = |v: Vec<i64>| {
+            Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(v, [batch, seq]), &device)
+        };
+        let w = Tensor::<2>::from_data(TensorData::new(weights, [batch, seq]), &device);
+        let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+        let mut losses = vec![];
+        for _ in 0..150 {
+            let loss = cross_entropy_sum(
+                model.forward(int(inputs.clone())),
+                int(originals.clone()),
+                Some(w.clone()),
+            )
+            .div_scalar(16.0);
+            losses.push(loss.clone().into_scalar::<f32>());
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(1e-2, model, grads);
+        }
+        assert!(
+            losses[149] < 0.1 * losses[0],
+            "masked loss {} -> {}",
+            losses[0],
+            losses[149]
+        );
+    }
+
     fn ctx() -> MixerContext {
         MixerContext {
             d_model: 32,
