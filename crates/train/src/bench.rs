@@ -98,6 +98,70 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
     }))
 }
 
+/// The token-mixing layer alone, forward + backward, for each sequence length in `lengths`
+/// (batch 1, `d_model` wide, 4 heads for attention): FNet by FFT, FNet by DFT matrices, and
+/// dense attention, all measured in this run. Median of `repeats` after one warm-up; one JSON
+/// line per length with the times and the dense/FFT and dense/DFT ratios.
+pub fn mixing(
+    backend: &str,
+    d_model: usize,
+    lengths: &[usize],
+    repeats: usize,
+) -> Result<Vec<Value>> {
+    use burn::tensor::{Distribution, Tensor};
+    use mixlab_models::mixer::{DenseAttentionConfig, MixerConfig, MixerContext};
+    let selected = device::select(BackendChoice::parse(backend)?)?;
+    let ad = selected.device.clone().autodiff();
+    let mut lines = vec![];
+    for &n in lengths {
+        let ctx = MixerContext {
+            d_model,
+            n_layers: 1,
+            dropout: 0.0,
+            max_seq_len: n,
+            rope_theta: None,
+            relative_positions: false,
+        };
+        let dense = MixerConfig::Dense(DenseAttentionConfig {
+            n_heads: 4,
+            causal: false,
+        })
+        .init(&ctx, &ad);
+        let time = |f: &dyn Fn(Tensor<3>) -> Tensor<3>| -> f64 {
+            let mut times = vec![];
+            for r in 0..=repeats {
+                let x = Tensor::<3>::random([1, n, d_model], Distribution::Normal(0.0, 1.0), &ad)
+                    .require_grad();
+                let started = Instant::now();
+                let y = f(x.clone());
+                let grads = y.sum().backward();
+                let _ = x.grad(&grads).map(|g| g.sum().into_scalar::<f32>());
+                if r > 0 {
+                    times.push(started.elapsed().as_secs_f64());
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            times[times.len() / 2]
+        };
+        let fft = (n.is_power_of_two() && d_model.is_power_of_two())
+            .then(|| time(&|x| mixlab_models::mixer::fft_mix(x)));
+        let dft = time(&|x| mixlab_models::mixer::dft_mix(x, false));
+        let attention = time(&|x| dense.forward(x, None));
+        lines.push(json!({
+            "kind": "mixing",
+            "backend": selected.backend,
+            "n": n,
+            "d_model": d_model,
+            "fft_s": fft,
+            "dft_s": dft,
+            "dense_s": attention,
+            "dense_over_fft": fft.map(|f| attention / f),
+            "dense_over_dft": attention / dft,
+        }));
+    }
+    Ok(lines)
+}
+
 /// Tokenisation and cache throughput on a synthetic word-level corpus of `size_mb` MB shaped
 /// like WikiText-103 (267,735 word types with Zipf-distributed frequencies, ~20-word lines, one
 /// blank line in three): time to tokenise from text, to build the cache, and to load from it.

@@ -38,6 +38,25 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         warmup: usize,
     },
+    /// The mixing layer alone (forward + backward): FNet FFT vs FNet DFT vs dense attention.
+    Mixing {
+        /// Backend.
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        /// Model width.
+        #[arg(long, default_value_t = 256)]
+        d_model: usize,
+        /// Sequence lengths.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "128,256,512,1024,2048,4096"
+        )]
+        lengths: Vec<usize>,
+        /// Timed repeats per measurement (median reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
     /// Corpus tokenisation and token-cache load times on a synthetic WikiText-103-shaped corpus.
     Data {
         /// Size of the generated corpus in MB (WikiText-103 train is about 540).
@@ -58,6 +77,20 @@ fn main() -> ExitCode {
             steps,
             warmup,
         } => (config, backend, set, steps, warmup),
+        Command::Mixing {
+            backend,
+            d_model,
+            lengths,
+            repeats,
+        } => {
+            return match mixlab_train::bench::mixing(&backend, d_model, &lengths, repeats.max(1)) {
+                Ok(lines) => {
+                    lines.iter().for_each(|l| println!("{l}"));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => emit(Err(e)),
+            };
+        }
         Command::Data { size_mb, dir } => {
             return emit(mixlab_train::bench::data_load(size_mb, &dir));
         }
