@@ -117,18 +117,11 @@ fn random_batch(tokens: &[u32], batch: usize, seq: usize, seed: u64, index: u64)
     );
     let mut rng = stream(seed, index);
     let last_start = tokens.len() - (seq + 1);
-    let mut out = Vec::with_capacity(batch * (seq + 1));
-    for _ in 0..batch {
-        let start = rng.random_range(0..=last_start);
-        out.extend_from_slice(&tokens[start..start + seq + 1]);
-    }
-    Batch {
-        batch,
+    windows_at(
+        tokens,
         seq,
-        tokens: out,
-        weights: None,
-        masked_inputs: None,
-    }
+        (0..batch).map(|_| rng.random_range(0..=last_start)),
+    )
 }
 
 /// Batch `index` of the contiguous-stream sampler: row `r` reads stream `r` (the `r`-th of
@@ -142,10 +135,16 @@ pub fn stream_batch(tokens: &[u32], batch: usize, seq: usize, index: u64) -> Bat
     );
     let windows = ((stream_len - 1) / seq) as u64;
     let offset = (index % windows) as usize * seq;
-    let mut out = Vec::with_capacity(batch * (seq + 1));
-    for r in 0..batch {
-        let start = r * stream_len + offset;
+    windows_at(tokens, seq, (0..batch).map(|r| r * stream_len + offset))
+}
+
+/// A next-token batch of the windows of `seq + 1` tokens starting at `starts`.
+fn windows_at(tokens: &[u32], seq: usize, starts: impl Iterator<Item = usize>) -> Batch {
+    let mut out = vec![];
+    let mut batch = 0;
+    for start in starts {
         out.extend_from_slice(&tokens[start..start + seq + 1]);
+        batch += 1;
     }
     Batch {
         batch,

@@ -63,6 +63,18 @@ fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("the binary runs")
 }
 
+/// Run `train --config CONFIG --set train.run_dir=RUN_DIR [--set S]...`.
+fn train_with(config: &Path, run_dir: &Path, sets: &[&str]) -> Output {
+    let mut cmd = train_bin();
+    cmd.arg("--config")
+        .arg(config)
+        .args(["--set", &format!("train.run_dir=\"{}\"", run_dir.display())]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    run(&mut cmd)
+}
+
 fn ok(out: &Output) {
     assert!(
         out.status.success(),
@@ -94,10 +106,7 @@ fn a_run_writes_config_metrics_and_complete_checkpoints() {
     let dir = scratch("files");
     let config = write_config(&dir, TINY);
     let run_dir = dir.join("run");
-    let out = run(train_bin()
-        .arg("--config")
-        .arg(&config)
-        .args(["--set", &format!("train.run_dir=\"{}\"", run_dir.display())]));
+    let out = train_with(&config, &run_dir, &[]);
     ok(&out);
     let lines = metrics(&run_dir);
     assert_eq!(losses(&lines, "train").len(), 8);
@@ -135,10 +144,7 @@ fn a_run_writes_config_metrics_and_complete_checkpoints() {
     assert_eq!(manifest["next_batch"], 8);
 
     // Starting a fresh run over it is refused, pointing at --resume.
-    let out = run(train_bin()
-        .arg("--config")
-        .arg(&config)
-        .args(["--set", &format!("train.run_dir=\"{}\"", run_dir.display())]));
+    let out = train_with(&config, &run_dir, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
 }
@@ -471,22 +477,18 @@ fn an_all_attention_model_with_adaptive_span_trains_end_to_end() {
     let dir = scratch("allattn");
     let config = write_config(&dir, &TINY.replace("steps = 8", "steps = 6"));
     let run_dir = dir.join("run");
-    let out = run(train_bin().arg("--config").arg(&config).args([
-        "--set",
-        &format!("train.run_dir=\"{}\"", run_dir.display()),
-        "--set",
-        "model.d_ff=0",
-        "--set",
-        "model.position=\"relative\"",
-        "--set",
-        "model.mixer.kind=\"persistent\"",
-        "--set",
-        "model.mixer.n_persistent=32",
-        "--set",
-        "model.mixer.adaptive_span=true",
-        "--set",
-        "model.mixer.span_ramp=4",
-    ]));
+    let out = train_with(
+        &config,
+        &run_dir,
+        &[
+            "model.d_ff=0",
+            "model.position=\"relative\"",
+            "model.mixer.kind=\"persistent\"",
+            "model.mixer.n_persistent=32",
+            "model.mixer.adaptive_span=true",
+            "model.mixer.span_ramp=4",
+        ],
+    );
     ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("persistent"), "{stderr}");
@@ -610,12 +612,11 @@ fn a_causal_fnet_trains_end_to_end() {
     let dir = scratch("fnet");
     let config = write_config(&dir, &TINY.replace("steps = 8", "steps = 4"));
     let run_dir = dir.join("run");
-    let out = run(train_bin().arg("--config").arg(&config).args([
-        "--set",
-        &format!("train.run_dir=\"{}\"", run_dir.display()),
-        "--set",
-        "model.mixer={ kind = \"fourier\", causal = true }",
-    ]));
+    let out = train_with(
+        &config,
+        &run_dir,
+        &["model.mixer={ kind = \"fourier\", causal = true }"],
+    );
     ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("fourier"));
     let train = losses(&metrics(&run_dir), "train");
@@ -634,22 +635,18 @@ fn a_bidirectional_fnet_trains_with_the_masked_objective() {
     std::fs::write(&corpus, &text[..text.len().min(50_000)]).unwrap();
     let config = write_config(&dir, &TINY.replace("steps = 8", "steps = 4"));
     let run_dir = dir.join("run");
-    let out = run(train_bin().arg("--config").arg(&config).args([
-        "--set",
-        &format!("train.run_dir=\"{}\"", run_dir.display()),
-        "--set",
-        "model.mixer={ kind = \"fourier\" }",
-        "--set",
-        "train.objective=\"masked\"",
-        "--set",
-        "data.corpus=\"text\"",
-        "--set",
-        "data.level=\"char\"",
-        "--set",
-        &format!("data.path=\"{}\"", corpus.display()),
-        "--set",
-        "data.cache_dir=\"\"",
-    ]));
+    let out = train_with(
+        &config,
+        &run_dir,
+        &[
+            "model.mixer={ kind = \"fourier\" }",
+            "train.objective=\"masked\"",
+            "data.corpus=\"text\"",
+            "data.level=\"char\"",
+            &format!("data.path=\"{}\"", corpus.display()),
+            "data.cache_dir=\"\"",
+        ],
+    );
     ok(&out);
     let resolved = std::fs::read_to_string(run_dir.join("config.toml")).unwrap();
     let chars: std::collections::BTreeSet<char> =
@@ -665,12 +662,11 @@ fn a_bidirectional_fnet_trains_with_the_masked_objective() {
     let tokens = valid["tokens"].as_f64().unwrap();
     assert!(tokens > 0.0);
     // Without the masked objective the bidirectional mixer is refused, with the reason.
-    let out = run(train_bin().arg("--config").arg(&config).args([
-        "--set",
-        &format!("train.run_dir=\"{}\"", dir.join("refused").display()),
-        "--set",
-        "model.mixer={ kind = \"fourier\" }",
-    ]));
+    let out = train_with(
+        &config,
+        &dir.join("refused"),
+        &["model.mixer={ kind = \"fourier\" }"],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("train.objective = \"masked\""));
 }
