@@ -17,7 +17,7 @@ pub mod mixer;
 pub mod mlp;
 
 pub use block::{Block, BlockConfig};
-pub use lm::{Lm, LmConfig, Position};
+pub use lm::{AttentionLayout, Lm, LmConfig, Position, attention_positions};
 pub use mixer::{
     DenseAttention, DenseAttentionConfig, Mixer, MixerConfig, PersistentAttention,
     PersistentAttentionConfig,

@@ -28,6 +28,31 @@ pub enum Position {
     None,
 }
 
+/// Where the attention layers of a hybrid model sit (FNet's `attention_layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionLayout {
+    /// The last layers (nearest the output): the paper's FNet-Hybrid.
+    Top,
+    /// The first layers.
+    Bottom,
+    /// Centred in the stack.
+    Middle,
+    /// Spread evenly through the stack.
+    Mixed,
+}
+
+/// Layer indices (input first) of `k` attention layers among `n` under `layout`.
+pub fn attention_positions(layout: AttentionLayout, n: usize, k: usize) -> Vec<usize> {
+    let k = k.min(n);
+    match layout {
+        AttentionLayout::Bottom => (0..k).collect(),
+        AttentionLayout::Top => (n - k..n).collect(),
+        AttentionLayout::Middle => ((n - k) / 2..(n - k) / 2 + k).collect(),
+        AttentionLayout::Mixed => (0..k).map(|i| (2 * i + 1) * n / (2 * k)).collect(),
+    }
+}
+
 /// The `[model]` section: everything needed to rebuild an [`Lm`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -52,8 +77,20 @@ pub struct LmConfig {
     pub rope_theta: f32,
     /// Share the output head with the token embedding.
     pub tie_embeddings: bool,
-    /// The token mixer of every block.
+    /// The token mixer of every block (unless `layers` or the hybrid keys say otherwise).
     pub mixer: MixerConfig,
+    /// Per-layer mixers, input first (`[[model.layers]]` tables with a `kind`); when given it
+    /// must list exactly `n_layers` mixers and replaces `mixer`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<MixerConfig>,
+    /// Hybrid shorthand (FNet-Hybrid): this many layers use `attention` instead of `mixer`.
+    pub num_attention_layers: usize,
+    /// Where those layers sit: `top` (the paper's choice), `bottom`, `middle` or `mixed`.
+    pub attention_layout: AttentionLayout,
+    /// The attention mixer of the hybrid layers; default dense attention, 4 heads, as causal
+    /// as `mixer`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention: Option<MixerConfig>,
 }
 
 impl Default for LmConfig {
@@ -69,6 +106,10 @@ impl Default for LmConfig {
             rope_theta: 10_000.0,
             tie_embeddings: true,
             mixer: MixerConfig::default(),
+            layers: vec![],
+            num_attention_layers: 0,
+            attention_layout: AttentionLayout::Top,
+            attention: None,
         }
     }
 }
@@ -82,6 +123,64 @@ impl LmConfig {
             max_seq_len: self.seq_len,
             rope_theta: (self.position == Position::Rope).then_some(self.rope_theta),
             relative_positions: self.position == Position::Relative,
+        }
+    }
+
+    /// The mixer of each layer, input first, after `layers` and the hybrid shorthand.
+    pub fn layer_mixers(&self) -> Result<Vec<MixerConfig>, ModelError> {
+        if !self.layers.is_empty() {
+            if self.layers.len() != self.n_layers {
+                return Err(ModelError::invalid(
+                    "layers",
+                    format!("[{} mixers]", self.layers.len()),
+                    format!("list exactly n_layers = {} mixers", self.n_layers),
+                ));
+            }
+            if self.num_attention_layers > 0 {
+                return Err(ModelError::invalid(
+                    "num_attention_layers",
+                    self.num_attention_layers,
+                    "use either model.layers or the hybrid shorthand, not both",
+                ));
+            }
+            return Ok(self.layers.clone());
+        }
+        if self.num_attention_layers > self.n_layers {
+            return Err(ModelError::invalid(
+                "num_attention_layers",
+                self.num_attention_layers,
+                format!("at most n_layers = {}", self.n_layers),
+            ));
+        }
+        let attention = self.attention.clone().unwrap_or_else(|| {
+            MixerConfig::Dense(crate::mixer::DenseAttentionConfig {
+                n_heads: 4,
+                causal: self.mixer.is_causal(),
+            })
+        });
+        let mut mixers = vec![self.mixer.clone(); self.n_layers];
+        for i in attention_positions(
+            self.attention_layout,
+            self.n_layers,
+            self.num_attention_layers,
+        ) {
+            mixers[i] = attention.clone();
+        }
+        Ok(mixers)
+    }
+
+    /// Whether every layer is causal (position t sees only positions <= t).
+    pub fn is_causal(&self) -> bool {
+        self.layer_mixers()
+            .map(|m| m.iter().all(MixerConfig::is_causal))
+            .unwrap_or(false)
+    }
+
+    /// The mixer kind, or `hybrid` when the layers differ.
+    pub fn kind(&self) -> &'static str {
+        match self.layer_mixers() {
+            Ok(m) if m.iter().all(|x| x.kind() == m[0].kind()) => m[0].kind(),
+            _ => "hybrid",
         }
     }
 
@@ -121,7 +220,25 @@ impl LmConfig {
                 "must be positive",
             ));
         }
-        self.mixer.validate(&self.mixer_context())
+        let ctx = self.mixer_context();
+        let mixers = self.layer_mixers()?;
+        for mixer in &mixers {
+            mixer.validate(&ctx)?;
+        }
+        if self.position == Position::Relative {
+            let widths: Vec<usize> = mixers
+                .iter()
+                .filter_map(|m| m.d_head(self.d_model))
+                .collect();
+            if widths.is_empty() || widths.iter().any(|&w| w != widths[0]) {
+                return Err(ModelError::invalid(
+                    "position",
+                    "\"relative\"",
+                    "relative-position keys need attention layers with one head width",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Validate, then build the model on `device` (seed the device first for a reproducible
@@ -137,8 +254,9 @@ impl LmConfig {
                 })
                 .init(device)
         };
-        let block = BlockConfig {
-            mixer: self.mixer.clone(),
+        let mixers = self.layer_mixers()?;
+        let block = |mixer: &MixerConfig| BlockConfig {
+            mixer: mixer.clone(),
             ctx: self.mixer_context(),
             d_ff: (self.d_ff > 0).then_some(self.d_ff),
         };
@@ -146,7 +264,10 @@ impl LmConfig {
             token_embedding: embedding(vocab_size),
             pos_embedding: (self.position == Position::Learned).then(|| embedding(self.seq_len)),
             key_pe: (self.position == Position::Relative).then(|| {
-                let d_head = self.mixer.d_head(self.d_model).expect("validated");
+                let d_head = mixers
+                    .iter()
+                    .find_map(|m| m.d_head(self.d_model))
+                    .expect("validated");
                 Param::from_tensor(Tensor::random(
                     [d_head, self.seq_len],
                     Distribution::Normal(0.0, 1.0),
@@ -154,7 +275,7 @@ impl LmConfig {
                 ))
             }),
             dropout: DropoutConfig::new(self.dropout).init(),
-            blocks: (0..self.n_layers).map(|_| block.init(device)).collect(),
+            blocks: mixers.iter().map(|m| block(m).init(device)).collect(),
             norm_final: LayerNormConfig::new(self.d_model).init(device),
             head: (!self.tie_embeddings)
                 .then(|| init::linear(self.d_model, vocab_size, false, init::STD, device)),
@@ -255,6 +376,7 @@ mod tests {
                 n_heads: 4,
                 causal: true,
             }),
+            ..LmConfig::default()
         }
     }
 
@@ -393,6 +515,45 @@ mod tests {
         }
         let (first, last) = (losses[0], *losses.last().unwrap());
         assert!(last < 0.1 * first, "loss {first} -> {last}");
+    }
+
+    #[test]
+    fn hybrid_layouts_place_attention_layers() {
+        use AttentionLayout::*;
+        assert_eq!(attention_positions(Top, 12, 2), vec![10, 11]);
+        assert_eq!(attention_positions(Bottom, 12, 2), vec![0, 1]);
+        assert_eq!(attention_positions(Middle, 12, 2), vec![5, 6]);
+        assert_eq!(attention_positions(Mixed, 12, 2), vec![3, 9]);
+        assert_eq!(attention_positions(Mixed, 4, 4), vec![0, 1, 2, 3]);
+        let fnet = crate::mixer::FourierMixerConfig::default();
+        let mut c = tiny(Position::Learned, true);
+        c.n_layers = 4;
+        c.mixer = MixerConfig::Fourier(fnet.clone());
+        c.num_attention_layers = 2;
+        let kinds: Vec<&str> = c.layer_mixers().unwrap().iter().map(|m| m.kind()).collect();
+        assert_eq!(kinds, vec!["fourier", "fourier", "dense", "dense"]);
+        assert_eq!(c.kind(), "hybrid");
+        assert!(
+            !c.is_causal(),
+            "default attention follows the (bidirectional) mixer"
+        );
+        let model = c.init(&burn::tensor::Device::flex()).unwrap();
+        assert!(matches!(model.blocks[3].mixer, crate::Mixer::Dense(_)));
+        assert!(matches!(model.blocks[0].mixer, crate::Mixer::Fourier(_)));
+        assert_eq!(
+            model
+                .forward(tokens(2, 8, 11, 0, &burn::tensor::Device::flex()))
+                .dims(),
+            [2, 8, 11]
+        );
+        // An explicit per-layer list must have n_layers entries.
+        c.num_attention_layers = 0;
+        c.layers = vec![MixerConfig::Fourier(fnet)];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("model.layers") && err.contains("n_layers = 4"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -86,7 +86,7 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
         "config": opts.config.as_ref().map(|p| p.display().to_string()),
         "backend": selected.backend,
         "device": selected.description,
-        "mixer": config.model.mixer.kind(),
+        "mixer": config.model.kind(),
         "batch_size": batch_size,
         "seq_len": seq,
         "steps": steps,

@@ -213,13 +213,13 @@ impl Config {
                 o.grad_clip
             );
         }
-        if t.objective == Objective::Causal && !self.model.mixer.is_causal() {
+        if t.objective == Objective::Causal && !self.model.is_causal() {
             bail!(
                 "model.mixer.causal = false with train.objective = \"causal\": a bidirectional \
                  {} mixer lets position t see the token it must predict. Use \
                  train.objective = \"masked\" (masked-LM), or model.mixer.causal = true (for \
                  kind = \"fourier\": the causal Fourier variant)",
-                self.model.mixer.kind()
+                self.model.kind()
             );
         }
         if !(t.mask_rate > 0.0 && t.mask_rate < 1.0) {

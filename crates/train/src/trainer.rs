@@ -163,7 +163,7 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         "mixlab: {} | {} parameters | {} | vocab {} ({} occur in train) | run dir {}",
         selected.description,
         model.num_params(),
-        config.model.mixer.kind(),
+        config.model.kind(),
         config.model.vocab_size.unwrap_or(0),
         source.occurring(),
         run_dir.display()
