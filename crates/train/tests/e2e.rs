@@ -670,3 +670,41 @@ fn a_bidirectional_fnet_trains_with_the_masked_objective() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("train.objective = \"masked\""));
 }
+
+/// `configs/fnet.toml` (and the hybrid) run 20 steps with a reduced size.
+#[test]
+fn the_shipped_fnet_configs_run_twenty_steps_reduced() {
+    let dir = scratch("fnet-config");
+    let shakespeare = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/datasets/tinyshakespeare/input.txt");
+    let corpus = dir.join("input.txt");
+    let text = std::fs::read_to_string(&shakespeare)
+        .unwrap_or_else(|_| "to be or not to be, that is the question\n".repeat(500));
+    std::fs::write(&corpus, &text[..text.len().min(40_000)]).unwrap();
+    for name in ["fnet", "fnet-hybrid"] {
+        let config =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../configs/{name}.toml"));
+        let run_dir = dir.join(name);
+        let path = format!("data.path=\"{}\"", corpus.display());
+        let out = train_with(
+            &config,
+            &run_dir,
+            &[
+                "model.d_model=32",
+                "model.d_ff=64",
+                "model.seq_len=32",
+                "train.steps=20",
+                "train.batch_size=4",
+                "train.eval_every=10",
+                "train.eval_batches=2",
+                "train.backend=\"flex\"",
+                "data.cache_dir=\"\"",
+                &path,
+            ],
+        );
+        ok(&out);
+        let train = losses(&metrics(&run_dir), "train");
+        assert_eq!(train.len(), 2, "{name}: log_every 10 over 20 steps");
+        assert!(train.iter().all(|(_, l)| l.is_finite()), "{name}");
+    }
+}
