@@ -90,6 +90,14 @@ pub fn save(
         &partial.join("scheduler.json"),
         serde_json::to_string_pretty(scheduler)?.as_bytes(),
     )?;
+    if let Some(ms) = std::env::var("MIXLAB_FAULT_SLOW_CHECKPOINT_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        // Fault injection for the crash tests: widen the window in which a kill lands
+        // mid-write (model and optimizer written, manifest not yet).
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     for f in ["model.bpk", "optim.bpk"] {
         File::open(partial.join(f))?.sync_all()?;
     }

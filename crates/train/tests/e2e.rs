@@ -708,3 +708,162 @@ fn the_shipped_fnet_configs_run_twenty_steps_reduced() {
         assert!(train.iter().all(|(_, l)| l.is_finite()), "{name}");
     }
 }
+
+/// The model parameters stored in a checkpoint, as f32 values in module order.
+fn checkpoint_weights(run_dir: &Path, step: usize) -> Vec<f32> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::tensor::Tensor;
+    struct Collect(Vec<f32>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.extend(
+                param
+                    .val()
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .unwrap(),
+            );
+        }
+    }
+    let config: mixlab_train::Config =
+        toml::from_str(&std::fs::read_to_string(run_dir.join("config.toml")).unwrap()).unwrap();
+    let model = config
+        .model
+        .init(&burn::tensor::Device::flex())
+        .unwrap()
+        .try_load_file(run_dir.join(format!("checkpoints/step-{step}/model.bpk")))
+        .unwrap();
+    let mut c = Collect(vec![]);
+    model.visit(&mut c);
+    c.0
+}
+
+/// Wait until `metrics.jsonl` has `n` lines; false if the run finished first.
+fn wait_for_lines(run_dir: &Path, n: usize, child: &mut std::process::Child) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let lines =
+            std::fs::read_to_string(run_dir.join("metrics.jsonl")).map_or(0, |s| s.lines().count());
+        if lines >= n {
+            return true;
+        }
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training did not progress"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// kill -9 at several points (mid-step, mid-checkpoint), resume, finish: the losses after the
+/// resume point and the final weights are bit-identical to an uninterrupted run.
+#[test]
+fn kill_9_anywhere_then_resume_is_bit_identical_on_flex() {
+    kill_9_trials("flex");
+}
+
+#[test]
+fn kill_9_anywhere_then_resume_is_bit_identical_on_ndarray() {
+    kill_9_trials("ndarray");
+}
+
+fn kill_9_trials(backend: &str) {
+    let dir = scratch(&format!("kill9-{backend}"));
+    let text = TINY
+        .replace("backend = \"flex\"", &format!("backend = \"{backend}\""))
+        .replace("steps = 8", "steps = 12")
+        .replace("checkpoint_every = 4", "checkpoint_every = 2")
+        .replace("keep_checkpoints = 2", "keep_checkpoints = 3");
+    let config = write_config(&dir, &text);
+    let straight = dir.join("straight");
+    ok(&train_with(&config, &straight, &[]));
+    let reference = losses(&metrics(&straight), "train");
+    let reference_weights = checkpoint_weights(&straight, 12);
+    // (metrics lines to wait for, slow checkpoint writes?) — later kills land mid-write.
+    let trials = [
+        (3, false),
+        (6, false),
+        (9, false),
+        (4, true),
+        (8, true),
+        (11, true),
+    ];
+    let (mut killed, mut mid_write) = (0, 0);
+    for (trial, (after_lines, slow)) in trials.into_iter().enumerate() {
+        let run_dir = dir.join(format!("trial{trial}"));
+        let mut cmd = train_bin();
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--set", &format!("train.run_dir=\"{}\"", run_dir.display())])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if slow {
+            cmd.env("MIXLAB_FAULT_SLOW_CHECKPOINT_MS", "300");
+        }
+        let mut child = cmd.spawn().unwrap();
+        if !wait_for_lines(&run_dir, after_lines, &mut child) {
+            eprintln!("trial {trial}: the run finished before the kill");
+            continue;
+        }
+        killed += 1;
+        if slow {
+            // Land inside the widened write window of the next checkpoint.
+            std::thread::sleep(std::time::Duration::from_millis(150));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let partial = std::fs::read_dir(run_dir.join("checkpoints")).is_ok_and(|mut d| {
+            d.any(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".partial")
+            })
+        });
+        mid_write += usize::from(partial);
+        let out = run(train_bin().arg("--resume").arg(&run_dir));
+        if !out.status.success() {
+            // Killed before the first checkpoint completed: nothing to resume; start over.
+            assert!(String::from_utf8_lossy(&out.stderr).contains("no complete checkpoint"));
+            std::fs::remove_dir_all(&run_dir).unwrap();
+            ok(&train_with(&config, &run_dir, &[]));
+        }
+        assert!(
+            std::fs::read_dir(run_dir.join("checkpoints"))
+                .unwrap()
+                .all(|e| !e
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".partial")),
+            "trial {trial}: a partial checkpoint was left behind"
+        );
+        let got = losses(&metrics(&run_dir), "train");
+        assert_eq!(
+            got.len(),
+            reference.len(),
+            "trial {trial}: one line per step"
+        );
+        for ((s, a), (_, b)) in reference.iter().zip(&got) {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "trial {trial}, step {s}: {a} vs {b}"
+            );
+        }
+        assert!(
+            checkpoint_weights(&run_dir, 12) == reference_weights,
+            "trial {trial}: final weights differ"
+        );
+    }
+    eprintln!(
+        "{backend}: kill -9 trials: {killed} of {}, of which {mid_write} landed mid-checkpoint",
+        trials.len()
+    );
+    assert!(killed >= 4, "too few runs were killed");
+    assert!(mid_write >= 1, "no kill landed inside a checkpoint write");
+}
