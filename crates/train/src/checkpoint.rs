@@ -5,7 +5,8 @@
 //! fsynced, then the directory is renamed to `step-<N>/` and the parent fsynced. Only a
 //! directory named `step-<N>` with a manifest counts as a checkpoint, so a run killed mid-write
 //! leaves at worst a `.partial` directory that the next run removes; the previous checkpoint is
-//! untouched.
+//! untouched. The manifest carries the SHA-256 of every other file; `--resume` takes the newest
+//! checkpoint that verifies and reports (and skips) damaged newer ones.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -41,6 +42,52 @@ pub struct Manifest {
     pub backend: String,
     /// Last validation loss (nats/token), if any evaluation ran.
     pub valid_loss: Option<f64>,
+    /// SHA-256 of every other file of the checkpoint, checked before a resume trusts it.
+    #[serde(default)]
+    pub files: std::collections::BTreeMap<String, String>,
+}
+
+/// The checkpoint files a manifest vouches for.
+const FILES: [&str; 3] = ["model.bpk", "optim.bpk", "scheduler.json"];
+
+fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Check every file of the checkpoint in `dir` against its manifest.
+pub fn verify(dir: &Path) -> Result<Manifest> {
+    let manifest = read_manifest(dir)?;
+    for name in FILES {
+        let expected = manifest
+            .files
+            .get(name)
+            .with_context(|| format!("the manifest lists no checksum for {name}"))?;
+        let actual = sha256_file(&dir.join(name))?;
+        if &actual != expected {
+            bail!("{name} does not match its checksum in the manifest");
+        }
+    }
+    Ok(manifest)
+}
+
+/// The newest checkpoint of `run_dir` that verifies; each newer one that does not is reported
+/// through `skipped` (and left on disk for inspection).
+pub fn latest_valid(
+    run_dir: &Path,
+    skipped: &mut dyn FnMut(&Path, &anyhow::Error),
+) -> Result<Option<(PathBuf, Manifest)>> {
+    for (_, dir) in list(run_dir)?.into_iter().rev() {
+        match verify(&dir) {
+            Ok(manifest) => return Ok(Some((dir, manifest))),
+            Err(e) => skipped(&dir, &e),
+        }
+    }
+    Ok(None)
 }
 
 /// The learning-rate schedule's state. The schedule is a pure function of the step, so the
@@ -98,12 +145,16 @@ pub fn save(
         // mid-write (model and optimizer written, manifest not yet).
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
-    for f in ["model.bpk", "optim.bpk"] {
+    let mut manifest = manifest.clone();
+    for f in FILES {
         File::open(partial.join(f))?.sync_all()?;
+        manifest
+            .files
+            .insert(f.to_string(), sha256_file(&partial.join(f))?);
     }
     write_synced(
         &partial.join("manifest.json"),
-        serde_json::to_string_pretty(manifest)?.as_bytes(),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
     sync_dir(&partial)?;
     if done.exists() {

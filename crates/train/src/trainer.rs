@@ -101,13 +101,19 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     // Where we resume from, checked before anything is written.
     let resume_from = match &opts.resume {
         Some(dir) => {
-            let Some((_, ckpt)) = checkpoint::list(dir)?.pop() else {
+            let newest = checkpoint::latest_valid(dir, &mut |ckpt, why| {
+                eprintln!(
+                    "mixlab: skipping checkpoint {} ({why:#}); trying an older one",
+                    ckpt.display()
+                )
+            })?;
+            let Some((ckpt, manifest)) = newest else {
                 bail!(
-                    "{} has no complete checkpoint to resume from (looked for checkpoints/step-N/manifest.json)",
+                    "{} has no complete checkpoint to resume from (looked for \
+                     checkpoints/step-N/manifest.json whose files match their checksums)",
                     dir.display()
                 );
             };
-            let manifest = checkpoint::read_manifest(&ckpt)?;
             if manifest.architecture_hash != config.architecture_hash() {
                 bail!(
                     "checkpoint {} was written by a different architecture:\n{}\nhint: resume \
@@ -370,6 +376,7 @@ fn save(
         model_toml: toml::to_string(&config.model)?,
         backend: backend.into(),
         valid_loss,
+        files: Default::default(),
     };
     let scheduler = SchedulerState {
         step,

@@ -867,3 +867,30 @@ fn kill_9_trials(backend: &str) {
     assert!(killed >= 4, "too few runs were killed");
     assert!(mid_write >= 1, "no kill landed inside a checkpoint write");
 }
+
+#[test]
+fn a_corrupt_newest_checkpoint_is_reported_and_skipped() {
+    let dir = scratch("corrupt");
+    let config = write_config(&dir, TINY);
+    let run_dir = dir.join("run");
+    ok(&train_with(&config, &run_dir, &[]));
+    // Flip one byte of the newest checkpoint's weights.
+    let model = run_dir.join("checkpoints/step-8/model.bpk");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&model, bytes).unwrap();
+    let out = run(train_bin()
+        .arg("--resume")
+        .arg(&run_dir)
+        .args(["--set", "train.steps=10"]));
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("skipping checkpoint")
+            && stderr.contains("step-8")
+            && stderr.contains("model.bpk"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("resumed at step 4"), "{stderr}");
+}
