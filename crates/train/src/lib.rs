@@ -8,6 +8,7 @@ pub mod config;
 pub mod device;
 pub mod metrics;
 pub mod optim;
+pub mod sample;
 pub mod source;
 pub mod trainer;
 
