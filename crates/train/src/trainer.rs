@@ -178,15 +178,7 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         eprintln!("mixlab: resumed at step {start}");
     }
 
-    // Evaluation batches are fixed for the run (masks too, from a seed of their own).
-    let eval_seed = t.seed ^ 0x0E7A_1000;
-    let for_eval = |batches: Vec<mixlab_data::Batch>| -> Vec<mixlab_data::Batch> {
-        batches
-            .into_iter()
-            .enumerate()
-            .map(|(i, b)| source.for_objective(b, t.objective, t.mask_rate, eval_seed, i as u64))
-            .collect()
-    };
+    let for_eval = |batches| for_evaluation(&source, &config, batches);
     let valid_batches = for_eval(source.valid_batches(
         t.batch_size,
         seq,
@@ -341,6 +333,23 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         train_loss,
         valid_loss,
     })
+}
+
+/// Shape evaluation batches for the run's objective. They are fixed for the run: the masked
+/// objective's masks come from a seed of their own, so every evaluation (and the `eval` tool)
+/// scores the same positions.
+pub fn for_evaluation(
+    source: &Source,
+    config: &Config,
+    batches: Vec<mixlab_data::Batch>,
+) -> Vec<mixlab_data::Batch> {
+    let t = &config.train;
+    let eval_seed = t.seed ^ 0x0E7A_1000;
+    batches
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| source.for_objective(b, t.objective, t.mask_rate, eval_seed, i as u64))
+        .collect()
 }
 
 /// Mean loss (nats per scored token) of `model` over `batches` and the number of tokens

@@ -555,6 +555,25 @@ fn a_word_level_corpus_reports_perplexity_over_whole_splits() {
             .unwrap()
             .contains("vocab_size = 10000")
     );
+    // The eval tool reproduces the final whole-split numbers from the checkpoint.
+    let out = run(Command::new(env!("CARGO_BIN_EXE_eval"))
+        .arg("--run")
+        .arg(&run_dir)
+        .args(["--split", "test", "--backend", "flex"])
+        .current_dir(&dir));
+    ok(&out);
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["tokens"], 82_430 - 1);
+    assert_eq!(line["step"], 2);
+    let (a, b) = (
+        line["loss"].as_f64().unwrap(),
+        test["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() < 1e-9 * b,
+        "eval {a} vs training's final test {b}"
+    );
+    assert!(line["ppl"].as_f64().unwrap() > 1.0);
 }
 
 #[test]

@@ -1,0 +1,93 @@
+//! `eval`: evaluate a run's newest valid checkpoint on its whole valid or test split with the
+//! run's protocol (windows of `seq_len`, `data.eval_stride`, every token scored once), printing
+//! one JSON line: loss (nats/token), bpc or ppl, tokens scored, tokens/s.
+//!
+//! ```text
+//! cargo run --release --bin eval -- --run runs/dense --split test
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use mixlab_train::Config;
+use mixlab_train::checkpoint;
+use mixlab_train::device::{self, BackendChoice};
+use mixlab_train::source::Source;
+use mixlab_train::trainer::{evaluate, for_evaluation};
+use serde_json::json;
+
+/// Evaluate a trained Mixlab model.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// The run directory.
+    #[arg(long)]
+    run: PathBuf,
+    /// `valid` or `test`.
+    #[arg(long, default_value = "valid")]
+    split: String,
+    /// Backend: auto, flex, ndarray or wgpu.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Override any config key, e.g. --set data.eval_stride=64 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+fn run(cli: &Cli) -> Result<serde_json::Value> {
+    let config = Config::load(&cli.run.join("config.toml"), &cli.set)?;
+    let (t, seq) = (&config.train, config.model.seq_len);
+    let source = Source::build(&config.data, seq, t.batch_size, t.seed)?;
+    let batches = match cli.split.as_str() {
+        "valid" => source.valid_batches(t.batch_size, seq, None),
+        "test" => source
+            .test_batches(t.batch_size, seq)
+            .context("this corpus has no test split")?,
+        other => bail!("--split {other}: use valid or test"),
+    };
+    let batches = for_evaluation(&source, &config, batches);
+    let Some((ckpt, manifest)) = checkpoint::latest_valid(&cli.run, &mut |dir, why| {
+        eprintln!("mixlab: skipping checkpoint {} ({why:#})", dir.display())
+    })?
+    else {
+        bail!(
+            "{} has no complete checkpoint to evaluate",
+            cli.run.display()
+        );
+    };
+    let selected = device::select(BackendChoice::parse(&cli.backend)?)?;
+    let model = checkpoint::load_model(&ckpt, config.model.init(&selected.device)?)?;
+    let started = Instant::now();
+    let (loss, tokens) = evaluate(&model, &batches, &selected.device);
+    let seconds = started.elapsed().as_secs_f64();
+    let mut line = json!({
+        "kind": "eval",
+        "run": cli.run.display().to_string(),
+        "step": manifest.step,
+        "split": cli.split,
+        "loss": loss,
+        "tokens": tokens,
+        "tokens_per_s": batches.iter().map(|b| (b.batch * b.seq) as f64).sum::<f64>() / seconds,
+        "backend": selected.backend,
+    });
+    if let Some((name, value)) = source.unit(&config.data).metric(loss) {
+        line[name] = json!(value);
+    }
+    Ok(line)
+}
+
+fn main() -> ExitCode {
+    match run(&Cli::parse()) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
