@@ -6,6 +6,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod export;
 pub mod metrics;
 pub mod optim;
 pub mod sample;

@@ -1,0 +1,56 @@
+//! `export`: write a run's newest valid checkpoint as safetensors and list its tensors.
+//!
+//! ```text
+//! cargo run --release --bin export -- --run runs/dense --out dense.safetensors
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::Parser;
+use mixlab_train::{Config, checkpoint, export};
+
+/// Export a trained Mixlab model's weights as safetensors.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// The run directory.
+    #[arg(long)]
+    run: PathBuf,
+    /// The safetensors file to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let config = Config::load(&cli.run.join("config.toml"), &[])?;
+    let Some((ckpt, manifest)) = checkpoint::latest_valid(&cli.run, &mut |dir, why| {
+        eprintln!("mixlab: skipping checkpoint {} ({why:#})", dir.display())
+    })?
+    else {
+        bail!("{} has no complete checkpoint to export", cli.run.display());
+    };
+    let device = burn::tensor::Device::flex();
+    let model = checkpoint::load_model(&ckpt, config.model.init(&device)?)?;
+    export::to_safetensors(&model, &cli.out)?;
+    eprintln!(
+        "mixlab: wrote {} (step {})",
+        cli.out.display(),
+        manifest.step
+    );
+    for (name, dtype, shape) in export::tensor_names(&cli.out)? {
+        println!("{name}\t{dtype}\t{shape:?}");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(&Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
