@@ -178,6 +178,22 @@ fn resumed_run_repeats_the_uninterrupted_losses_bit_for_bit() {
         assert_eq!(la.to_bits(), lb.to_bits(), "step {sa}: {la} vs {lb}");
     }
     assert_eq!(tb.len(), 8, "metrics.jsonl reads as one run");
+    // metrics.csv: a header, then the same rows (8 train + 2 valid), step, split and loss
+    // identical to the uninterrupted run's (timings differ).
+    let key = |r: &str| r.split(',').take(3).collect::<Vec<_>>().join(",");
+    let csv_full: Vec<String> = std::fs::read_to_string(full.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .map(key)
+        .collect();
+    let csv_cut: Vec<String> = std::fs::read_to_string(cut.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .map(key)
+        .collect();
+    assert_eq!(csv_cut[0], "step,split,loss");
+    assert_eq!(csv_cut.len(), 1 + 8 + 2);
+    assert_eq!(csv_cut, csv_full);
     assert_eq!(losses(&a, "valid"), losses(&b, "valid"));
 }
 
