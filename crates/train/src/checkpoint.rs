@@ -5,7 +5,8 @@
 //! fsynced, then the directory is renamed to `step-<N>/` and the parent fsynced. Only a
 //! directory named `step-<N>` with a manifest counts as a checkpoint, so a run killed mid-write
 //! leaves at worst a `.partial` directory that the next run removes; the previous checkpoint is
-//! untouched. The manifest carries the SHA-256 of every other file; `--resume` takes the newest
+//! untouched. The newest `keep_checkpoints` are kept, plus the best by validation loss. The
+//! manifest carries the SHA-256 of every other file; `--resume` takes the newest
 //! checkpoint that verifies and reports (and skips) damaged newer ones.
 
 use std::fs::{self, File};
@@ -220,11 +221,19 @@ pub fn clean_partial(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Keep the newest `keep` checkpoints plus the one with the best (lowest) validation loss.
 fn prune(root: &Path, keep: usize) -> Result<()> {
     let run_dir = root.parent().expect("checkpoints dir has a parent");
     let all = list(run_dir)?;
+    let best = all
+        .iter()
+        .filter_map(|(_, p)| Some((read_manifest(p).ok()?.valid_loss?, p)))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, p)| p.clone());
     for (_, path) in all.iter().take(all.len().saturating_sub(keep)) {
-        fs::remove_dir_all(path)?;
+        if Some(path) != best.as_ref() {
+            fs::remove_dir_all(path)?;
+        }
     }
     Ok(())
 }
@@ -266,4 +275,53 @@ pub fn load_optim(dir: &Path, optim: ModuleOptimizer) -> Result<ModuleOptimizer>
     optim
         .load(&path)
         .map_err(|e| anyhow::anyhow!("cannot load {}: {e:?}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake(run_dir: &Path, step: usize, valid_loss: Option<f64>) {
+        let dir = dir(run_dir).join(format!("step-{step}"));
+        fs::create_dir_all(&dir).unwrap();
+        let m = Manifest {
+            format: FORMAT,
+            step,
+            next_batch: step as u64,
+            seed: 0,
+            config_hash: String::new(),
+            architecture_hash: String::new(),
+            model_toml: String::new(),
+            backend: "flex".into(),
+            valid_loss,
+            files: Default::default(),
+        };
+        fs::write(
+            dir.join("manifest.json"),
+            serde_json::to_string(&m).unwrap(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_and_the_best() {
+        let run_dir = std::env::temp_dir().join(format!("mixlab-prune-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&run_dir);
+        for (step, loss) in [
+            (1, Some(3.0)),
+            (2, Some(1.5)),
+            (3, Some(2.0)),
+            (4, Some(2.5)),
+            (5, None),
+        ] {
+            fake(&run_dir, step, loss);
+        }
+        prune(&dir(&run_dir), 2).unwrap();
+        let kept: Vec<usize> = list(&run_dir)
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(kept, vec![2, 4, 5], "newest two plus the best (step 2)");
+    }
 }

@@ -145,6 +145,9 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
     checkpoint::clean_partial(&run_dir)?;
+    if resume_from.is_some() {
+        report_changes(&run_dir.join("config.toml"), &config);
+    }
     std::fs::write(run_dir.join("config.toml"), config.to_toml())?;
     if let Some(tok) = source.tokenizer() {
         std::fs::write(run_dir.join("tokenizer.json"), serde_json::to_string(tok)?)?;
@@ -401,6 +404,48 @@ fn save(
         config.train.keep_checkpoints,
     )?;
     Ok(())
+}
+
+/// Say which settings a resume changes (the architecture cannot change: that is refused
+/// earlier), e.g. `train.steps: 1000 -> 2000`.
+fn report_changes(saved: &Path, now: &Config) {
+    let Ok(text) = std::fs::read_to_string(saved) else {
+        return;
+    };
+    let Ok(before) = Config::parse(&text, &saved.display().to_string(), &[]) else {
+        return;
+    };
+    let flatten = |c: &Config| -> Vec<(String, String)> {
+        let mut out = vec![];
+        let value = toml::Value::try_from(c).expect("a config serialises");
+        fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&key, v, out);
+                    }
+                }
+                other => out.push((prefix.to_string(), other.to_string())),
+            }
+        }
+        walk("", &value, &mut out);
+        out
+    };
+    let (old, new) = (flatten(&before), flatten(now));
+    for (key, value) in &new {
+        let previous = old.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        if previous != Some(value.as_str()) {
+            eprintln!(
+                "mixlab: resume changes {key}: {} -> {value}",
+                previous.unwrap_or("(unset)")
+            );
+        }
+    }
 }
 
 /// Lines of the `[model]` sections that differ: `key: checkpoint -> now`.

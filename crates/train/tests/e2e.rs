@@ -262,7 +262,18 @@ fn interrupt_checkpoints_and_resumes(signal: &str) {
         .arg(&run_dir)
         .args(["--set", &format!("train.steps={}", last + 2)]));
     ok(&out);
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("resumed at step {last}")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("resumed at step {last}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "resume changes train.steps: 100000 -> {}",
+            last + 2
+        )),
+        "{stderr}"
+    );
 }
 
 /// Each user mistake: exit code 1, a one-line cause naming the culprit, no panic.
