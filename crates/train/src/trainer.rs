@@ -329,6 +329,18 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         );
     }
     progress.finish_and_clear();
+    match crate::plot::write_plots(&run_dir) {
+        Ok(files) if !files.is_empty() => eprintln!(
+            "mixlab: plots: {}",
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("mixlab: warning: no plots ({e:#})"),
+    }
     Ok(Summary {
         run_dir,
         step,

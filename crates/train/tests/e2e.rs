@@ -136,6 +136,15 @@ fn a_run_writes_config_metrics_and_complete_checkpoints() {
             assert!(d.join(f).is_file(), "{c}/{f}");
         }
     }
+    for plot in ["loss.svg", "lr.svg", "throughput.svg"] {
+        assert!(
+            run_dir.join(plot).is_file(),
+            "{plot} drawn at the end of the run"
+        );
+    }
+    std::fs::remove_file(run_dir.join("loss.svg")).unwrap();
+    ok(&run(train_bin().arg("--plot").arg(&run_dir)));
+    assert!(run_dir.join("loss.svg").is_file(), "train --plot redraws");
     let manifest: Value = serde_json::from_str(
         &std::fs::read_to_string(run_dir.join("checkpoints/step-8/manifest.json")).unwrap(),
     )

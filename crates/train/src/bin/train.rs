@@ -30,10 +30,25 @@ struct Cli {
     /// Override any config key, e.g. --set train.steps=200 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Only (re)draw the SVG plots of this run directory's metrics, then exit.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "resume"])]
+    plot: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(run_dir) = &cli.plot {
+        return match mixlab_train::plot::write_plots(run_dir) {
+            Ok(files) => {
+                files.iter().for_each(|f| println!("{}", f.display()));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // First Ctrl-C (SIGINT) or SIGTERM: finish the step, write a checkpoint, exit 0.
