@@ -238,6 +238,20 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// The newest checkpoint of `run_dir` that verifies, reporting skipped ones on stderr; an
+/// error naming `purpose` ("evaluate", "sample from", ...) when there is none.
+pub fn newest(run_dir: &Path, purpose: &str) -> Result<(PathBuf, Manifest)> {
+    latest_valid(run_dir, &mut |dir, why| {
+        eprintln!("mixlab: skipping checkpoint {} ({why:#})", dir.display())
+    })?
+    .with_context(|| {
+        format!(
+            "{} has no complete checkpoint to {purpose}",
+            run_dir.display()
+        )
+    })
+}
+
 /// Read the manifest of the checkpoint in `dir`.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");

@@ -39,6 +39,23 @@ pub fn from_safetensors(mut model: Lm, path: &Path) -> Result<Lm> {
     Ok(model)
 }
 
+/// Every float parameter of `model` as f32, in module order (for exact comparisons).
+pub fn parameter_values(model: &Lm) -> Vec<f32> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::tensor::Tensor;
+    struct Collect(Vec<f32>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let data = param.val().into_data().convert::<f32>();
+            self.0
+                .extend(data.try_to_vec::<f32>().expect("f32 after convert"));
+        }
+    }
+    let mut c = Collect(vec![]);
+    model.visit(&mut c);
+    c.0
+}
+
 /// Names, dtypes and shapes of the tensors in a safetensors file, from its JSON header.
 pub fn tensor_names(path: &Path) -> Result<Vec<(String, String, Vec<u64>)>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -64,28 +81,8 @@ pub fn tensor_names(path: &Path) -> Result<Vec<(String, String, Vec<u64>)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::module::{Module, ModuleVisitor, Param};
-    use burn::tensor::{Device, Tensor};
+    use burn::tensor::Device;
     use mixlab_models::LmConfig;
-
-    fn values(model: &Lm) -> Vec<f32> {
-        struct Collect(Vec<f32>);
-        impl ModuleVisitor for Collect {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                self.0.extend(
-                    param
-                        .val()
-                        .into_data()
-                        .convert::<f32>()
-                        .try_to_vec::<f32>()
-                        .unwrap(),
-                );
-            }
-        }
-        let mut c = Collect(vec![]);
-        model.visit(&mut c);
-        c.0
-    }
 
     #[test]
     fn safetensors_round_trip_with_documented_names() {
@@ -106,9 +103,9 @@ mod tests {
         to_safetensors(&model, &path).unwrap();
         device.seed(2);
         let fresh = cfg.init(&device).unwrap();
-        assert_ne!(values(&fresh), values(&model));
+        assert_ne!(parameter_values(&fresh), parameter_values(&model));
         let loaded = from_safetensors(fresh, &path).unwrap();
-        assert_eq!(values(&loaded), values(&model));
+        assert_eq!(parameter_values(&loaded), parameter_values(&model));
         let names: Vec<String> = tensor_names(&path)
             .unwrap()
             .into_iter()

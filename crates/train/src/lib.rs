@@ -16,3 +16,18 @@ pub mod trainer;
 
 pub use config::Config;
 pub use trainer::{Summary, TrainOptions, train};
+
+/// Exit for a measurement binary: print the JSON line(s) on stdout, or the error (with its
+/// causes) on stderr and exit code 1.
+pub fn print_json(result: anyhow::Result<Vec<serde_json::Value>>) -> std::process::ExitCode {
+    match result {
+        Ok(lines) => {
+            lines.iter().for_each(|l| println!("{l}"));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -90,15 +90,7 @@ pub fn sample(run_dir: &Path, opts: &SampleOptions, out: &mut dyn Write) -> Resu
             )
         })?)
         .with_context(|| format!("{} is not a tokenizer", tok_path.display()))?;
-    let Some((ckpt, manifest)) = checkpoint::latest_valid(run_dir, &mut |dir, why| {
-        eprintln!("mixlab: skipping checkpoint {} ({why:#})", dir.display())
-    })?
-    else {
-        bail!(
-            "{} has no complete checkpoint to sample from",
-            run_dir.display()
-        );
-    };
+    let (ckpt, manifest) = checkpoint::newest(run_dir, "sample from")?;
     let selected = device::select(BackendChoice::parse(&opts.backend)?)?;
     let device = selected.device.clone();
     let model = config.model.init(&device).context("invalid [model]")?;

@@ -766,21 +766,7 @@ fn the_shipped_fnet_configs_run_twenty_steps_reduced() {
 
 /// The model parameters stored in a checkpoint, as f32 values in module order.
 fn checkpoint_weights(run_dir: &Path, step: usize) -> Vec<f32> {
-    use burn::module::{Module, ModuleVisitor, Param};
-    use burn::tensor::Tensor;
-    struct Collect(Vec<f32>);
-    impl ModuleVisitor for Collect {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.0.extend(
-                param
-                    .val()
-                    .into_data()
-                    .convert::<f32>()
-                    .try_to_vec::<f32>()
-                    .unwrap(),
-            );
-        }
-    }
+    use burn::module::Module;
     let config: mixlab_train::Config =
         toml::from_str(&std::fs::read_to_string(run_dir.join("config.toml")).unwrap()).unwrap();
     let model = config
@@ -789,9 +775,7 @@ fn checkpoint_weights(run_dir: &Path, step: usize) -> Vec<f32> {
         .unwrap()
         .try_load_file(run_dir.join(format!("checkpoints/step-{step}/model.bpk")))
         .unwrap();
-    let mut c = Collect(vec![]);
-    model.visit(&mut c);
-    c.0
+    mixlab_train::export::parameter_values(&model)
 }
 
 /// Wait until `metrics.jsonl` has `n` lines; false if the run finished first.

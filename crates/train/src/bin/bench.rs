@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mixlab_train::TrainOptions;
+use mixlab_train::{TrainOptions, print_json};
 
 /// Mixlab benchmarks.
 #[derive(Parser, Debug)]
@@ -83,16 +83,15 @@ fn main() -> ExitCode {
             lengths,
             repeats,
         } => {
-            return match mixlab_train::bench::mixing(&backend, d_model, &lengths, repeats.max(1)) {
-                Ok(lines) => {
-                    lines.iter().for_each(|l| println!("{l}"));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => emit(Err(e)),
-            };
+            return print_json(mixlab_train::bench::mixing(
+                &backend,
+                d_model,
+                &lengths,
+                repeats.max(1),
+            ));
         }
         Command::Data { size_mb, dir } => {
-            return emit(mixlab_train::bench::data_load(size_mb, &dir));
+            return print_json(mixlab_train::bench::data_load(size_mb, &dir).map(|l| vec![l]));
         }
     };
     if backend.len() > 1 {
@@ -104,21 +103,7 @@ fn main() -> ExitCode {
         backend: backend.into_iter().next(),
         overrides: set,
     };
-    emit(mixlab_train::bench::train_step(&opts, steps.max(1), warmup))
-}
-
-/// Print a measurement's JSON line, or its error with exit code 1.
-fn emit(result: anyhow::Result<serde_json::Value>) -> ExitCode {
-    match result {
-        Ok(line) => {
-            println!("{line}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    print_json(mixlab_train::bench::train_step(&opts, steps.max(1), warmup).map(|l| vec![l]))
 }
 
 /// Several backends: measure each in its own process (so `peak_rss_mb` is that backend's

@@ -12,11 +12,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use mixlab_train::Config;
 use mixlab_train::checkpoint;
 use mixlab_train::device::{self, BackendChoice};
 use mixlab_train::source::Source;
 use mixlab_train::trainer::{evaluate, for_evaluation};
+use mixlab_train::{Config, print_json};
 use serde_json::json;
 
 /// Evaluate a trained Mixlab model.
@@ -49,15 +49,7 @@ fn run(cli: &Cli) -> Result<serde_json::Value> {
         other => bail!("--split {other}: use valid or test"),
     };
     let batches = for_evaluation(&source, &config, batches);
-    let Some((ckpt, manifest)) = checkpoint::latest_valid(&cli.run, &mut |dir, why| {
-        eprintln!("mixlab: skipping checkpoint {} ({why:#})", dir.display())
-    })?
-    else {
-        bail!(
-            "{} has no complete checkpoint to evaluate",
-            cli.run.display()
-        );
-    };
+    let (ckpt, manifest) = checkpoint::newest(&cli.run, "evaluate")?;
     let selected = device::select(BackendChoice::parse(&cli.backend)?)?;
     let model = checkpoint::load_model(&ckpt, config.model.init(&selected.device)?)?;
     let started = Instant::now();
@@ -80,14 +72,5 @@ fn run(cli: &Cli) -> Result<serde_json::Value> {
 }
 
 fn main() -> ExitCode {
-    match run(&Cli::parse()) {
-        Ok(line) => {
-            println!("{line}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    print_json(run(&Cli::parse()).map(|line| vec![line]))
 }

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::Parser;
 use mixlab_train::{Config, checkpoint, export};
 
@@ -25,12 +25,7 @@ struct Cli {
 
 fn run(cli: &Cli) -> Result<()> {
     let config = Config::load(&cli.run.join("config.toml"), &[])?;
-    let Some((ckpt, manifest)) = checkpoint::latest_valid(&cli.run, &mut |dir, why| {
-        eprintln!("mixlab: skipping checkpoint {} ({why:#})", dir.display())
-    })?
-    else {
-        bail!("{} has no complete checkpoint to export", cli.run.display());
-    };
+    let (ckpt, manifest) = checkpoint::newest(&cli.run, "export")?;
     let device = burn::tensor::Device::flex();
     let model = checkpoint::load_model(&ckpt, config.model.init(&device)?)?;
     export::to_safetensors(&model, &cli.out)?;
