@@ -15,12 +15,13 @@ pub mod lm;
 pub mod loss;
 pub mod mixer;
 pub mod mlp;
+pub mod pattern;
 
 pub use block::{Block, BlockConfig};
 pub use lm::{AttentionLayout, Lm, LmConfig, Position, attention_positions};
 pub use mixer::{
     DenseAttention, DenseAttentionConfig, Mixer, MixerConfig, PersistentAttention,
-    PersistentAttentionConfig,
+    PersistentAttentionConfig, SparseAttention, SparseAttentionConfig,
 };
 pub use mlp::{Mlp, MlpConfig};
 
@@ -31,7 +32,7 @@ pub enum ModelError {
     #[error("model.{field} = {value}: {fix}")]
     Invalid {
         /// Dotted path of the field inside `[model]`, e.g. `mixer.n_heads`.
-        field: &'static str,
+        field: String,
         /// The offending value, as text.
         value: String,
         /// What to change.
@@ -41,12 +42,12 @@ pub enum ModelError {
 
 impl ModelError {
     pub(crate) fn invalid(
-        field: &'static str,
+        field: impl Into<String>,
         value: impl ToString,
         fix: impl Into<String>,
     ) -> Self {
         ModelError::Invalid {
-            field,
+            field: field.into(),
             value: value.to_string(),
             fix: fix.into(),
         }

@@ -123,6 +123,7 @@ impl LmConfig {
             max_seq_len: self.seq_len,
             rope_theta: (self.position == Position::Rope).then_some(self.rope_theta),
             relative_positions: self.position == Position::Relative,
+            layer: 0,
         }
     }
 
@@ -255,9 +256,12 @@ impl LmConfig {
                 .init(device)
         };
         let mixers = self.layer_mixers()?;
-        let block = |mixer: &MixerConfig| BlockConfig {
+        let block = |layer: usize, mixer: &MixerConfig| BlockConfig {
             mixer: mixer.clone(),
-            ctx: self.mixer_context(),
+            ctx: MixerContext {
+                layer,
+                ..self.mixer_context()
+            },
             d_ff: (self.d_ff > 0).then_some(self.d_ff),
         };
         Ok(Lm {
@@ -275,7 +279,11 @@ impl LmConfig {
                 ))
             }),
             dropout: DropoutConfig::new(self.dropout).init(),
-            blocks: mixers.iter().map(|m| block(m).init(device)).collect(),
+            blocks: mixers
+                .iter()
+                .enumerate()
+                .map(|(layer, m)| block(layer, m).init(device))
+                .collect(),
             norm_final: LayerNormConfig::new(self.d_model).init(device),
             head: (!self.tie_embeddings)
                 .then(|| init::linear(self.d_model, vocab_size, false, init::STD, device)),

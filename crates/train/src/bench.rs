@@ -121,6 +121,7 @@ pub fn mixing(
             max_seq_len: n,
             rope_theta: None,
             relative_positions: false,
+            layer: 0,
         };
         let dense = MixerConfig::Dense(DenseAttentionConfig {
             n_heads: 4,

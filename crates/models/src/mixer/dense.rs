@@ -191,6 +191,7 @@ mod tests {
             max_seq_len: 16,
             rope_theta: rope.then_some(10_000.0),
             relative_positions: false,
+            layer: 0,
         }
     }
 

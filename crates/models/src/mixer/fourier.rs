@@ -460,6 +460,7 @@ mod tests {
             max_seq_len: 64,
             rope_theta: None,
             relative_positions: false,
+            layer: 0,
         }
     }
 

@@ -9,10 +9,14 @@
 mod dense;
 mod fourier;
 mod persistent;
+mod sparse;
 
 pub use dense::{DenseAttention, DenseAttentionConfig};
 pub use fourier::{FourierImpl, FourierMixer, FourierMixerConfig, dft_matrices, dft_mix, fft_mix};
 pub use persistent::{PersistentAttention, PersistentAttentionConfig, relative_scores, span_mask};
+pub use sparse::{
+    SparseAttention, SparseAttentionConfig, block_sparse_attention, masked_dense_attention,
+};
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
@@ -35,6 +39,8 @@ pub struct MixerContext {
     pub rope_theta: Option<f32>,
     /// The model passes a relative-position key embedding (`position = "relative"`).
     pub relative_positions: bool,
+    /// Index of this block, input first (sparse patterns alternate with the layer).
+    pub layer: usize,
 }
 
 /// The token mixer of every block, as written under `[model.mixer]` (`kind = "dense"`, ...).
@@ -47,6 +53,8 @@ pub enum MixerConfig {
     Persistent(PersistentAttentionConfig),
     /// FNet: parameter-free `Re(DFT_seq(DFT_hidden(x)))` (bidirectional unless `causal`).
     Fourier(FourierMixerConfig),
+    /// Attention restricted to a block-sparse pattern (Yun et al. 2020; Child et al. 2019).
+    Sparse(SparseAttentionConfig),
 }
 
 impl Default for MixerConfig {
@@ -62,6 +70,7 @@ impl MixerConfig {
             MixerConfig::Dense(_) => "dense",
             MixerConfig::Persistent(_) => "persistent",
             MixerConfig::Fourier(_) => "fourier",
+            MixerConfig::Sparse(_) => "sparse",
         }
     }
 
@@ -71,6 +80,7 @@ impl MixerConfig {
             MixerConfig::Dense(c) => c.causal,
             MixerConfig::Persistent(c) => c.causal,
             MixerConfig::Fourier(c) => c.causal,
+            MixerConfig::Sparse(c) => c.causal,
         }
     }
 
@@ -79,6 +89,7 @@ impl MixerConfig {
         let n_heads = match self {
             MixerConfig::Dense(c) => c.n_heads,
             MixerConfig::Persistent(c) => c.n_heads,
+            MixerConfig::Sparse(c) => c.n_heads,
             MixerConfig::Fourier(_) => return None,
         };
         (n_heads > 0).then(|| d_model / n_heads)
@@ -90,6 +101,7 @@ impl MixerConfig {
             MixerConfig::Dense(c) => c.validate(ctx),
             MixerConfig::Persistent(c) => c.validate(ctx),
             MixerConfig::Fourier(c) => c.validate(ctx),
+            MixerConfig::Sparse(c) => c.validate(ctx),
         }
     }
 
@@ -99,6 +111,7 @@ impl MixerConfig {
             MixerConfig::Dense(c) => Mixer::Dense(c.init(ctx, device)),
             MixerConfig::Persistent(c) => Mixer::Persistent(c.init(ctx, device)),
             MixerConfig::Fourier(c) => Mixer::Fourier(c.init(ctx)),
+            MixerConfig::Sparse(c) => Mixer::Sparse(c.init(ctx, device)),
         }
     }
 }
@@ -114,6 +127,8 @@ pub enum Mixer {
     Persistent(PersistentAttention),
     /// See [`FourierMixer`].
     Fourier(FourierMixer),
+    /// See [`SparseAttention`].
+    Sparse(SparseAttention),
 }
 
 impl Mixer {
@@ -126,13 +141,14 @@ impl Mixer {
             Mixer::Dense(m) => m.forward(x),
             Mixer::Persistent(m) => m.forward(x, key_pe),
             Mixer::Fourier(m) => m.forward(x),
+            Mixer::Sparse(m) => m.forward(x),
         }
     }
 
     /// A penalty this mixer adds to the training loss (adaptive span), if any.
     pub fn regularization(&self, seq_len: usize) -> Option<Tensor<1>> {
         match self {
-            Mixer::Dense(_) | Mixer::Fourier(_) => None,
+            Mixer::Dense(_) | Mixer::Fourier(_) | Mixer::Sparse(_) => None,
             Mixer::Persistent(m) => m.regularization(seq_len),
         }
     }

@@ -419,6 +419,7 @@ mod tests {
             max_seq_len: 8,
             rope_theta: None,
             relative_positions: relative,
+            layer: 0,
         }
     }
 
