@@ -163,6 +163,82 @@ pub fn mixing(
     Ok(lines)
 }
 
+/// Name of a mixer in benchmark lines: `dense`, or `sparse:<patterns>/b<block>`.
+pub fn mixer_name(mixer: &mixlab_models::MixerConfig) -> String {
+    match mixer {
+        mixlab_models::MixerConfig::Sparse(c) => format!(
+            "sparse:{}/b{}",
+            c.pattern
+                .iter()
+                .map(|p| p.name())
+                .collect::<Vec<_>>()
+                .join("|"),
+            c.block
+        ),
+        other => other.kind().to_string(),
+    }
+}
+
+/// One mixer layer alone (`d_model` wide, batch 1) at sequence length `n`: forward + backward
+/// wall time (median of `repeats` after one warm-up) and this process's peak RSS. Run each
+/// point in a fresh process (`bench scaling` does) so the peak belongs to that point alone.
+pub fn scaling_point(
+    backend: &str,
+    mixer: &mixlab_models::MixerConfig,
+    d_model: usize,
+    n: usize,
+    repeats: usize,
+) -> Result<Value> {
+    use burn::tensor::{Distribution, Tensor};
+    use mixlab_models::mixer::MixerContext;
+    let selected = device::select(BackendChoice::parse(backend)?)?;
+    let ad = selected.device.clone().autodiff();
+    ad.seed(0);
+    let ctx = MixerContext {
+        d_model,
+        n_layers: 1,
+        dropout: 0.0,
+        max_seq_len: n,
+        rope_theta: None,
+        relative_positions: false,
+        layer: 0,
+    };
+    mixer
+        .validate(&ctx)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", mixer_name(mixer)))?;
+    let layer = mixer.init(&ctx, &ad);
+    let mut times = vec![];
+    for r in 0..=repeats {
+        let x = Tensor::<3>::random([1, n, d_model], Distribution::Normal(0.0, 1.0), &ad)
+            .require_grad();
+        let started = Instant::now();
+        let y = layer.forward(x.clone(), None);
+        let grads = y.sum().backward();
+        let _ = x.grad(&grads).map(|g| g.sum().into_scalar::<f32>());
+        if r > 0 {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(json!({
+        "kind": "scaling",
+        "mixer": mixer_name(mixer),
+        "backend": selected.backend,
+        "n": n,
+        "d_model": d_model,
+        "fwd_bwd_s": times[times.len() / 2],
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
+/// Memory this machine can still give, in GB (Linux `MemAvailable`), if known.
+pub fn available_gb() -> Option<f64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1e6)
+}
+
 /// Tokenisation and cache throughput on a synthetic word-level corpus of `size_mb` MB shaped
 /// like WikiText-103 (267,735 word types with Zipf-distributed frequencies, ~20-word lines, one
 /// blank line in three): time to tokenise from text, to build the cache, and to load from it.

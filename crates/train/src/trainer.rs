@@ -180,6 +180,9 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     if start > 0 {
         eprintln!("mixlab: resumed at step {start}");
     }
+    for sparse in crate::patterns::sparse_layers(&config.model, seq)? {
+        eprintln!("mixlab: {}", sparse.describe());
+    }
 
     let for_eval = |batches| for_evaluation(&source, &config, batches);
     let valid_batches = for_eval(source.valid_batches(

@@ -998,3 +998,143 @@ fn sample_continues_a_prompt_reproducibly() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("tokenizer.json"));
 }
+
+fn repo_config(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../configs/{name}.toml"))
+}
+
+/// `configs/copy-sparse.toml` (strided, blocks of 8) learns the copy task; `train` prints the
+/// pattern's Assumption-1 report at start.
+#[test]
+fn a_sparse_model_learns_to_copy_and_reports_its_pattern() {
+    let dir = scratch("sparse-copy");
+    let run_dir = dir.join("run");
+    let out = train_with(
+        &repo_config("copy-sparse"),
+        &run_dir,
+        &[
+            "model.seq_len=64", // the answer sits 32 tokens = 4 blocks back
+            "train.steps=200",
+            "train.eval_every=200",
+            "train.checkpoint_every=200",
+            "train.backend=\"flex\"",
+        ],
+    );
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sparse attention [strided], block 8, layers [0, 1]")
+            && stderr.contains("(3) every token reaches every later one within 2 layer(s)"),
+        "{stderr}"
+    );
+    let valid = losses(&metrics(&run_dir), "valid");
+    let (_, last) = *valid.last().unwrap();
+    // Chance is ln 16 = 2.77 nats on the copied half.
+    assert!(last < 0.05, "copied-half valid loss {last}");
+}
+
+/// A random pattern is drawn from the seed in the saved config: `eval` on the checkpoint
+/// reproduces the run's final validation loss, and another seed gives another loss.
+#[test]
+fn a_random_sparse_pattern_is_restored_from_the_saved_config() {
+    let dir = scratch("sparse-random");
+    let config = write_config(&dir, &TINY.replace("steps = 8", "steps = 4"));
+    let run_dir = dir.join("run");
+    let mixer = |seed: u64| {
+        format!(
+            "model.mixer={{ kind = \"sparse\", n_heads = 4, block = 2, pattern = \
+             [{{ kind = \"random\", per_row = 2, seed = {seed} }}] }}"
+        )
+    };
+    let out = train_with(
+        &config,
+        &run_dir,
+        &[&mixer(7), "train.eval_batches=8", "model.dropout=0.0"],
+    );
+    ok(&out);
+    let valid = losses(&metrics(&run_dir), "valid");
+    let (_, last) = *valid.last().unwrap();
+    let eval = |sets: &[&str]| -> f64 {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_eval"));
+        cmd.arg("--run").arg(&run_dir).args(["--backend", "flex"]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let out = run(&mut cmd);
+        ok(&out);
+        let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+        line["loss"].as_f64().unwrap()
+    };
+    let again = eval(&[]);
+    assert!(
+        (again - last).abs() <= 1e-9 * last,
+        "reloaded {again} vs {last}"
+    );
+    let other = eval(&[&mixer(8)]);
+    assert!(
+        (other - last).abs() > 1e-6,
+        "seed 8 should draw another pattern"
+    );
+}
+
+#[test]
+fn the_pattern_command_checks_and_draws_every_sparse_layer() {
+    let dir = scratch("pattern");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_pattern"))
+        .arg("--config")
+        .arg(repo_config("sparse-bigbird"))
+        .args(["--n", "1024", "--png"])
+        .arg(dir.join("png")));
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("(1) every token attends to itself: yes")
+            && stdout.contains("(2) Hamiltonian path in the union graph: yes"),
+        "{stdout}"
+    );
+    for layer in 0..6 {
+        let png = std::fs::read(dir.join(format!("png/layer-{layer}.png"))).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    }
+    // JSON, with a pattern that cannot connect everything: blocks that see only themselves.
+    let out = run(Command::new(env!("CARGO_BIN_EXE_pattern"))
+        .arg("--config")
+        .arg(repo_config("sparse-strided"))
+        .args(["--n", "256", "--json"])
+        .args(["--set", "model.mixer.pattern=[{kind=\"window\",width=1}]"]));
+    ok(&out);
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["report"]["reach_layers"], Value::Null);
+    assert_eq!(line["report"]["self_attention"], true);
+    // A config without sparse layers is an error that says so.
+    let out = run(Command::new(env!("CARGO_BIN_EXE_pattern"))
+        .arg("--config")
+        .arg(repo_config("dense")));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no layer uses kind = \"sparse\""));
+}
+
+#[test]
+fn bench_scaling_measures_dense_and_sparse_in_fresh_processes() {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["scaling", "--config"])
+        .arg(repo_config("sparse-bigbird"))
+        .args(["--n", "128,256", "--d-model", "32", "--repeats", "1"]));
+    ok(&out);
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let points: Vec<&Value> = lines.iter().filter(|l| l["kind"] == "scaling").collect();
+    assert_eq!(points.len(), 4, "{lines:?}");
+    for p in &points {
+        assert!(p["fwd_bwd_s"].as_f64().unwrap() > 0.0);
+        assert!(p["peak_rss_mb"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(points[0]["mixer"], "dense");
+    assert_eq!(points[2]["mixer"], "sparse:bigbird/b64");
+    assert_eq!(points[3]["n_ratio"], 2.0);
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["kind"], "scaling_summary");
+    assert!(summary["mixers"]["sparse:bigbird/b64"]["dense_over_this"]["256"].is_number());
+}

@@ -184,42 +184,15 @@ pub fn block_sparse_attention(
         "pattern with {groups} head groups over {} blocks for {heads} heads and {n_blocks} blocks",
         layout.groups[0].n_blocks
     );
-    let causal = layout.groups[0].causal;
-    let k_max = layout.max_row();
-    let slots = k_max * b;
-
-    // Which block fills each slot (flattened over heads), and the key position of every slot
-    // column; padding slots get a position past every query so that masks drop them.
-    let beyond = (2 * padded) as i64;
-    let mut index = Vec::with_capacity(heads * n_blocks * k_max);
-    let mut key_pos = Vec::with_capacity(heads * n_blocks * slots);
-    let mut any_padding = false;
-    for h in 0..heads {
-        let group = &layout.groups[h / (heads / groups)];
-        for (i, row) in group.rows.iter().enumerate() {
-            assert!(
-                row.binary_search(&i).is_ok(),
-                "row {i} of the pattern lacks its own block; every query needs a key"
-            );
-            for s in 0..k_max {
-                match row.get(s) {
-                    Some(&j) => {
-                        index.push((h * n_blocks + j) as i64);
-                        for p in j * b..(j + 1) * b {
-                            any_padding |= p >= n;
-                            key_pos.push(if p < n { p as i64 } else { beyond });
-                        }
-                    }
-                    None => {
-                        any_padding = true;
-                        index.push((h * n_blocks + i) as i64);
-                        key_pos.extend(std::iter::repeat_n(beyond, b));
-                    }
-                }
-            }
-        }
+    for (i, _) in layout.groups[0].rows.iter().enumerate() {
+        assert!(
+            layout
+                .groups
+                .iter()
+                .all(|g| g.rows[i].binary_search(&i).is_ok()),
+            "row {i} of the pattern lacks its own block; every query needs a key"
+        );
     }
-
     let pad = |t: Tensor<4>| {
         if padded == n {
             t
@@ -228,54 +201,150 @@ pub fn block_sparse_attention(
             Tensor::cat(vec![t, zeros], 2)
         }
     };
-    let index =
-        Tensor::<1, Int>::from_data(TensorData::new(index, [heads * n_blocks * k_max]), &device);
-    let gather = |t: Tensor<4>| {
-        pad(t)
-            .reshape([batch, heads * n_blocks, b * d_head])
-            .select(1, index.clone())
-            .reshape([batch, heads, n_blocks, slots, d_head])
-    };
-    let keys = gather(k);
-    let values = gather(v);
+    let flat = |t: Tensor<4>| pad(t).reshape([batch, heads * n_blocks, b * d_head]);
+    let (keys, values) = (flat(k), flat(v));
     let queries = pad(q).reshape([batch, heads, n_blocks, b, d_head]);
-
-    let scale = 1.0 / (d_head as f64).sqrt();
-    let mut scores = queries.matmul(keys.swap_dims(3, 4)).mul_scalar(scale); // [batch, heads, q_blocks, b, slots]
-    if causal || any_padding {
-        let shape = [heads, n_blocks, b, slots];
-        let key_pos = Tensor::<4, Int>::from_data(
-            TensorData::new(key_pos, [heads, n_blocks, 1, slots]),
-            &device,
-        )
-        .expand(shape);
-        let masked = if causal {
-            let query_pos: Vec<i64> = (0..padded as i64).collect();
-            let query_pos = Tensor::<4, Int>::from_data(
-                TensorData::new(query_pos, [1, n_blocks, b, 1]),
-                &device,
-            )
-            .expand(shape);
-            key_pos.greater(query_pos)
-        } else {
-            key_pos.greater_equal_elem(n as i64)
-        };
-        let masked: Tensor<5, Bool> = masked
-            .unsqueeze::<5>()
-            .expand([batch, heads, n_blocks, b, slots]);
-        scores = scores.mask_fill(masked, f32::NEG_INFINITY);
-    }
-    let mut weights = activation::softmax(scores, 4);
-    if let Some(dropout) = dropout {
-        weights = dropout.forward(weights);
-    }
-    let y = weights
-        .matmul(values)
-        .reshape([batch, heads, padded, d_head]);
+    let core = Core {
+        layout,
+        n,
+        n_blocks,
+        heads,
+        d_head,
+        dropout,
+    };
+    let buckets = layout.buckets();
+    let y = if buckets.len() == 1 {
+        core.attend(queries, &keys, &values, &buckets[0].0, buckets[0].1)
+    } else {
+        // Each bucket's query blocks, attended apart, then put back in block order.
+        let mut outputs = vec![];
+        let mut order = vec![];
+        for (blocks, k_max) in &buckets {
+            let ids: Vec<i64> = blocks.iter().map(|&i| i as i64).collect();
+            let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [blocks.len()]), &device);
+            outputs.push(core.attend(
+                queries.clone().select(2, ids),
+                &keys,
+                &values,
+                blocks,
+                *k_max,
+            ));
+            order.extend(blocks.iter().copied());
+        }
+        let mut inverse = vec![0i64; n_blocks];
+        for (at, &i) in order.iter().enumerate() {
+            inverse[i] = at as i64;
+        }
+        let inverse = Tensor::<1, Int>::from_data(TensorData::new(inverse, [n_blocks]), &device);
+        Tensor::cat(outputs, 2).select(2, inverse)
+    };
+    let y = y.reshape([batch, heads, padded, d_head]);
     if padded == n {
         y
     } else {
         y.slice([0..batch, 0..heads, 0..n, 0..d_head])
+    }
+}
+
+/// What every bucket of [`block_sparse_attention`] shares.
+struct Core<'a> {
+    layout: &'a LayerPattern,
+    n: usize,
+    n_blocks: usize,
+    heads: usize,
+    d_head: usize,
+    dropout: Option<&'a Dropout>,
+}
+
+impl Core<'_> {
+    /// Attention of the query blocks `blocks`, each padded to `k_max` key blocks.
+    ///
+    /// # Shapes
+    /// - `queries`: `[batch, heads, blocks.len(), block, d_head]`
+    /// - `keys`, `values`: `[batch, heads · n_blocks, block · d_head]` (block-major)
+    /// - output: `[batch, heads, blocks.len(), block, d_head]`
+    fn attend(
+        &self,
+        queries: Tensor<5>,
+        keys: &Tensor<3>,
+        values: &Tensor<3>,
+        blocks: &[usize],
+        k_max: usize,
+    ) -> Tensor<5> {
+        let [batch, heads, m, b, d_head] = queries.dims();
+        let (n, n_blocks) = (self.n, self.n_blocks);
+        let device = queries.device();
+        let groups = self.layout.groups.len();
+        let causal = self.layout.groups[0].causal;
+        let slots = k_max * b;
+        // Which block fills each slot (flattened over heads), and the key position of every
+        // slot column; padding gets a position past every query so that masks drop it.
+        let beyond = (2 * n_blocks * b) as i64;
+        let mut index = Vec::with_capacity(heads * m * k_max);
+        let mut key_pos = Vec::with_capacity(heads * m * slots);
+        let mut any_padding = false;
+        for h in 0..heads {
+            let group = &self.layout.groups[h / (heads / groups)];
+            for &i in blocks {
+                let row = &group.rows[i];
+                for s in 0..k_max {
+                    match row.get(s) {
+                        Some(&j) => {
+                            index.push((h * n_blocks + j) as i64);
+                            for p in j * b..(j + 1) * b {
+                                any_padding |= p >= n;
+                                key_pos.push(if p < n { p as i64 } else { beyond });
+                            }
+                        }
+                        None => {
+                            any_padding = true;
+                            index.push((h * n_blocks + i) as i64);
+                            key_pos.extend(std::iter::repeat_n(beyond, b));
+                        }
+                    }
+                }
+            }
+        }
+        debug_assert_eq!((heads, d_head), (self.heads, self.d_head));
+        let index =
+            Tensor::<1, Int>::from_data(TensorData::new(index, [heads * m * k_max]), &device);
+        let gather = |t: &Tensor<3>| {
+            t.clone()
+                .select(1, index.clone())
+                .reshape([batch, heads, m, slots, d_head])
+        };
+        let scale = 1.0 / (d_head as f64).sqrt();
+        let mut scores = queries
+            .matmul(gather(keys).swap_dims(3, 4))
+            .mul_scalar(scale); // [batch, heads, m, b, slots]
+        if causal || any_padding {
+            let shape = [heads, m, b, slots];
+            let key_pos = Tensor::<4, Int>::from_data(
+                TensorData::new(key_pos, [heads, m, 1, slots]),
+                &device,
+            )
+            .expand(shape);
+            let masked = if causal {
+                let query_pos: Vec<i64> = blocks
+                    .iter()
+                    .flat_map(|&i| (i * b..(i + 1) * b).map(|p| p as i64))
+                    .collect();
+                let query_pos =
+                    Tensor::<4, Int>::from_data(TensorData::new(query_pos, [1, m, b, 1]), &device)
+                        .expand(shape);
+                key_pos.greater(query_pos)
+            } else {
+                key_pos.greater_equal_elem(n as i64)
+            };
+            let masked: Tensor<5, Bool> =
+                masked.unsqueeze::<5>().expand([batch, heads, m, b, slots]);
+            scores = scores.mask_fill(masked, f32::NEG_INFINITY);
+        }
+        let mut weights = activation::softmax(scores, 4);
+        if let Some(dropout) = self.dropout {
+            weights = dropout.forward(weights);
+        }
+        weights.matmul(gather(values))
     }
 }
 
@@ -388,6 +457,7 @@ mod tests {
     #[test]
     fn kernel_matches_masked_dense_attention_with_gradients() {
         let (batch, heads, d_head) = (2, 4, 8);
+        let mut split = 0; // layouts whose long rows got a bucket of their own
         for (name, device) in devices() {
             let ad = device.clone().autodiff();
             for spec in builtins() {
@@ -396,6 +466,7 @@ mod tests {
                     for (n, block) in [(37usize, 5usize), (13, 1)] {
                         ad.seed(11);
                         let layout = spec.build(n.div_ceil(block), block, causal, 1);
+                        split += usize::from(layout.buckets().len() == 2);
                         let rand = || {
                             Tensor::<4>::random(
                                 [batch, heads, n, d_head],
@@ -458,6 +529,7 @@ mod tests {
                 }
             }
         }
+        assert!(split >= 4, "only {split} two-bucket layouts were tested");
     }
 
     #[test]

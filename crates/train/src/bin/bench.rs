@@ -57,6 +57,36 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
+    /// One mixer layer (batch 1, forward + backward) over growing lengths: dense attention as
+    /// the baseline and the sparse mixer of each config, each point in a fresh process.
+    Scaling {
+        /// Configs whose (first) sparse mixer to measure; repeat for several.
+        #[arg(long)]
+        config: Vec<PathBuf>,
+        /// Sequence lengths.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "512,1024,2048,4096,8192,16384"
+        )]
+        n: Vec<usize>,
+        /// Backend.
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        /// Model width.
+        #[arg(long, default_value_t = 256)]
+        d_model: usize,
+        /// Timed repeats per point (median reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Skip dense points whose score tensors would need more than this many GB
+        /// (default: 80% of the memory available now).
+        #[arg(long)]
+        max_dense_gb: Option<f64>,
+        /// Internal: measure only this mixer (JSON) at the one length given.
+        #[arg(long, hide = true)]
+        one: Option<String>,
+    },
     /// Corpus tokenisation and token-cache load times on a synthetic WikiText-103-shaped corpus.
     Data {
         /// Size of the generated corpus in MB (WikiText-103 train is about 540).
@@ -89,6 +119,32 @@ fn main() -> ExitCode {
                 &lengths,
                 repeats.max(1),
             ));
+        }
+        Command::Scaling {
+            config,
+            n,
+            backend,
+            d_model,
+            repeats,
+            max_dense_gb,
+            one,
+        } => {
+            let repeats = repeats.max(1);
+            if let Some(mixer) = one {
+                let point = serde_json::from_str(&mixer)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|m| {
+                        mixlab_train::bench::scaling_point(&backend, &m, d_model, n[0], repeats)
+                    });
+                return print_json(point.map(|l| vec![l]));
+            }
+            return match scaling(&config, &n, &backend, d_model, repeats, max_dense_gb) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
         }
         Command::Data { size_mb, dir } => {
             return print_json(mixlab_train::bench::data_load(size_mb, &dir).map(|l| vec![l]));
@@ -159,4 +215,133 @@ fn compare(backends: &[String]) -> ExitCode {
         serde_json::json!({"kind": "compare", "baseline": base["backend"], "tokens_per_s_ratio": ratios})
     );
     ExitCode::SUCCESS
+}
+
+/// `bench scaling`: every (mixer, n) point in its own process; lines as they finish, each with
+/// its time and memory ratio to the previous length, then a summary with the fitted exponent
+/// of time in n (from 2048 up) and dense/sparse time ratios.
+fn scaling(
+    configs: &[PathBuf],
+    lengths: &[usize],
+    backend: &str,
+    d_model: usize,
+    repeats: usize,
+    max_dense_gb: Option<f64>,
+) -> anyhow::Result<()> {
+    use mixlab_models::MixerConfig;
+    use mixlab_models::mixer::DenseAttentionConfig;
+    use mixlab_train::bench::{available_gb, mixer_name};
+    use serde_json::{Value, json};
+    let mut mixers = vec![];
+    for path in configs {
+        let config = mixlab_train::Config::load(path, &[])?;
+        let layers = config.model.layer_mixers()?;
+        let sparse = layers
+            .iter()
+            .find(|m| matches!(m, MixerConfig::Sparse(_)))
+            .ok_or_else(|| {
+                anyhow::anyhow!("{}: no layer uses kind = \"sparse\"", path.display())
+            })?;
+        mixers.push(sparse.clone());
+    }
+    let (n_heads, causal) = match mixers.first() {
+        Some(MixerConfig::Sparse(c)) => (c.n_heads, c.causal),
+        _ => (4, true),
+    };
+    mixers.insert(
+        0,
+        MixerConfig::Dense(DenseAttentionConfig { n_heads, causal }),
+    );
+    let limit_gb = max_dense_gb.or_else(|| available_gb().map(|a| 0.8 * a));
+    let exe = std::env::current_exe()?;
+    let mut results: Vec<(String, usize, f64)> = vec![];
+    for mixer in &mixers {
+        let name = mixer_name(mixer);
+        let mut previous: Option<Value> = None;
+        for &n in lengths {
+            if let (MixerConfig::Dense(_), Some(limit)) = (mixer, limit_gb) {
+                // Scores, masked scores, weights and their gradients: ~6 live n x n per head.
+                let need = 24.0 * n_heads as f64 * (n as f64).powi(2) / 1e9;
+                if need > limit {
+                    println!(
+                        "{}",
+                        json!({"kind": "scaling", "mixer": name, "n": n,
+                               "skipped": format!("dense needs ~{need:.1} GB, limit {limit:.1} GB (--max-dense-gb)")})
+                    );
+                    continue;
+                }
+            }
+            let out = std::process::Command::new(&exe)
+                .args(["scaling", "--one", &serde_json::to_string(mixer)?])
+                .args(["--n", &n.to_string(), "--backend", backend])
+                .args(["--d-model", &d_model.to_string()])
+                .args(["--repeats", &repeats.to_string()])
+                .stderr(std::process::Stdio::inherit())
+                .output()?;
+            let parsed = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find_map(|l| serde_json::from_str::<Value>(l).ok());
+            let mut line = match (out.status.success(), parsed) {
+                (true, Some(line)) => line,
+                _ => {
+                    println!(
+                        "{}",
+                        json!({"kind": "scaling", "mixer": name, "n": n,
+                               "error": format!("measurement process failed: {}", out.status)})
+                    );
+                    continue;
+                }
+            };
+            if let Some(prev) = &previous {
+                let ratio = |key: &str| Some(line[key].as_f64()? / prev[key].as_f64()?);
+                let (time, rss) = (ratio("fwd_bwd_s"), ratio("peak_rss_mb"));
+                line["n_ratio"] = json!(n as f64 / prev["n"].as_f64().unwrap_or(f64::NAN));
+                line["time_ratio"] = json!(time);
+                line["rss_ratio"] = json!(rss);
+            }
+            println!("{line}");
+            results.push((
+                name.clone(),
+                n,
+                line["fwd_bwd_s"].as_f64().unwrap_or(f64::NAN),
+            ));
+            previous = Some(line);
+        }
+    }
+    // Least-squares exponent of time in n over the points from 2048 up.
+    let mut summary = serde_json::Map::new();
+    for mixer in &mixers {
+        let name = mixer_name(mixer);
+        let points: Vec<(f64, f64)> = results
+            .iter()
+            .filter(|(m, n, _)| *m == name && *n >= 2048)
+            .map(|(_, n, t)| ((*n as f64).ln(), t.ln()))
+            .collect();
+        let exponent = (points.len() >= 2).then(|| {
+            let k = points.len() as f64;
+            let (mx, my) = (
+                points.iter().map(|p| p.0).sum::<f64>() / k,
+                points.iter().map(|p| p.1).sum::<f64>() / k,
+            );
+            points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>()
+                / points.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>()
+        });
+        let dense_over: serde_json::Map<String, Value> = results
+            .iter()
+            .filter(|(m, _, _)| *m == name)
+            .filter_map(|(_, n, t)| {
+                let dense = results.iter().find(|(m, dn, _)| m == "dense" && dn == n)?;
+                Some((n.to_string(), json!(dense.2 / t)))
+            })
+            .collect();
+        summary.insert(
+            name,
+            json!({"time_exponent_from_2048": exponent, "dense_over_this": dense_over}),
+        );
+    }
+    println!(
+        "{}",
+        json!({"kind": "scaling_summary", "backend": backend, "d_model": d_model, "mixers": summary})
+    );
+    Ok(())
 }
