@@ -10,11 +10,13 @@ pub mod batch;
 pub mod cache;
 pub mod catalogue;
 pub mod copy;
+pub mod fetch;
 pub mod text;
 
 pub use batch::{Batch, Sampler, eval_windows, stream_batch};
 pub use catalogue::{Corpus, LoadRequest, Splits, corpus_dir, load, load_cached, sources};
 pub use copy::CopyTask;
+pub use fetch::{Download, FetchEvent, downloads, fetch};
 pub use text::{Level, Tokenizer, WordVocab};
 
 use std::path::PathBuf;
@@ -74,6 +76,59 @@ impl Default for DataConfig {
 /// Everything that can go wrong reading or cutting data, with the file and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
+    /// A corpus file is missing and downloads are off.
+    #[error(
+        "downloads are off (--offline or MIXLAB_OFFLINE) and a corpus file is missing: {what} \
+         (or run without --offline to fetch it)"
+    )]
+    Offline {
+        /// What to download, its checksum, and where to put it.
+        what: String,
+    },
+    /// No URL of a download worked.
+    #[error("cannot download ({tried}); to do it by hand: {by_hand}")]
+    Download {
+        /// Each URL tried, with why it failed.
+        tried: String,
+        /// What to download, its checksum, and where to put it.
+        by_hand: String,
+    },
+    /// A transfer stopped part-way; what arrived is kept for the next run to resume.
+    #[error(
+        "download of {url} interrupted after {received} bytes ({reason}); the partial file \
+         {path} is kept: run again to resume"
+    )]
+    Interrupted {
+        /// The URL.
+        url: String,
+        /// The `.part` file.
+        path: PathBuf,
+        /// Bytes on disk.
+        received: u64,
+        /// What happened.
+        reason: String,
+    },
+    /// A finished download does not match its pinned size or checksum.
+    #[error(
+        "{url}: downloaded file has {problem}; the file {path} was deleted (a corrupt or \
+         changed download): run again to retry, or check the source"
+    )]
+    Checksum {
+        /// The URL.
+        url: String,
+        /// The deleted file.
+        path: PathBuf,
+        /// Size or sha256 found vs expected.
+        problem: String,
+    },
+    /// An archive cannot be read.
+    #[error("cannot extract {path}: {reason}; delete it and run again to download it afresh")]
+    Archive {
+        /// The archive.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The file could not be read.
     #[error("cannot read {path}: {source}")]
     Io {

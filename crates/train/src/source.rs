@@ -54,6 +54,67 @@ pub enum Source {
     },
 }
 
+/// Set by `--offline` (or `MIXLAB_OFFLINE=1` in the environment): never download.
+static OFFLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Forbid (or allow) downloads for the rest of this process.
+pub fn set_offline(offline: bool) {
+    OFFLINE.store(offline, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether downloads are off (`--offline` or `MIXLAB_OFFLINE` set to anything but 0/empty).
+pub fn offline() -> bool {
+    OFFLINE.load(std::sync::atomic::Ordering::SeqCst)
+        || std::env::var("MIXLAB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Download whatever files of `corpus` are missing from `dir`, with a progress bar on stderr
+/// (pinned checksums, resume, mirrors: see `mixlab_data::fetch`).
+pub fn fetch_corpus(corpus: Corpus, dir: &std::path::Path) -> Result<()> {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let downloads = mixlab_data::downloads(corpus);
+    let mut bar: Option<ProgressBar> = None;
+    mixlab_data::fetch(dir, &downloads, offline(), &mut |event| match event {
+        mixlab_data::FetchEvent::Start {
+            url,
+            total,
+            resumed_from,
+        } => {
+            if resumed_from > 0 {
+                eprintln!("mixlab: resuming {url} from byte {resumed_from}");
+            } else {
+                eprintln!("mixlab: downloading {url}");
+            }
+            let b = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template"),
+            );
+            b.set_position(resumed_from);
+            bar = Some(b);
+        }
+        mixlab_data::FetchEvent::Progress(n) => {
+            if let Some(b) = &bar {
+                b.set_position(n);
+            }
+        }
+        mixlab_data::FetchEvent::Extract(member) => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            eprintln!("mixlab: extracting {member}");
+        }
+        mixlab_data::FetchEvent::Done => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+        }
+    })
+    .with_context(|| format!("corpus {}", corpus.name()))
+}
+
 impl Source {
     /// Build the source for `config`, windows of `seq` inputs, seeded by `seed`.
     pub fn build(config: &DataConfig, seq: usize, batch_size: usize, seed: u64) -> Result<Self> {
@@ -94,7 +155,12 @@ impl Source {
                                   or pass --set data.path=FILE"
                             .into(),
                     }),
-                    (None, named) => corpus_dir(&config.root, named),
+                    (None, named) => {
+                        // The default folder of a named corpus: fetch what is missing.
+                        let dir = corpus_dir(&config.root, named);
+                        fetch_corpus(named, &dir)?;
+                        dir
+                    }
                 };
                 let (v, t) = (config.valid_fraction, config.test_fraction);
                 if !(v > 0.0 && t >= 0.0 && v + t < 1.0) {

@@ -1138,3 +1138,50 @@ fn bench_scaling_measures_dense_and_sparse_in_fresh_processes() {
     assert_eq!(summary["kind"], "scaling_summary");
     assert!(summary["mixers"]["sparse:bigbird/b64"]["dense_over_this"]["256"].is_number());
 }
+
+/// A named corpus missing from its folder is downloaded by `train`; offline (flag or
+/// environment) it is an error naming the URL, the checksum and where the file goes.
+#[test]
+fn offline_a_missing_named_corpus_says_what_to_fetch_and_where() {
+    let dir = scratch("offline");
+    let config = write_config(&dir, TINY);
+    let root = format!("data.root=\"{}\"", dir.join("datasets").display());
+    for env in [false, true] {
+        let mut cmd = train_bin();
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--set", "data.corpus=\"enwik8\"", "--set", &root])
+            .args([
+                "--set",
+                &format!("train.run_dir=\"{}\"", dir.join("run").display()),
+            ]);
+        if env {
+            cmd.env("MIXLAB_OFFLINE", "1");
+        } else {
+            cmd.arg("--offline");
+        }
+        let out = run(&mut cmd);
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("http://mattmahoney.net/dc/enwik8.zip")
+                && stderr
+                    .contains("547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc")
+                && stderr.contains(&dir.join("datasets/enwik8/enwik8").display().to_string())
+                && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+    // The fetch command reports the same, and lists every corpus's pinned source.
+    let out = run(Command::new(env!("CARGO_BIN_EXE_fetch"))
+        .args(["wikitext-103", "--offline", "--root"])
+        .arg(dir.join("datasets")));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wikitext-103-v1.zip"));
+    let out = run(Command::new(env!("CARGO_BIN_EXE_fetch")).arg("--list"));
+    ok(&out);
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(list.matches("sha256").count(), 9, "{list}"); // all but text8
+    let out = run(Command::new(env!("CARGO_BIN_EXE_fetch")).arg("enwik9"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown corpus `enwik9`"));
+}

@@ -30,6 +30,10 @@ struct Cli {
     /// Override any config key, e.g. --set train.steps=200 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Never download: a missing corpus is an error saying what to fetch and where to put it
+    /// (also MIXLAB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
     /// Only (re)draw the SVG plots of this run directory's metrics, then exit.
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "resume"])]
     plot: Option<PathBuf>,
@@ -37,6 +41,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    mixlab_train::source::set_offline(cli.offline);
     if let Some(run_dir) = &cli.plot {
         return match mixlab_train::plot::write_plots(run_dir) {
             Ok(files) => {
