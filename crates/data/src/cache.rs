@@ -158,7 +158,7 @@ pub fn load(dir: &Path) -> Result<Splits, Stale> {
                 count * w as usize
             )));
         }
-        Ok(match w {
+        let ids: Vec<u32> = match w {
             1 => body.iter().map(|&b| u32::from(b)).collect(),
             2 => body
                 .chunks_exact(2)
@@ -168,7 +168,16 @@ pub fn load(dir: &Path) -> Result<Splits, Stale> {
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
-        })
+        };
+        // A damaged id could index past the embedding table: check the range (one pass).
+        let vocab = tokenizer.vocab_size() as u32;
+        if let Some(at) = ids.iter().position(|&i| i >= vocab) {
+            return Err(invalid(format!(
+                "{name}.bin holds id {} at position {at}, outside the vocabulary of {vocab}",
+                ids[at]
+            )));
+        }
+        Ok(ids)
     };
     Ok(Splits {
         train: read("train")?,

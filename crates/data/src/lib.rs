@@ -11,6 +11,8 @@ pub mod cache;
 pub mod catalogue;
 pub mod copy;
 pub mod fetch;
+#[cfg(test)]
+mod fuzz;
 pub mod text;
 
 pub use batch::{Batch, Sampler, eval_windows, stream_batch};

@@ -109,6 +109,9 @@ pub fn dir(run_dir: &Path) -> PathBuf {
 }
 
 /// Write a checkpoint for `manifest.step`, then keep only the newest `keep`.
+///
+/// On failure (disk full, unwritable folder) the partial directory is removed, the earlier
+/// checkpoints are untouched, and the error says which ones remain.
 pub fn save(
     run_dir: &Path,
     model: &Lm,
@@ -118,19 +121,59 @@ pub fn save(
     keep: usize,
 ) -> Result<PathBuf> {
     let root = dir(run_dir);
-    fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    let partial = root.join(format!("step-{}.partial", manifest.step));
+    write(&root, &partial, model, optim, scheduler, manifest, keep).map_err(|e| {
+        let _ = fs::remove_dir_all(&partial);
+        let kept: Vec<String> = list(run_dir)
+            .unwrap_or_default()
+            .iter()
+            .map(|(_, p)| p.display().to_string())
+            .collect();
+        let kept = if kept.is_empty() {
+            "no earlier checkpoint exists".to_string()
+        } else {
+            format!("the earlier checkpoints are intact ({})", kept.join(", "))
+        };
+        e.context(format!(
+            "the checkpoint of step {} was not written and its partial files were removed; \
+             {kept}. Free disk space or fix the run directory, then continue with \
+             `train --resume {}`",
+            manifest.step,
+            run_dir.display()
+        ))
+    })
+}
+
+fn write(
+    root: &Path,
+    partial: &Path,
+    model: &Lm,
+    optim: &ModuleOptimizer,
+    scheduler: &SchedulerState,
+    manifest: &Manifest,
+    keep: usize,
+) -> Result<PathBuf> {
+    fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
     let name = format!("step-{}", manifest.step);
-    let partial = root.join(format!("{name}.partial"));
     let done = root.join(&name);
     if partial.exists() {
-        fs::remove_dir_all(&partial)?;
+        fs::remove_dir_all(partial)?;
     }
-    fs::create_dir_all(&partial)?;
+    fs::create_dir_all(partial)?;
 
     model
         .clone()
         .save_file(partial.join("model.bpk"))
         .with_context(|| format!("cannot write the model to {}", partial.display()))?;
+    if std::env::var("MIXLAB_FAULT_DISK_FULL_STEP").is_ok_and(|v| v == manifest.step.to_string()) {
+        // Fault injection for the tests: the disk fills up mid-checkpoint (ENOSPC).
+        return Err(
+            anyhow::Error::from(std::io::Error::from_raw_os_error(28)).context(format!(
+                "cannot write the optimizer to {}",
+                partial.display()
+            )),
+        );
+    }
     optim
         .save(partial.join("optim.bpk"))
         .with_context(|| format!("cannot write the optimizer to {}", partial.display()))?;
@@ -157,15 +200,15 @@ pub fn save(
         &partial.join("manifest.json"),
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
-    sync_dir(&partial)?;
+    sync_dir(partial)?;
     if done.exists() {
         // Re-saving the same step (e.g. Ctrl-C right after a periodic checkpoint).
         fs::remove_dir_all(&done)?;
     }
-    fs::rename(&partial, &done)
+    fs::rename(partial, &done)
         .with_context(|| format!("cannot rename {} to {}", partial.display(), done.display()))?;
-    sync_dir(&root)?;
-    prune(&root, keep)?;
+    sync_dir(root)?;
+    prune(root, keep)?;
     Ok(done)
 }
 

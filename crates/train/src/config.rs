@@ -373,4 +373,103 @@ mod tests {
         }
         assert!(n >= 2, "configs/ should hold the shipped configs");
     }
+
+    /// Fuzzing the config loader (proptest): shipped configs with random edits, random
+    /// `--set` overrides and line soup must parse-and-validate to a value or an error — never
+    /// a panic — and an accepted config must also build its model's mixers' settings.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn shipped() -> Vec<String> {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+            let mut texts: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .filter_map(|e| {
+                    let p = e.ok()?.path();
+                    (p.extension()? == "toml").then(|| std::fs::read_to_string(p).unwrap())
+                })
+                .collect();
+            texts.sort();
+            texts
+        }
+
+        fn check(text: &str, overrides: &[String]) {
+            if let Ok(config) = Config::parse(text, "fuzz.toml", overrides)
+                && config.validate().is_ok()
+            {
+                let mut model = config.model.clone();
+                model.vocab_size.get_or_insert(7);
+                let _ = model.validate();
+                let _ = model.layer_mixers();
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn edited_shipped_configs_never_panic(
+                pick in 0usize..64,
+                edits in prop::collection::vec((0usize..4000, prop_oneof![
+                    Just(String::new()),
+                    Just("0".to_string()),
+                    Just("-1".to_string()),
+                    Just("\"".to_string()),
+                    Just("[".to_string()),
+                    Just("]".to_string()),
+                    Just("=".to_string()),
+                    Just("\n".to_string()),
+                    Just("1e400".to_string()),
+                    Just("nan".to_string()),
+                    "[a-z_.]{1,8}",
+                ]), 1..6),
+            ) {
+                let texts = shipped();
+                let mut text = texts[pick % texts.len()].clone();
+                for (at, insert) in edits {
+                    let mut at = at % (text.len() + 1);
+                    while !text.is_char_boundary(at) {
+                        at -= 1;
+                    }
+                    // Replace one character (or insert at the end).
+                    let end = text[at..].chars().next().map_or(at, |c| at + c.len_utf8());
+                    text.replace_range(at..end, &insert);
+                }
+                check(&text, &[]);
+            }
+
+            #[test]
+            fn random_overrides_never_panic(
+                key in prop_oneof![
+                    Just("model.d_model"), Just("model.n_layers"), Just("model.seq_len"),
+                    Just("model.mixer.n_heads"), Just("model.mixer.block"),
+                    Just("model.mixer.kind"), Just("model.mixer"), Just("model.mixer.pattern"),
+                    Just("data.corpus"), Just("data.valid_fraction"), Just("train.steps"),
+                    Just("optim.lr"), Just("train.backend"), Just("model"), Just("x.y.z"),
+                ],
+                value in prop_oneof![
+                    Just("0"), Just("-3"), Just("1"), Just("65536"), Just("1e308"), Just("nan"),
+                    Just("\"sparse\""), Just("\"fourier\""), Just("[]"), Just("{}"),
+                    Just("[{kind=\"window\",width=0}]"), Just("[{kind=\"heads\",of=[]}]"),
+                    Just("{kind=\"sparse\",pattern=[{kind=\"strided\",stride=2}]}"),
+                    Just("true"), Just("\"\""),
+                ],
+            ) {
+                let texts = shipped();
+                for text in &texts {
+                    check(text, &[format!("{key}={value}")]);
+                }
+            }
+
+            #[test]
+            fn line_soup_never_panics(lines in prop::collection::vec(prop_oneof![
+                Just("[model]"), Just("[model.mixer]"), Just("[data]"), Just("[train]"),
+                Just("[[model.layers]]"), Just("[[model.mixer.pattern]]"), Just("kind = \"dense\""),
+                Just("kind = \"sparse\""), Just("kind = \"window\""), Just("width = 3"),
+                Just("d_model = 0"), Just("n_heads = 3"), Just("block = 0"), Just("steps = 5"),
+                Just("seq_len = 1"), Just("corpus = \"copy\""), Just("x = ["), Just("= 1"),
+            ], 0..12)) {
+                check(&lines.join("\n"), &[]);
+            }
+        }
+    }
 }

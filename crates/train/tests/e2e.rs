@@ -1185,3 +1185,127 @@ fn offline_a_missing_named_corpus_says_what_to_fetch_and_where() {
     let out = run(Command::new(env!("CARGO_BIN_EXE_fetch")).arg("enwik9"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown corpus `enwik9`"));
 }
+
+/// The disk fills up while a checkpoint is written: the run exits 1 saying so, the partial
+/// files are gone, the earlier checkpoint verifies, and `--resume` finishes the run from it.
+#[test]
+fn a_full_disk_mid_checkpoint_keeps_the_previous_one_and_says_how_to_go_on() {
+    let dir = scratch("disk-full");
+    let config = write_config(&dir, TINY);
+    let run_dir = dir.join("run");
+    let mut cmd = train_bin();
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["--set", &format!("train.run_dir=\"{}\"", run_dir.display())])
+        .env("MIXLAB_FAULT_DISK_FULL_STEP", "8");
+    let out = run(&mut cmd);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("No space left on device")
+            && stderr.contains("checkpoint of step 8 was not written")
+            && stderr.contains("step-4")
+            && stderr.contains("--resume")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    let ckpts: Vec<String> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ckpts, ["step-4"], "no partial left behind");
+    let out = run(train_bin().arg("--resume").arg(&run_dir));
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resumed at step 4"));
+    assert!(run_dir.join("checkpoints/step-8/manifest.json").is_file());
+}
+
+/// More bad input, each a one-line error naming the key or file, exit 1, no panic, and
+/// nothing written: wrong types, zero sizes, unknown `--set` keys, an empty corpus, a run
+/// directory that cannot be created.
+#[test]
+fn more_bad_input_is_refused_clearly_without_writing_anything() {
+    let dir = scratch("bad-input");
+    let config = write_config(&dir, TINY);
+    let empty = write_named(&dir, "empty.txt", "");
+    let blocker = write_named(&dir, "blocker", "a file where the run directory should go");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["model.d_model=\"wide\"".into()], "d_model"),
+        (vec!["model.n_layers=0".into()], "model.n_layers = 0"),
+        (vec!["model.seq_len=-3".into()], "seq_len"),
+        (vec!["model.nope=1".into()], "nope"),
+        (vec!["train.steps=\"many\"".into()], "steps"),
+        (
+            vec![
+                "data.corpus=\"text\"".into(),
+                format!("data.path=\"{}\"", empty.display()),
+                "data.cache_dir=\"\"".into(),
+            ],
+            "empty",
+        ),
+        (
+            vec![format!(
+                "model.mixer={{ kind = \"sparse\", block = 4, pattern = [{{ kind = \"window\", width = 0 }}] }}"
+            )],
+            "mixer.pattern[0].width",
+        ),
+    ];
+    for (sets, needle) in cases {
+        let run_dir = dir.join("run");
+        let mut args = vec!["--config".to_string(), config.display().to_string()];
+        args.extend([
+            "--set".into(),
+            format!("train.run_dir=\"{}\"", run_dir.display()),
+        ]);
+        for s in &sets {
+            args.extend(["--set".into(), s.clone()]);
+        }
+        let out = run(train_bin().args(&args));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{sets:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{sets:?}: expected `{needle}` in: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{sets:?}: {stderr}");
+        assert!(!run_dir.exists(), "{sets:?}: the run directory was created");
+    }
+    // A run directory that cannot be created (a file is in the way).
+    let out = run(train_bin().arg("--config").arg(&config).args([
+        "--set",
+        &format!("train.run_dir=\"{}\"", blocker.join("run").display()),
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot create run directory") && stderr.contains("blocker"),
+        "{stderr}"
+    );
+}
+
+/// Every run ends with a one-screen summary and `summary.json` (best valid with its step,
+/// final test when the corpus has one, throughput, peak memory).
+#[test]
+fn a_finished_run_prints_and_writes_its_summary() {
+    let dir = scratch("summary");
+    let config = write_config(&dir, TINY);
+    let run_dir = dir.join("run");
+    let out = train_with(&config, &run_dir, &[]);
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("run summary")
+            && stderr.contains("best valid")
+            && stderr.contains("tokens/s"),
+        "{stderr}"
+    );
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    let valid = losses(&metrics(&run_dir), "valid");
+    let best = valid.iter().map(|(_, l)| *l).fold(f64::INFINITY, f64::min);
+    assert_eq!(summary["best_valid"]["loss"].as_f64().unwrap(), best);
+    assert_eq!(summary["step"], 8);
+    assert!(summary["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(summary["peak_rss_mb"].as_f64().unwrap() > 0.0);
+}
