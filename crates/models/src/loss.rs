@@ -1,8 +1,9 @@
 //! Language-modelling losses, kept apart from the modules that produce logits.
 
-use burn::tensor::{Int, Tensor, activation};
+use burn::tensor::{FloatDType, Int, Tensor, activation};
 
-/// Per-token negative log-likelihood in nats.
+/// Per-token negative log-likelihood in nats, computed in f32 whatever the model's precision
+/// (a half-precision log-softmax over a large vocabulary loses the small probabilities).
 ///
 /// # Shapes
 /// - `logits`: `[batch, seq, vocab]`
@@ -10,7 +11,7 @@ use burn::tensor::{Int, Tensor, activation};
 /// - output: `[batch, seq]`
 pub fn token_nll(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     let [batch, seq, _] = logits.dims();
-    let log_probs = activation::log_softmax(logits, 2);
+    let log_probs = activation::log_softmax(logits.cast(FloatDType::F32), 2);
     log_probs
         .gather(2, targets.unsqueeze_dim::<3>(2)) // [batch, seq, 1]
         .reshape([batch, seq])
@@ -35,7 +36,7 @@ pub fn cross_entropy_sum(
 ) -> Tensor<1> {
     let nll = token_nll(logits, targets);
     match weights {
-        Some(w) => (nll * w).sum(),
+        Some(w) => (nll * w.cast(FloatDType::F32)).sum(),
         None => nll.sum(),
     }
 }

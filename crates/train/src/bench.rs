@@ -31,7 +31,8 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
     // Random tokens leave room for [MASK] at the top of the vocabulary.
     let data_vocab = vocab - usize::from(objective == crate::config::Objective::Masked);
     config.model.vocab_size = Some(vocab);
-    let selected = device::select(BackendChoice::parse(&config.train.backend)?)?;
+    let mut selected = device::select(BackendChoice::parse(&config.train.backend)?)?;
+    device::set_precision(&mut selected, config.train.precision)?;
     let ad = selected.device.clone().autodiff();
     ad.seed(config.train.seed);
     let mut model = config.model.init(&ad).context("invalid [model]")?;

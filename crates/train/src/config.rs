@@ -99,6 +99,10 @@ pub struct TrainConfig {
     /// What a non-finite loss or gradient norm does: `stop` (exit 1 naming the step; nothing is
     /// written for it, the last checkpoint stays) or `skip` (drop that update, count it, warn).
     pub on_nonfinite: NonFinite,
+    /// Float precision of parameters and activations: `f32`, `f16` or `bf16` (flex has both
+    /// halves; wgpu needs the adapter's f16 / bf16 support; ndarray has neither). The loss,
+    /// the gradient norm and Fourier transforms are computed in f32 regardless.
+    pub precision: Precision,
     /// Run directory; default `runs/<config file name without .toml>`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run_dir: Option<PathBuf>,
@@ -120,9 +124,22 @@ impl Default for TrainConfig {
             objective: Objective::Causal,
             mask_rate: 0.15,
             on_nonfinite: NonFinite::Stop,
+            precision: Precision::F32,
             run_dir: None,
         }
     }
+}
+
+/// Float precision of a run (`train.precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats everywhere (the default).
+    F32,
+    /// IEEE half precision for parameters, activations and optimizer state.
+    F16,
+    /// bfloat16 (f32's range, 8 bits of mantissa).
+    Bf16,
 }
 
 /// The training objective.
@@ -176,6 +193,14 @@ impl Config {
 
     /// Cross-section checks that the types alone cannot express; each error names the key.
     pub fn validate(&self) -> Result<()> {
+        if self.train.precision == Precision::F16 && self.optim.eps < 6.2e-5 {
+            bail!(
+                "optim.eps = {:e} is below the smallest normal f16 number (6.1e-5), so with \
+                 train.precision = \"f16\" AdamW would divide by zero: set optim.eps = 1e-4 \
+                 (or use precision = \"bf16\", which has f32's range)",
+                self.optim.eps
+            );
+        }
         let t = &self.train;
         for (key, value) in [
             ("train.steps", t.steps),

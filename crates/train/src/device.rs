@@ -2,7 +2,9 @@
 //! [`Device`]: every module is the same code on every backend.
 
 use anyhow::{Result, bail};
-use burn::tensor::{Device, DeviceKind};
+use burn::tensor::{Device, DeviceConfig, DeviceKind, FloatDType};
+
+use crate::config::Precision;
 
 /// A backend named in `train.backend` or `--backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,4 +102,37 @@ pub fn wgpu(kind: DeviceKind) -> Result<Selected, String> {
             info.name, info.device_type, info.backend
         ),
     })
+}
+
+/// Make `precision` the default float type of `selected`'s device. Call it before any tensor
+/// exists on the device (Burn fixes a device's dtypes at its first tensor). Burn keeps no f32
+/// master weights: in `f16` / `bf16` the parameters and AdamW's moments are half precision too.
+pub fn set_precision(selected: &mut Selected, precision: Precision) -> Result<()> {
+    let (dtype, name) = match precision {
+        Precision::F32 => return Ok(()),
+        Precision::F16 => (FloatDType::F16, "f16"),
+        Precision::Bf16 => (FloatDType::BF16, "bf16"),
+    };
+    if !selected.device.supports_dtype(dtype) {
+        let hint = match selected.backend {
+            "ndarray" => "ndarray has no half precision: use --backend flex",
+            "wgpu" => "this adapter lacks the shader support: use precision = \"f32\" here",
+            _ => "use precision = \"f32\"",
+        };
+        bail!(
+            "train.precision = \"{name}\": {} does not support {name}; {hint}",
+            selected.description
+        );
+    }
+    selected
+        .device
+        .configure(DeviceConfig::default().float_dtype(dtype))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "train.precision = \"{name}\": cannot set up {} ({e:?})",
+                selected.description
+            )
+        })?;
+    selected.description.push_str(&format!(" · {name}"));
+    Ok(())
 }

@@ -72,7 +72,8 @@ pub fn global_grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
     impl ModuleVisitor for SumSquares<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
-                let s = g.square().sum();
+                // In f32: a half-precision sum of squares overflows at 65504.
+                let s = g.cast(burn::tensor::FloatDType::F32).square().sum();
                 self.total = Some(match self.total.take() {
                     Some(t) => t + s,
                     None => s,

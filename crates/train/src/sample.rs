@@ -91,7 +91,8 @@ pub fn sample(run_dir: &Path, opts: &SampleOptions, out: &mut dyn Write) -> Resu
         })?)
         .with_context(|| format!("{} is not a tokenizer", tok_path.display()))?;
     let (ckpt, manifest) = checkpoint::newest(run_dir, "sample from")?;
-    let selected = device::select(BackendChoice::parse(&opts.backend)?)?;
+    let mut selected = device::select(BackendChoice::parse(&opts.backend)?)?;
+    device::set_precision(&mut selected, config.train.precision)?;
     let device = selected.device.clone();
     let model = config.model.init(&device).context("invalid [model]")?;
     let model = checkpoint::load_model(&ckpt, model)?;

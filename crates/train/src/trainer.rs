@@ -138,7 +138,8 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         }
     };
 
-    let selected = device::select(BackendChoice::parse(&config.train.backend)?)?;
+    let mut selected = device::select(BackendChoice::parse(&config.train.backend)?)?;
+    device::set_precision(&mut selected, config.train.precision)?;
     let device = selected.device.clone();
     let ad = device.clone().autodiff();
 

@@ -1309,3 +1309,71 @@ fn a_finished_run_prints_and_writes_its_summary() {
     assert!(summary["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(summary["peak_rss_mb"].as_f64().unwrap() > 0.0);
 }
+
+/// `train.precision`: f16 and bf16 train on flex (loss in f32), checkpoints are half the
+/// size, `eval` reloads them exactly; f16 with an underflowing eps and f16 on ndarray are
+/// refused with the fix.
+#[test]
+fn half_precision_trains_on_flex_and_is_refused_where_it_cannot_work() {
+    let dir = scratch("precision");
+    let config = write_config(&dir, TINY);
+    let size = |run: &Path| {
+        std::fs::metadata(run.join("checkpoints/step-8/model.bpk"))
+            .unwrap()
+            .len()
+    };
+    let f32_run = dir.join("f32");
+    ok(&train_with(&config, &f32_run, &[]));
+    for precision in ["f16", "bf16"] {
+        let run_dir = dir.join(precision);
+        let out = train_with(
+            &config,
+            &run_dir,
+            &[
+                &format!("train.precision=\"{precision}\""),
+                "optim.eps=1e-4",
+            ],
+        );
+        ok(&out);
+        assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("· {precision}")));
+        let valid = losses(&metrics(&run_dir), "valid");
+        let (_, last) = *valid.last().unwrap();
+        assert!(last.is_finite() && last < 2.5, "{precision}: {last}");
+        let (half, full) = (size(&run_dir), size(&f32_run));
+        assert!(
+            half * 10 < full * 6,
+            "{precision}: {half} vs f32 {full} bytes"
+        );
+        let out = run(Command::new(env!("CARGO_BIN_EXE_eval"))
+            .arg("--run")
+            .arg(&run_dir)
+            .args(["--backend", "flex"]));
+        ok(&out);
+        let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            line["loss"].as_f64().unwrap(),
+            last,
+            "{precision}: eval reloads"
+        );
+    }
+    let refused = [
+        (vec!["train.precision=\"f16\""], "optim.eps = 1e-8"),
+        (
+            vec![
+                "train.precision=\"f16\"",
+                "optim.eps=1e-4",
+                "train.backend=\"ndarray\"",
+            ],
+            "ndarray has no half precision",
+        ),
+    ];
+    for (sets, needle) in refused {
+        let out = train_with(&config, &dir.join("refused"), &sets);
+        assert_eq!(out.status.code(), Some(1), "{sets:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(needle) && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+}

@@ -22,10 +22,12 @@
 //! form (the masked matrix is not a DFT), so it always uses the DFT path: O(s² d + s d²).
 //!
 //! The trigonometric matrices are built in f64 (angles reduced modulo `n` before scaling, so
-//! long sequences stay exact) and applied in f32.
+//! long sequences stay exact) and applied in f32 — also in a half-precision model: the input is
+//! cast to f32 for the transform and the result back (a length-n DFT sums n terms, which f16
+//! cannot hold at n in the thousands).
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::MixerContext;
@@ -173,10 +175,12 @@ fn fft_backend(device: &Device) -> Option<FftBackend> {
 /// - `x`: `[batch, seq, d_model]`, both lengths powers of two
 /// - output: `[batch, seq, d_model]`
 pub fn fft_mix(x: Tensor<3>) -> Tensor<3> {
+    let dtype = x.dtype();
+    let x = x.cast(FloatDType::F32);
     let zeros = x.zeros_like();
     let (re, im) = burn::signal::cfft(x, zeros, 2, None); // along hidden
     let (re, _) = burn::signal::cfft(re, im, 1, None); // along the sequence
-    re
+    re.cast(dtype)
 }
 
 /// `[n, n]` cosine and sine DFT matrices, `cos(2π jk / n)` and `sin(2π jk / n)`, optionally with
@@ -198,8 +202,8 @@ pub fn dft_matrices(n: usize, lower_triangular: bool, device: &Device) -> (Tenso
         }
     }
     (
-        Tensor::from_data(TensorData::new(cos, [n, n]), device),
-        Tensor::from_data(TensorData::new(sin, [n, n]), device),
+        Tensor::from_data(TensorData::new(cos, [n, n]), (device, DType::F32)),
+        Tensor::from_data(TensorData::new(sin, [n, n]), (device, DType::F32)),
     )
 }
 
@@ -211,11 +215,13 @@ pub fn dft_matrices(n: usize, lower_triangular: bool, device: &Device) -> (Tenso
 pub fn dft_mix(x: Tensor<3>, causal: bool) -> Tensor<3> {
     let [_, seq, d_model] = x.dims();
     let device = x.device();
+    let dtype = x.dtype();
+    let x = x.cast(FloatDType::F32);
     let (c_h, s_h) = dft_matrices(d_model, false, &device);
     let (c_s, s_s) = dft_matrices(seq, causal, &device);
     let a = x.clone().matmul(c_h.unsqueeze::<3>()); // [batch, seq, d_model]
     let b = x.matmul(s_h.unsqueeze::<3>());
-    c_s.unsqueeze::<3>().matmul(a) - s_s.unsqueeze::<3>().matmul(b)
+    (c_s.unsqueeze::<3>().matmul(a) - s_s.unsqueeze::<3>().matmul(b)).cast(dtype)
 }
 
 #[cfg(test)]

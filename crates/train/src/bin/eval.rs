@@ -50,7 +50,8 @@ fn run(cli: &Cli) -> Result<serde_json::Value> {
     };
     let batches = for_evaluation(&source, &config, batches);
     let (ckpt, manifest) = checkpoint::newest(&cli.run, "evaluate")?;
-    let selected = device::select(BackendChoice::parse(&cli.backend)?)?;
+    let mut selected = device::select(BackendChoice::parse(&cli.backend)?)?;
+    device::set_precision(&mut selected, config.train.precision)?;
     let model = checkpoint::load_model(&ckpt, config.model.init(&selected.device)?)?;
     let started = Instant::now();
     let (loss, tokens) = evaluate(&model, &batches, &selected.device);

@@ -26,7 +26,10 @@ struct Cli {
 fn run(cli: &Cli) -> Result<()> {
     let config = Config::load(&cli.run.join("config.toml"), &[])?;
     let (ckpt, manifest) = checkpoint::newest(&cli.run, "export")?;
-    let device = burn::tensor::Device::flex();
+    // On flex, in the run's precision (the checkpoint's dtype).
+    let mut selected = mixlab_train::device::select(mixlab_train::device::BackendChoice::Flex)?;
+    mixlab_train::device::set_precision(&mut selected, config.train.precision)?;
+    let device = selected.device.clone();
     let model = checkpoint::load_model(&ckpt, config.model.init(&device)?)?;
     export::to_safetensors(&model, &cli.out)?;
     eprintln!(
