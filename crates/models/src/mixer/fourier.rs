@@ -492,4 +492,31 @@ mod tests {
         .init(&ctx());
         assert!(!causal.uses_fft(1024, 32, &flex));
     }
+
+    /// A half-precision model keeps the transform in f32: an f16 input gives an f16 output that
+    /// matches the f32 transform to f16 rounding, though a length-512 DFT sums 512 terms whose
+    /// partial sums f16 could not hold exactly (transformers#13853).
+    #[test]
+    fn half_precision_inputs_are_transformed_in_f32() {
+        let device = Device::flex();
+        let (seq, d) = (512, 64);
+        device.seed(4);
+        let x = Tensor::<3>::random([1, seq, d], Distribution::Normal(0.0, 1.0), &device);
+        let want = to_vec(dft_mix(x.clone(), false));
+        let half = x.cast(FloatDType::F16);
+        for (name, y) in [
+            ("dft", dft_mix(half.clone(), false)),
+            ("fft", fft_mix(half)),
+        ] {
+            assert_eq!(y.dtype(), DType::F16, "{name}");
+            let got = to_vec(y);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+            // f16 keeps 11 bits: the input's and the output's rounding, nothing accumulated.
+            assert!(err <= 4e-3 * scale, "{name}: {err} of {scale}");
+        }
+    }
 }
