@@ -110,20 +110,12 @@ pub fn mixing(
     repeats: usize,
 ) -> Result<Vec<Value>> {
     use burn::tensor::{Distribution, Tensor};
-    use mixlab_models::mixer::{DenseAttentionConfig, MixerConfig, MixerContext};
+    use mixlab_models::mixer::{DenseAttentionConfig, MixerConfig};
     let selected = device::select(BackendChoice::parse(backend)?)?;
     let ad = selected.device.clone().autodiff();
     let mut lines = vec![];
     for &n in lengths {
-        let ctx = MixerContext {
-            d_model,
-            n_layers: 1,
-            dropout: 0.0,
-            max_seq_len: n,
-            rope_theta: None,
-            relative_positions: false,
-            layer: 0,
-        };
+        let ctx = one_layer(d_model, n);
         let dense = MixerConfig::Dense(DenseAttentionConfig {
             n_heads: 4,
             causal: false,
@@ -164,6 +156,19 @@ pub fn mixing(
     Ok(lines)
 }
 
+/// The context of a lone mixer layer measured at length `n` (no dropout, no positions).
+fn one_layer(d_model: usize, n: usize) -> mixlab_models::mixer::MixerContext {
+    mixlab_models::mixer::MixerContext {
+        d_model,
+        n_layers: 1,
+        dropout: 0.0,
+        max_seq_len: n,
+        rope_theta: None,
+        relative_positions: false,
+        layer: 0,
+    }
+}
+
 /// Name of a mixer in benchmark lines: `dense`, or `sparse:<patterns>/b<block>`.
 pub fn mixer_name(mixer: &mixlab_models::MixerConfig) -> String {
     match mixer {
@@ -191,19 +196,10 @@ pub fn scaling_point(
     repeats: usize,
 ) -> Result<Value> {
     use burn::tensor::{Distribution, Tensor};
-    use mixlab_models::mixer::MixerContext;
     let selected = device::select(BackendChoice::parse(backend)?)?;
     let ad = selected.device.clone().autodiff();
     ad.seed(0);
-    let ctx = MixerContext {
-        d_model,
-        n_layers: 1,
-        dropout: 0.0,
-        max_seq_len: n,
-        rope_theta: None,
-        relative_positions: false,
-        layer: 0,
-    };
+    let ctx = one_layer(d_model, n);
     mixer
         .validate(&ctx)
         .map_err(|e| anyhow::anyhow!("{}: {e}", mixer_name(mixer)))?;

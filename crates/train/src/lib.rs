@@ -18,6 +18,17 @@ pub mod trainer;
 pub use config::Config;
 pub use trainer::{Summary, TrainOptions, train};
 
+/// Exit for a command-line tool: the error (with its causes) on stderr and exit code 1, or 0.
+pub fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
 /// Exit for a measurement binary: print the JSON line(s) on stdout, or the error (with its
 /// causes) on stderr and exit code 1.
 pub fn print_json(result: anyhow::Result<Vec<serde_json::Value>>) -> std::process::ExitCode {

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Parser;
-use mixlab_train::{Config, checkpoint, export};
+use mixlab_train::{Config, checkpoint, exit_with, export};
 
 /// Export a trained Mixlab model's weights as safetensors.
 #[derive(Parser, Debug)]
@@ -44,11 +44,5 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(&Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    exit_with(run(&Cli::parse()))
 }

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use clap::Parser;
 use mixlab_data::{Corpus, corpus_dir, downloads};
+use mixlab_train::exit_with;
 use mixlab_train::source::{fetch_corpus, set_offline};
 
 /// Download Mixlab's named corpora.
@@ -96,11 +97,5 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(&Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    exit_with(run(&Cli::parse()))
 }

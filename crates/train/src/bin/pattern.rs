@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use clap::Parser;
 use mixlab_train::Config;
+use mixlab_train::exit_with;
 use mixlab_train::patterns::{sparse_layers, write_png};
 
 /// Check and draw the sparse attention patterns of a Mixlab config.
@@ -77,11 +78,5 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(&Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    exit_with(run(&Cli::parse()))
 }
