@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod optim;
 pub mod patterns;
 pub mod plot;
+pub mod report;
 pub mod sample;
 pub mod source;
 pub mod trainer;

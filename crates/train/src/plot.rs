@@ -9,11 +9,26 @@ use plotters::prelude::*;
 use serde_json::Value;
 
 /// One line of a chart.
-struct Series {
-    label: String,
-    points: Vec<(f64, f64)>,
-    color: RGBColor,
+pub struct Series {
+    /// Legend text.
+    pub label: String,
+    /// `(x, y)` points in order.
+    pub points: Vec<(f64, f64)>,
+    /// Line colour.
+    pub color: RGBColor,
 }
+
+/// Distinct line colours for charts with many series (cycled).
+pub const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
 
 /// Read `metrics.jsonl` and write `loss.svg`, `lr.svg` and `throughput.svg` into `run_dir`.
 /// Returns the files written.
@@ -62,13 +77,20 @@ pub fn write_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
             continue;
         }
         let out = run_dir.join(file);
-        chart(&out, y_label, &series).map_err(|e| anyhow!("cannot draw {}: {e}", out.display()))?;
+        chart(&out, "step", y_label, &series)
+            .map_err(|e| anyhow!("cannot draw {}: {e}", out.display()))?;
         written.push(out);
     }
     Ok(written)
 }
 
-fn chart(out: &Path, y_label: &str, series: &[Series]) -> Result<(), Box<dyn std::error::Error>> {
+/// Draw `series` as lines into the SVG file `out`.
+pub fn chart(
+    out: &Path,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<(), Box<dyn std::error::Error>> {
     let all = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in all {
@@ -87,11 +109,19 @@ fn chart(out: &Path, y_label: &str, series: &[Series]) -> Result<(), Box<dyn std
         .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
     chart
         .configure_mesh()
-        .x_desc("step")
+        .x_desc(x_label)
         .y_desc(y_label)
         .draw()?;
     for s in series {
         let color = s.color;
+        if s.points.len() == 1 {
+            // A lone point (one run in a scatter) would be an invisible line.
+            chart
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 5, color.filled())))?
+                .label(s.label.clone())
+                .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
+            continue;
+        }
         chart
             .draw_series(LineSeries::new(
                 s.points.iter().copied(),

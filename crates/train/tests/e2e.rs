@@ -1377,3 +1377,54 @@ fn half_precision_trains_on_flex_and_is_refused_where_it_cannot_work() {
         );
     }
 }
+
+/// `report` over two runs: a markdown row per run (params, best valid at its step, density)
+/// and the loss plots.
+#[test]
+fn report_compares_runs_in_a_table_and_plots() {
+    let dir = scratch("report");
+    let config = write_config(&dir, TINY);
+    let (dense, sparse) = (dir.join("dense"), dir.join("sparse"));
+    ok(&train_with(&config, &dense, &[]));
+    ok(&train_with(
+        &config,
+        &sparse,
+        &[
+            "model.mixer={ kind = \"sparse\", n_heads = 4, block = 2, pattern = [{ kind = \"window\", width = 2 }] }",
+        ],
+    ));
+    let out = run(Command::new(env!("CARGO_BIN_EXE_report"))
+        .arg(&dense)
+        .arg(&sparse)
+        .arg("--out")
+        .arg(dir.join("docs"))
+        .args(["--name", "cmp"]));
+    ok(&out);
+    let table = std::fs::read_to_string(dir.join("docs/cmp.md")).unwrap();
+    let rows: Vec<&str> = table.lines().skip(2).collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(
+        rows[0].starts_with("| dense | dense |") && rows[0].contains("| 1.000 |"),
+        "{table}"
+    );
+    assert!(
+        rows[1].starts_with("| sparse | sparse: window |"),
+        "{table}"
+    );
+    let best = losses(&metrics(&dense), "valid")
+        .into_iter()
+        .map(|(_, l)| l)
+        .fold(f64::INFINITY, f64::min);
+    assert!(rows[0].contains(&format!("{best:.4}")), "{table}");
+    for svg in [
+        "cmp-valid-vs-step.svg",
+        "cmp-valid-vs-time.svg",
+        "cmp-quality-vs-density.svg",
+    ] {
+        let text = std::fs::read_to_string(dir.join("docs").join(svg)).unwrap();
+        assert!(text.starts_with("<svg") && text.contains("sparse"), "{svg}");
+    }
+    let out = run(Command::new(env!("CARGO_BIN_EXE_report")).arg(dir.join("nope")));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a run directory"));
+}
