@@ -82,6 +82,8 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let tokens = (batch_size * seq) as f64;
+    let flop = train_flop_per_token(&config.model, model.num_params())? * tokens;
+    let ceiling = gemm_ceiling_gflops(&selected.device);
     Ok(json!({
         "kind": "train",
         "config": opts.config.as_ref().map(|p| p.display().to_string()),
@@ -96,7 +98,66 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
         "params": model.num_params(),
         "peak_rss_mb": peak_rss_mb(),
         "data": if source.is_some() { "corpus" } else { "random" },
+        "model_gflop_per_step": flop / 1e9,
+        "achieved_gflops": flop / 1e9 / median,
+        "gemm_ceiling_gflops": ceiling,
+        "fraction_of_ceiling": flop / 1e9 / median / ceiling,
     }))
+}
+
+/// Training FLOPs per token, nanoGPT-style: `6 · N` for the weights that multiply every token
+/// (all parameters but the embedding tables; the tied head is counted once through the
+/// embedding's matmul) plus `12 · d · k` per layer for the attention scores and weighted sums,
+/// with `k` the keys a token attends to (`seq` for dense, the pattern's mean for sparse,
+/// `seq + N` for persistent memory). FNet's transforms are not counted (they are not matmuls
+/// of parameters; the DFT path's are `O(n d (n + d))` more).
+pub fn train_flop_per_token(model: &mixlab_models::LmConfig, params: usize) -> Result<f64> {
+    use mixlab_models::MixerConfig;
+    let d = model.d_model as f64;
+    let n = model.seq_len as f64;
+    let vocab = model.vocab_size.unwrap_or(0) as f64;
+    let positions = if model.position == mixlab_models::Position::Learned {
+        n * d
+    } else {
+        0.0
+    };
+    // The embedding table is a gather, but the tied head reuses it as a [d, vocab] matmul.
+    let mut flop = 6.0 * (params as f64 - positions);
+    let sparse = crate::patterns::sparse_layers(model, model.seq_len)?;
+    for (layer, mixer) in model.layer_mixers()?.iter().enumerate() {
+        let keys = match mixer {
+            MixerConfig::Dense(_) => n,
+            MixerConfig::Persistent(c) => n + c.n_persistent(model.d_model) as f64,
+            MixerConfig::Sparse(_) => sparse
+                .iter()
+                .find(|s| s.layers.contains(&layer))
+                .map_or(n, |s| s.report.connections_mean),
+            MixerConfig::Fourier(_) => 0.0,
+        };
+        flop += 12.0 * d * keys;
+    }
+    if !model.tie_embeddings {
+        flop -= 6.0 * vocab * d; // an untied table is only gathered; its head is counted once
+    }
+    Ok(flop)
+}
+
+/// Measured f32 GEMM rate of `device` in GFLOP/s: a 1024³ matmul, median of 5 after a warm-up.
+pub fn gemm_ceiling_gflops(device: &burn::tensor::Device) -> f64 {
+    use burn::tensor::{Distribution, Tensor};
+    let a = Tensor::<2>::random([1024, 1024], Distribution::Default, device);
+    let b = Tensor::<2>::random([1024, 1024], Distribution::Default, device);
+    let mut times = vec![];
+    for i in 0..6 {
+        let started = Instant::now();
+        let c = a.clone().matmul(b.clone());
+        let _ = c.slice([0..1, 0..1]).into_scalar::<f32>();
+        if i > 0 {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    2.0 * 1024f64.powi(3) / times[times.len() / 2] / 1e9
 }
 
 /// The token-mixing layer alone, forward + backward, for each sequence length in `lengths`
