@@ -69,6 +69,20 @@ pub(crate) mod test_util {
         t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
     }
 
+    /// Train `model` for 150 AdamW steps (lr 1e-2, no decay) on `loss`, returning the losses.
+    pub fn overfit(mut model: crate::Lm, loss: impl Fn(&crate::Lm) -> Tensor<1>) -> Vec<f32> {
+        use burn::optim::{AdamWConfig, GradientsParams};
+        let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+        let mut losses = vec![];
+        for _ in 0..150 {
+            let l = loss(&model);
+            losses.push(l.clone().into_scalar::<f32>());
+            let grads = GradientsParams::from_grads(l.backward(), &model);
+            model = optim.step(1e-2, model, grads);
+        }
+        losses
+    }
+
     /// Deterministic pseudo-random token ids `[batch, seq]` in `0..vocab`.
     pub fn tokens(
         batch: usize,

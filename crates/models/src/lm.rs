@@ -367,7 +367,7 @@ mod tests {
     use crate::mixer::DenseAttentionConfig;
     use crate::test_util::{devices, to_vec, tokens};
     use burn::module::{ModuleVisitor, Param};
-    use burn::optim::{AdamWConfig, GradientsParams};
+    use burn::optim::GradientsParams;
 
     fn tiny(position: Position, tie: bool) -> LmConfig {
         LmConfig {
@@ -509,18 +509,12 @@ mod tests {
     fn tiny_model_overfits_one_batch_on_flex() {
         let device = burn::tensor::Device::flex().autodiff();
         device.seed(7);
-        let mut model = tiny(Position::Learned, true).init(&device).unwrap();
-        let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+        let model = tiny(Position::Learned, true).init(&device).unwrap();
         let inputs = tokens(4, 8, 11, 4, &device);
         let targets = tokens(4, 8, 11, 5, &device);
-        let mut losses = vec![];
-        for _ in 0..150 {
-            let loss = cross_entropy_sum(model.forward(inputs.clone()), targets.clone(), None)
-                .div_scalar(32.0);
-            losses.push(loss.clone().into_scalar::<f32>());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(1e-2, model, grads);
-        }
+        let losses = crate::test_util::overfit(model, |m| {
+            cross_entropy_sum(m.forward(inputs.clone()), targets.clone(), None).div_scalar(32.0)
+        });
         let (first, last) = (losses[0], *losses.last().unwrap());
         assert!(last < 0.1 * first, "loss {first} -> {last}");
     }

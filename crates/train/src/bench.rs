@@ -123,15 +123,23 @@ pub fn train_flop_per_token(model: &mixlab_models::LmConfig, params: usize) -> R
     };
     // The embedding table is a gather, but the tied head reuses it as a [d, vocab] matmul.
     let mut flop = 6.0 * (params as f64 - positions);
-    let sparse = crate::patterns::sparse_layers(model, model.seq_len)?;
+    // Only keys per token are needed here, not the Assumption-1 verdicts.
+    let sparse: Vec<(Vec<usize>, f64)> = crate::patterns::sparse_mixers(model)?
+        .into_iter()
+        .map(|(config, layers)| {
+            let patterns = crate::patterns::layer_patterns(&config, &layers, model.seq_len);
+            let keys = mixlab_models::pattern::check::connections(&patterns, model.seq_len).mean;
+            (layers, keys)
+        })
+        .collect();
     for (layer, mixer) in model.layer_mixers()?.iter().enumerate() {
         let keys = match mixer {
             MixerConfig::Dense(_) => n,
             MixerConfig::Persistent(c) => n + c.n_persistent(model.d_model) as f64,
             MixerConfig::Sparse(_) => sparse
                 .iter()
-                .find(|s| s.layers.contains(&layer))
-                .map_or(n, |s| s.report.connections_mean),
+                .find(|(layers, _)| layers.contains(&layer))
+                .map_or(n, |&(_, keys)| keys),
             MixerConfig::Fourier(_) => 0.0,
         };
         flop += 12.0 * d * keys;
@@ -233,15 +241,9 @@ fn one_layer(d_model: usize, n: usize) -> mixlab_models::mixer::MixerContext {
 /// Name of a mixer in benchmark lines: `dense`, or `sparse:<patterns>/b<block>`.
 pub fn mixer_name(mixer: &mixlab_models::MixerConfig) -> String {
     match mixer {
-        mixlab_models::MixerConfig::Sparse(c) => format!(
-            "sparse:{}/b{}",
-            c.pattern
-                .iter()
-                .map(|p| p.name())
-                .collect::<Vec<_>>()
-                .join("|"),
-            c.block
-        ),
+        mixlab_models::MixerConfig::Sparse(c) => {
+            format!("sparse:{}/b{}", c.pattern_names("|"), c.block)
+        }
         other => other.kind().to_string(),
     }
 }

@@ -122,7 +122,68 @@ pub fn save(
 ) -> Result<PathBuf> {
     let root = dir(run_dir);
     let partial = root.join(format!("step-{}.partial", manifest.step));
-    write(&root, &partial, model, optim, scheduler, manifest, keep).map_err(|e| {
+    let write = || -> Result<PathBuf> {
+        fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+        let done = root.join(format!("step-{}", manifest.step));
+        if partial.exists() {
+            fs::remove_dir_all(&partial)?;
+        }
+        fs::create_dir_all(&partial)?;
+
+        model
+            .clone()
+            .save_file(partial.join("model.bpk"))
+            .with_context(|| format!("cannot write the model to {}", partial.display()))?;
+        if std::env::var("MIXLAB_FAULT_DISK_FULL_STEP")
+            .is_ok_and(|v| v == manifest.step.to_string())
+        {
+            // Fault injection for the tests: the disk fills up mid-checkpoint (ENOSPC).
+            return Err(
+                anyhow::Error::from(std::io::Error::from_raw_os_error(28)).context(format!(
+                    "cannot write the optimizer to {}",
+                    partial.display()
+                )),
+            );
+        }
+        optim
+            .save(partial.join("optim.bpk"))
+            .with_context(|| format!("cannot write the optimizer to {}", partial.display()))?;
+        write_synced(
+            &partial.join("scheduler.json"),
+            serde_json::to_string_pretty(scheduler)?.as_bytes(),
+        )?;
+        if let Some(ms) = std::env::var("MIXLAB_FAULT_SLOW_CHECKPOINT_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            // Fault injection for the crash tests: widen the window in which a kill lands
+            // mid-write (model and optimizer written, manifest not yet).
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        let mut manifest = manifest.clone();
+        for f in FILES {
+            File::open(partial.join(f))?.sync_all()?;
+            manifest
+                .files
+                .insert(f.to_string(), sha256_file(&partial.join(f))?);
+        }
+        write_synced(
+            &partial.join("manifest.json"),
+            serde_json::to_string_pretty(&manifest)?.as_bytes(),
+        )?;
+        sync_dir(&partial)?;
+        if done.exists() {
+            // Re-saving the same step (e.g. Ctrl-C right after a periodic checkpoint).
+            fs::remove_dir_all(&done)?;
+        }
+        fs::rename(&partial, &done).with_context(|| {
+            format!("cannot rename {} to {}", partial.display(), done.display())
+        })?;
+        sync_dir(&root)?;
+        prune(&root, keep)?;
+        Ok(done)
+    };
+    write().map_err(|e| {
         let _ = fs::remove_dir_all(&partial);
         let kept: Vec<String> = list(run_dir)
             .unwrap_or_default()
@@ -142,74 +203,6 @@ pub fn save(
             run_dir.display()
         ))
     })
-}
-
-fn write(
-    root: &Path,
-    partial: &Path,
-    model: &Lm,
-    optim: &ModuleOptimizer,
-    scheduler: &SchedulerState,
-    manifest: &Manifest,
-    keep: usize,
-) -> Result<PathBuf> {
-    fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
-    let name = format!("step-{}", manifest.step);
-    let done = root.join(&name);
-    if partial.exists() {
-        fs::remove_dir_all(partial)?;
-    }
-    fs::create_dir_all(partial)?;
-
-    model
-        .clone()
-        .save_file(partial.join("model.bpk"))
-        .with_context(|| format!("cannot write the model to {}", partial.display()))?;
-    if std::env::var("MIXLAB_FAULT_DISK_FULL_STEP").is_ok_and(|v| v == manifest.step.to_string()) {
-        // Fault injection for the tests: the disk fills up mid-checkpoint (ENOSPC).
-        return Err(
-            anyhow::Error::from(std::io::Error::from_raw_os_error(28)).context(format!(
-                "cannot write the optimizer to {}",
-                partial.display()
-            )),
-        );
-    }
-    optim
-        .save(partial.join("optim.bpk"))
-        .with_context(|| format!("cannot write the optimizer to {}", partial.display()))?;
-    write_synced(
-        &partial.join("scheduler.json"),
-        serde_json::to_string_pretty(scheduler)?.as_bytes(),
-    )?;
-    if let Some(ms) = std::env::var("MIXLAB_FAULT_SLOW_CHECKPOINT_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        // Fault injection for the crash tests: widen the window in which a kill lands
-        // mid-write (model and optimizer written, manifest not yet).
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
-    let mut manifest = manifest.clone();
-    for f in FILES {
-        File::open(partial.join(f))?.sync_all()?;
-        manifest
-            .files
-            .insert(f.to_string(), sha256_file(&partial.join(f))?);
-    }
-    write_synced(
-        &partial.join("manifest.json"),
-        serde_json::to_string_pretty(&manifest)?.as_bytes(),
-    )?;
-    sync_dir(partial)?;
-    if done.exists() {
-        // Re-saving the same step (e.g. Ctrl-C right after a periodic checkpoint).
-        fs::remove_dir_all(&done)?;
-    }
-    fs::rename(partial, &done)
-        .with_context(|| format!("cannot rename {} to {}", partial.display(), done.display()))?;
-    sync_dir(root)?;
-    prune(root, keep)?;
-    Ok(done)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

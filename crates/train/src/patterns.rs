@@ -23,8 +23,8 @@ pub struct SparseLayers {
     pub report: Report,
 }
 
-/// Every sparse mixer of `model`, with its patterns over `n` tokens and their report.
-pub fn sparse_layers(model: &LmConfig, n: usize) -> Result<Vec<SparseLayers>> {
+/// Every distinct sparse mixer of `model` with the model layers (input first) that use it.
+pub fn sparse_mixers(model: &LmConfig) -> Result<Vec<(SparseAttentionConfig, Vec<usize>)>> {
     let mut found: Vec<(SparseAttentionConfig, Vec<usize>)> = vec![];
     for (layer, mixer) in model.layer_mixers()?.into_iter().enumerate() {
         if let MixerConfig::Sparse(cfg) = mixer {
@@ -34,11 +34,24 @@ pub fn sparse_layers(model: &LmConfig, n: usize) -> Result<Vec<SparseLayers>> {
             }
         }
     }
-    Ok(found
+    Ok(found)
+}
+
+/// The patterns of `layers` of the sparse mixer `config` over `n` tokens, in layer order.
+pub fn layer_patterns(
+    config: &SparseAttentionConfig,
+    layers: &[usize],
+    n: usize,
+) -> Vec<LayerPattern> {
+    layers.iter().map(|&l| config.layer_pattern(l, n)).collect()
+}
+
+/// Every sparse mixer of `model`, with its patterns over `n` tokens and their report.
+pub fn sparse_layers(model: &LmConfig, n: usize) -> Result<Vec<SparseLayers>> {
+    Ok(sparse_mixers(model)?
         .into_iter()
         .map(|(config, layers)| {
-            let patterns: Vec<LayerPattern> =
-                layers.iter().map(|&l| config.layer_pattern(l, n)).collect();
+            let patterns = layer_patterns(&config, &layers, n);
             let report = check(&patterns, n);
             SparseLayers {
                 config,
@@ -53,12 +66,7 @@ pub fn sparse_layers(model: &LmConfig, n: usize) -> Result<Vec<SparseLayers>> {
 impl SparseLayers {
     /// Pattern names of one period, e.g. `window | dilated`.
     pub fn names(&self) -> String {
-        self.config
-            .pattern
-            .iter()
-            .map(|p| p.name())
-            .collect::<Vec<_>>()
-            .join(" | ")
+        self.config.pattern_names(" | ")
     }
 
     /// The human-readable summary: which layers, the report, and whether the model is deep

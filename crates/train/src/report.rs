@@ -84,10 +84,13 @@ pub fn read_run(dir: &Path) -> Result<RunRow> {
     let (mut density, mut keys_per_token) = (None, None);
     let n = model.seq_len;
     let mixers = model.layer_mixers()?;
-    if let Some(first) = crate::patterns::sparse_layers(model, n)?.first() {
-        mixer = format!("sparse: {}", first.names());
-        density = Some(first.report.density);
-        keys_per_token = Some(first.report.connections_mean);
+    if let Some((config, layers)) = crate::patterns::sparse_mixers(model)?.first() {
+        // Density only: the Assumption-1 verdicts are not part of the table.
+        let patterns = crate::patterns::layer_patterns(config, layers, n);
+        let c = mixlab_models::pattern::check::connections(&patterns, n);
+        mixer = format!("sparse: {}", config.pattern_names(" | "));
+        density = Some(c.density);
+        keys_per_token = Some(c.mean);
     } else if mixers
         .iter()
         .all(|m| matches!(m, MixerConfig::Dense(_) | MixerConfig::Persistent(_)))

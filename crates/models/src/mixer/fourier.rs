@@ -407,7 +407,6 @@ mod tests {
     fn a_small_fnet_overfits_one_masked_lm_batch() {
         use crate::loss::cross_entropy_sum;
         use crate::{LmConfig, MixerConfig};
-        use burn::optim::{AdamWConfig, GradientsParams};
         let device = Device::flex().autodiff();
         device.seed(5);
         let cfg = LmConfig {
@@ -419,7 +418,7 @@ mod tests {
             mixer: MixerConfig::Fourier(FourierMixerConfig::default()),
             ..LmConfig::default()
         };
-        let mut model = cfg.init(&device).unwrap();
+        let model = cfg.init(&device).unwrap();
         let (batch, seq) = (4, 16);
         let originals: Vec<i64> = (0..batch * seq)
             .map(|i| ((i * 7 + 3) % 11) as i64)
@@ -437,19 +436,14 @@ mod tests {
             Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(v, [batch, seq]), &device)
         };
         let w = Tensor::<2>::from_data(TensorData::new(weights, [batch, seq]), &device);
-        let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
-        let mut losses = vec![];
-        for _ in 0..150 {
-            let loss = cross_entropy_sum(
-                model.forward(int(inputs.clone())),
+        let losses = crate::test_util::overfit(model, |m| {
+            cross_entropy_sum(
+                m.forward(int(inputs.clone())),
                 int(originals.clone()),
                 Some(w.clone()),
             )
-            .div_scalar(16.0);
-            losses.push(loss.clone().into_scalar::<f32>());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(1e-2, model, grads);
-        }
+            .div_scalar(16.0)
+        });
         assert!(
             losses[149] < 0.1 * losses[0],
             "masked loss {} -> {}",

@@ -409,7 +409,7 @@ mod tests {
     use crate::mixer::{MixerConfig, MixerContext};
     use crate::test_util::{devices, to_vec, tokens};
     use crate::{BlockConfig, LmConfig, Position};
-    use burn::optim::{AdamWConfig, GradientsParams};
+    use burn::optim::GradientsParams;
 
     fn ctx(d_model: usize, relative: bool) -> MixerContext {
         MixerContext {
@@ -784,17 +784,11 @@ mod tests {
     fn a_small_all_attention_model_overfits_one_batch() {
         let device = burn::tensor::Device::flex().autodiff();
         device.seed(7);
-        let mut model = all_attention(8, false).init(&device).unwrap();
-        let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+        let model = all_attention(8, false).init(&device).unwrap();
         let (x, y) = (tokens(4, 8, 11, 4, &device), tokens(4, 8, 11, 5, &device));
-        let mut losses = vec![];
-        for _ in 0..150 {
-            let loss = crate::loss::cross_entropy_sum(model.forward(x.clone()), y.clone(), None)
-                .div_scalar(32.0);
-            losses.push(loss.clone().into_scalar::<f32>());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(1e-2, model, grads);
-        }
+        let losses = crate::test_util::overfit(model, |m| {
+            crate::loss::cross_entropy_sum(m.forward(x.clone()), y.clone(), None).div_scalar(32.0)
+        });
         assert!(
             losses[149] < 0.1 * losses[0],
             "loss {} -> {}",

@@ -97,6 +97,15 @@ impl SparseAttentionConfig {
         Ok(())
     }
 
+    /// The names of the patterns of one period, joined by `separator` (`window | dilated`).
+    pub fn pattern_names(&self, separator: &str) -> String {
+        self.pattern
+            .iter()
+            .map(PatternSpec::name)
+            .collect::<Vec<_>>()
+            .join(separator)
+    }
+
     /// The pattern of layer `layer` over `n` tokens.
     pub fn layer_pattern(&self, layer: usize, n: usize) -> LayerPattern {
         self.pattern[layer % self.pattern.len()].build(
@@ -184,7 +193,7 @@ pub fn block_sparse_attention(
         "pattern with {groups} head groups over {} blocks for {heads} heads and {n_blocks} blocks",
         layout.groups[0].n_blocks
     );
-    for (i, _) in layout.groups[0].rows.iter().enumerate() {
+    for i in 0..n_blocks {
         assert!(
             layout
                 .groups
@@ -208,8 +217,6 @@ pub fn block_sparse_attention(
         layout,
         n,
         n_blocks,
-        heads,
-        d_head,
         dropout,
     };
     let buckets = layout.buckets();
@@ -251,8 +258,6 @@ struct Core<'a> {
     layout: &'a LayerPattern,
     n: usize,
     n_blocks: usize,
-    heads: usize,
-    d_head: usize,
     dropout: Option<&'a Dropout>,
 }
 
@@ -305,7 +310,6 @@ impl Core<'_> {
                 }
             }
         }
-        debug_assert_eq!((heads, d_head), (self.heads, self.d_head));
         let index =
             Tensor::<1, Int>::from_data(TensorData::new(index, [heads * m * k_max]), &device);
         let gather = |t: &Tensor<3>| {

@@ -91,10 +91,21 @@ fn union_rows(layer: &LayerPattern) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// Check Assumption 1 for the family `layers` (one period, layer `l` of the model uses
-/// `layers[l % layers.len()]`) over `n` tokens. All layers must share block size, causality
-/// and a block count covering `n`.
-pub fn check(layers: &[LayerPattern], n: usize) -> Report {
+/// Keys per token and density of a pattern family — the cheap part of [`check`], for callers
+/// that need no Assumption-1 verdicts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Connections {
+    /// Mean keys per token (union over head groups, averaged over the layers).
+    pub mean: f64,
+    /// Most keys of any token in any layer.
+    pub max: usize,
+    /// Attended pairs / pairs dense attention would attend (causal: the lower triangle).
+    pub density: f64,
+}
+
+/// The union rows of each layer, after checking that the layers form one family over `n`
+/// tokens; with the block size and causality they share.
+fn family(layers: &[LayerPattern], n: usize) -> (Vec<Vec<Vec<usize>>>, usize, bool) {
     assert!(
         !layers.is_empty() && n > 0,
         "check needs a pattern and tokens"
@@ -110,12 +121,26 @@ pub fn check(layers: &[LayerPattern], n: usize) -> Report {
             "the layers of one family must agree on block, causality and size"
         );
     }
-    let rows: Vec<Vec<Vec<usize>>> = layers.iter().map(union_rows).collect();
-    let block_of = |t: usize| t / block;
+    (layers.iter().map(union_rows).collect(), block, causal)
+}
+
+/// Keys per token and density of the family `layers` over `n` tokens.
+pub fn connections(layers: &[LayerPattern], n: usize) -> Connections {
+    let (rows, block, causal) = family(layers, n);
+    count_connections(&rows, n, block, causal)
+}
+
+fn count_connections(
+    rows: &[Vec<Vec<usize>>],
+    n: usize,
+    block: usize,
+    causal: bool,
+) -> Connections {
+    let n_blocks = n.div_ceil(block);
     let tokens = |j: usize| j * block..((j + 1) * block).min(n);
     // Keys of token t in layer l (a count).
     let keys = |l: usize, t: usize| -> usize {
-        rows[l][block_of(t)]
+        rows[l][t / block]
             .iter()
             .filter(|&&j| j < n_blocks)
             .map(|&j| {
@@ -128,17 +153,8 @@ pub fn check(layers: &[LayerPattern], n: usize) -> Report {
             })
             .sum()
     };
-    let attends = |l: usize, t: usize, u: usize| -> bool {
-        (!causal || u <= t) && rows[l][block_of(t)].binary_search(&block_of(u)).is_ok()
-    };
-
-    let missing_self_loop = (0..layers.len())
-        .flat_map(|l| (0..n).map(move |t| (l, t)))
-        .find(|&(l, t)| !attends(l, t, t));
-
-    let mut total = 0usize;
-    let mut most = 0usize;
-    for l in 0..layers.len() {
+    let (mut total, mut most) = (0usize, 0usize);
+    for l in 0..rows.len() {
         for t in 0..n {
             let k = keys(l, t);
             total += k;
@@ -146,7 +162,27 @@ pub fn check(layers: &[LayerPattern], n: usize) -> Report {
         }
     }
     let dense_pairs = if causal { n * (n + 1) / 2 } else { n * n };
-    let per_layer = total as f64 / layers.len() as f64;
+    let per_layer = total as f64 / rows.len() as f64;
+    Connections {
+        mean: per_layer / n as f64,
+        max: most,
+        density: per_layer / dense_pairs as f64,
+    }
+}
+
+/// Check Assumption 1 for the family `layers` (one period, layer `l` of the model uses
+/// `layers[l % layers.len()]`) over `n` tokens. All layers must share block size, causality
+/// and a block count covering `n`.
+pub fn check(layers: &[LayerPattern], n: usize) -> Report {
+    let (rows, block, causal) = family(layers, n);
+    let block_of = |t: usize| t / block;
+    let attends = |l: usize, t: usize, u: usize| -> bool {
+        (!causal || u <= t) && rows[l][block_of(t)].binary_search(&block_of(u)).is_ok()
+    };
+    let missing_self_loop = (0..layers.len())
+        .flat_map(|l| (0..n).map(move |t| (l, t)))
+        .find(|&(l, t)| !attends(l, t, t));
+    let connections = count_connections(&rows, n, block, causal);
 
     Report {
         n,
@@ -157,9 +193,9 @@ pub fn check(layers: &[LayerPattern], n: usize) -> Report {
         missing_self_loop,
         hamiltonian_path: hamiltonian(&rows, n, block, causal, &attends),
         reach_layers: reach(&rows, n, block, causal),
-        connections_mean: per_layer / n as f64,
-        connections_max: most,
-        density: per_layer / dense_pairs as f64,
+        connections_mean: connections.mean,
+        connections_max: connections.max,
+        density: connections.density,
         max_row_blocks: layers.iter().map(LayerPattern::max_row).max().unwrap_or(0),
         padding_waste: layers.iter().map(LayerPattern::padding_waste).sum::<f64>()
             / layers.len() as f64,
