@@ -158,6 +158,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (eager; timing synchronises)")
+    ap.add_argument("--dtype", default="f32", help="f32 | bf16 (autocast on cuda)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -178,21 +180,27 @@ def main():
     else:
         raise SystemExit(f"unknown mixer {a.mixer}")
 
-    model = Lm(a.vocab, a.d_model, a.layers, d_ff, a.seq, make)
+    dev = torch.device(a.device)
+    model = Lm(a.vocab, a.d_model, a.layers, d_ff, a.seq, make).to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "tok" not in n and "pos" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "tok" not in n and "pos" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
                             lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
     times = []
     for i in range(a.warmup + a.steps):
-        tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1))
+        tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), device=dev)
+        sync()
         start = time.perf_counter()
-        logits = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, a.vocab), tokens[:, 1:].reshape(-1))
+        with amp:
+            logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, a.vocab), tokens[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sync()
         if i >= a.warmup:
             times.append(time.perf_counter() - start)
     step = statistics.median(times)
@@ -200,7 +208,9 @@ def main():
         "kind": "torch", "mixer": a.mixer, "seq": a.seq, "batch": a.batch,
         "tokens_per_s": a.batch * a.seq / step, "step_s_median": step,
         "params": sum(p.numel() for p in model.parameters()), "threads": a.threads,
-        "torch": torch.__version__,
+        "torch": torch.__version__, "device": a.device, "dtype": a.dtype,
+        "peak_device_memory_mb": (torch.cuda.max_memory_allocated() / 2**20
+                                  if dev.type == "cuda" else None),
     }))
 
 

@@ -73,6 +73,47 @@ impl Batch {
         }
     }
 
+    /// Rows `start..end` of this batch (inputs, targets, weights and masked inputs alike).
+    pub fn rows(&self, start: usize, end: usize) -> Batch {
+        assert!(
+            start <= end && end <= self.batch,
+            "rows {start}..{end} of {}",
+            self.batch
+        );
+        let (w, s) = (self.seq + 1, self.seq);
+        Batch {
+            batch: end - start,
+            seq: self.seq,
+            tokens: self.tokens[start * w..end * w].to_vec(),
+            weights: self
+                .weights
+                .as_ref()
+                .map(|v| v[start * s..end * s].to_vec()),
+            masked_inputs: self
+                .masked_inputs
+                .as_ref()
+                .map(|v| v[start * s..end * s].to_vec()),
+        }
+    }
+
+    /// Split the rows into `parts` contiguous shards whose sizes differ by at most one (the
+    /// first `batch % parts` get the extra row), for data parallelism; empty shards are left
+    /// out, so fewer than `parts` come back when `batch < parts`.
+    pub fn split(&self, parts: usize) -> Vec<Batch> {
+        let parts = parts.max(1);
+        let (base, extra) = (self.batch / parts, self.batch % parts);
+        let mut start = 0;
+        let mut out = Vec::with_capacity(parts);
+        for i in 0..parts {
+            let len = base + usize::from(i < extra);
+            if len > 0 {
+                out.push(self.rows(start, start + len));
+            }
+            start += len;
+        }
+        out
+    }
+
     /// Total loss weight: the number of targets that count.
     pub fn weight_sum(&self) -> f64 {
         match &self.weights {
@@ -214,6 +255,45 @@ pub fn eval_windows(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_shards_are_contiguous_rows_that_rejoin_to_the_batch() {
+        let tokens: Vec<u32> = (0..5000).collect();
+        let batch = Sampler::Random
+            .batch(&tokens, 7, 12, 3, 1)
+            .masked(4999, 5000, 0.25, 3, 1);
+        for parts in [1, 2, 3, 7, 9] {
+            let shards = batch.split(parts);
+            assert_eq!(shards.len(), parts.min(7));
+            let sizes: Vec<usize> = shards.iter().map(|b| b.batch).collect();
+            assert!(
+                sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
+                "{sizes:?}"
+            );
+            let mut joined = shards[0].clone();
+            for s in &shards[1..] {
+                joined.batch += s.batch;
+                joined.tokens.extend(&s.tokens);
+                joined
+                    .weights
+                    .as_mut()
+                    .unwrap()
+                    .extend(s.weights.as_ref().unwrap());
+                joined
+                    .masked_inputs
+                    .as_mut()
+                    .unwrap()
+                    .extend(s.masked_inputs.as_ref().unwrap());
+            }
+            assert_eq!(joined, batch, "{parts} shards rejoin to the batch");
+            let total: f64 = shards.iter().map(Batch::weight_sum).sum();
+            assert_eq!(total, batch.weight_sum());
+        }
+        let (x, y) = batch.rows(2, 4).inputs_targets();
+        let (bx, by) = batch.inputs_targets();
+        assert_eq!(x, bx[24..48]);
+        assert_eq!(y, by[24..48]);
+    }
 
     #[test]
     fn random_windows_are_contiguous_slices_and_reproducible() {

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::module::Module;
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use mixlab_data::Batch;
 use mixlab_models::loss::cross_entropy_sum;
 use rand::{Rng, SeedableRng};
@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 
 use crate::device::{self, BackendChoice};
 use crate::optim::{adamw, clip_global_norm, learning_rate};
-use crate::source::{Source, to_tensors};
+use crate::parallel::{Extras, accumulate_micro_batch};
+use crate::source::Source;
 use crate::trainer::{TrainOptions, resolve_config};
 
 /// Time `steps` training steps (forward, backward, global clipping, AdamW) after `warmup`
@@ -31,9 +32,16 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
     // Random tokens leave room for [MASK] at the top of the vocabulary.
     let data_vocab = vocab - usize::from(objective == crate::config::Objective::Masked);
     config.model.vocab_size = Some(vocab);
-    let mut selected = device::select(BackendChoice::parse(&config.train.backend)?)?;
-    device::set_precision(&mut selected, config.train.precision)?;
-    let ad = selected.device.clone().autodiff();
+    let mut all = device::select_many(
+        BackendChoice::parse(&config.train.backend)?,
+        &config.train.devices,
+    )?;
+    for selected in &mut all {
+        device::set_precision(selected, config.train.precision)?;
+    }
+    let selected = all[0].clone();
+    let replicas: Vec<_> = all.iter().map(|s| s.device.clone().autodiff()).collect();
+    let ad = replicas[0].clone();
     ad.seed(config.train.seed);
     let mut model = config.model.init(&ad).context("invalid [model]")?;
     let mut optim = adamw(&config.optim, &model);
@@ -51,6 +59,7 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
         },
     };
     let mut times = vec![];
+    let mut peak_device_mb = 0f64;
     for i in 0..warmup + steps {
         let batch = batch_at(i as u64);
         let batch = match objective {
@@ -67,14 +76,24 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
             }
         };
         let started = Instant::now();
-        let (inputs, targets, weights) = to_tensors(&batch, &ad);
-        let loss = cross_entropy_sum(model.forward(inputs), targets, weights)
-            .div_scalar(batch.weight_sum());
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let (grads, _) = clip_global_norm(&model, grads, config.optim.grad_clip);
+        let mut accumulator = GradientsAccumulator::new();
+        accumulate_micro_batch(
+            &model,
+            &batch,
+            &replicas,
+            batch.weight_sum(),
+            Extras::default(),
+            &mut accumulator,
+        )?;
+        let (grads, _) = clip_global_norm(&model, accumulator.grads(), config.optim.grad_clip);
         let lr = learning_rate(&config.optim, i, warmup + steps);
         model = optim.step(lr, model, grads);
-        selected.device.sync().ok();
+        for s in &all {
+            s.device.sync().ok();
+        }
+        if let Some((_, reserved)) = device_memory_mb(&selected.device) {
+            peak_device_mb = peak_device_mb.max(reserved);
+        }
         if i >= warmup {
             times.push(started.elapsed().as_secs_f64());
         }
@@ -88,7 +107,8 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
         "kind": "train",
         "config": opts.config.as_ref().map(|p| p.display().to_string()),
         "backend": selected.backend,
-        "device": selected.description,
+        "device": all.iter().map(|s| s.description.as_str()).collect::<Vec<_>>().join(" + "),
+        "devices": all.len(),
         "mixer": config.model.kind(),
         "batch_size": batch_size,
         "seq_len": seq,
@@ -97,6 +117,7 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
         "tokens_per_s": tokens / median,
         "params": model.num_params(),
         "peak_rss_mb": peak_rss_mb(),
+        "peak_device_memory_mb": (peak_device_mb > 0.0).then_some(peak_device_mb),
         "data": if source.is_some() { "corpus" } else { "random" },
         "model_gflop_per_step": flop / 1e9,
         "achieved_gflops": flop / 1e9 / median,
@@ -368,8 +389,116 @@ pub fn data_load(size_mb: usize, dir: &std::path::Path) -> Result<Value> {
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`), or null elsewhere.
 pub fn peak_rss_mb() -> Option<f64> {
+    proc_status_mb("VmHWM:")
+}
+
+/// Resident memory of this process now, in MiB (Linux; `None` elsewhere).
+pub fn rss_mb() -> Option<f64> {
+    proc_status_mb("VmRSS:")
+}
+
+fn proc_status_mb(key: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// What the device's allocator holds now (GPU memory on wgpu / CUDA), in MiB: `(in use,
+/// reserved)`. `None` on the CPU backends, which do not report it.
+pub fn device_memory_mb(device: &burn::tensor::Device) -> Option<(f64, f64)> {
+    let usage = device.memory_pool_usage()?;
+    let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
+    Some((mb(usage.bytes_in_use), mb(usage.bytes_reserved)))
+}
+
+/// The four mixer families on a tiny model, for [`parity`]: (name, `[model]` TOML).
+const PARITY_MODELS: [(&str, &str); 4] = [
+    (
+        "dense",
+        "d_ff = 64\n[mixer]\nkind = \"dense\"\nn_heads = 4\n",
+    ),
+    (
+        "fourier-causal-dft",
+        "d_ff = 64\n[mixer]\nkind = \"fourier\"\ncausal = true\nimplementation = \"dft\"\n",
+    ),
+    (
+        "sparse-strided",
+        "d_ff = 64\n[mixer]\nkind = \"sparse\"\nn_heads = 4\nblock = 4\npattern = [{ kind = \"strided\", stride = 2 }]\n",
+    ),
+    (
+        "persistent",
+        "d_ff = 0\nposition = \"relative\"\n[mixer]\nkind = \"persistent\"\nn_heads = 4\nn_persistent = 8\n",
+    ),
+];
+
+/// Backend parity: each mixer family's tiny causal LM (vocab 13, d 32, 2 layers, seq 16,
+/// batch 2) with the same weights on flex and on `other`: the largest logit difference
+/// relative to the largest logit, and the loss before and after one AdamW step on both.
+/// `ok` when logits agree within 1e-4 relative, the loss before within 1e-4 and after within
+/// 1e-3, and the step lowers the loss. One JSON line per mixer.
+pub fn parity(other: &device::Selected) -> Result<Vec<Value>> {
+    use burn::tensor::{Device, Int, Tensor, TensorData};
+    let (b, n, vocab) = (2usize, 16usize, 13i64);
+    let ids: Vec<i64> = (0..(b * n) as i64).map(|i| (i * 7 + 3) % vocab).collect();
+    let targets: Vec<i64> = (0..(b * n) as i64).map(|i| (i * 5 + 1) % vocab).collect();
+    let tok = |v: &Vec<i64>, d: &Device| {
+        Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b, n]), d)
+    };
+    let to_vec = |t: Tensor<3>| -> Result<Vec<f32>> {
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+    };
+    let flex = Device::flex().autodiff();
+    let gpu = other.device.clone().autodiff();
+    let mut lines = vec![];
+    for (name, mixer) in PARITY_MODELS {
+        let text = format!("vocab_size = 13\nd_model = 32\nn_layers = 2\nseq_len = 16\n{mixer}");
+        let cfg: mixlab_models::LmConfig =
+            toml::from_str(&text).with_context(|| format!("parity model {name}"))?;
+        flex.seed(9);
+        let model_f = cfg.init(&flex).context("parity model")?;
+        let model_o = cfg
+            .init(&gpu)
+            .context("parity model")?
+            .load_record(model_f.clone().into_record());
+        let lf = to_vec(model_f.valid().forward(tok(&ids, &Device::flex())))?;
+        let lo = to_vec(model_o.valid().forward(tok(&ids, &other.device)))?;
+        let scale = lf.iter().fold(1f32, |m, x| m.max(x.abs()));
+        let logit_rel = lf
+            .iter()
+            .zip(&lo)
+            .map(|(a, b)| (a - b).abs() / scale)
+            .fold(0f32, f32::max);
+        let step = |model: mixlab_models::Lm, d: &Device| {
+            let mut optim = adamw(&Default::default(), &model);
+            let loss = cross_entropy_sum(model.forward(tok(&ids, d)), tok(&targets, d), None)
+                .div_scalar((b * n) as f64);
+            let before = loss.clone().into_scalar::<f32>();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let model = optim.step(1e-3, model, grads);
+            let after = cross_entropy_sum(model.forward(tok(&ids, d)), tok(&targets, d), None)
+                .div_scalar((b * n) as f64)
+                .into_scalar::<f32>();
+            (before, after)
+        };
+        let (bf, af) = step(model_f, &flex);
+        let (bo, ao) = step(model_o, &gpu);
+        let ok = logit_rel <= 1e-4
+            && (bf - bo).abs() <= 1e-4 * bf.abs()
+            && (af - ao).abs() <= 1e-3 * af.abs()
+            && ao < bo;
+        lines.push(json!({
+            "kind": "parity",
+            "mixer": name,
+            "device": other.description,
+            "max_logit_rel_diff": logit_rel,
+            "loss_before": {"flex": bf, "other": bo},
+            "loss_after_step": {"flex": af, "other": ao},
+            "ok": ok,
+        }));
+    }
+    Ok(lines)
 }

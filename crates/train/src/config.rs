@@ -69,8 +69,15 @@ impl Default for OptimConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// `auto`, `flex`, `ndarray` or `wgpu` (the `--backend` flag overrides it).
+    /// `auto`, `flex`, `ndarray`, `wgpu` or `cuda` (the `--backend` flag overrides it).
     pub backend: String,
+    /// Data-parallel devices (the `--devices` flag overrides it): each micro-batch's rows are
+    /// split across them, every device runs forward and backward on its shard with a copy of
+    /// the model, and the gradients are summed on the first (main) device, which steps the
+    /// optimizer, evaluates and checkpoints. Entries: `flex`, `ndarray`, `wgpu`, `wgpu:N`,
+    /// `cuda:N`, or a bare index `N` of `backend`'s GPUs. Empty: `backend`'s one device.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
     /// Optimiser steps in the whole run.
     pub steps: usize,
     /// Seed of the initialisation, the data sampler and per-step randomness (dropout).
@@ -112,6 +119,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             backend: "auto".into(),
+            devices: vec![],
             steps: 1000,
             seed: 1337,
             batch_size: 16,
@@ -250,7 +258,18 @@ impl Config {
         if !(t.mask_rate > 0.0 && t.mask_rate < 1.0) {
             bail!("train.mask_rate = {}: must be in (0, 1)", t.mask_rate);
         }
-        crate::device::BackendChoice::parse(&t.backend)?;
+        let backend = crate::device::BackendChoice::parse(&t.backend)?;
+        for entry in &t.devices {
+            crate::device::parse_device(backend, entry)?;
+        }
+        if t.devices.len() > t.batch_size {
+            bail!(
+                "train.devices has {} devices but train.batch_size = {}: each device needs at \
+                 least one row of every micro-batch; raise batch_size or list fewer devices",
+                t.devices.len(),
+                t.batch_size
+            );
+        }
         Ok(())
     }
 

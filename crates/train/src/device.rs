@@ -17,6 +17,8 @@ pub enum BackendChoice {
     NdArray,
     /// wgpu (Vulkan / Metal / DX12 / GL), any adapter, including software ones (llvmpipe).
     Wgpu,
+    /// Burn's CUDA backend (binaries built with `--features cuda`).
+    Cuda,
 }
 
 impl BackendChoice {
@@ -27,8 +29,10 @@ impl BackendChoice {
             "flex" => Self::Flex,
             "ndarray" => Self::NdArray,
             "wgpu" => Self::Wgpu,
+            "cuda" => Self::Cuda,
             other => bail!(
-                "unknown backend `{other}` (train.backend / --backend): use one of auto, flex, ndarray, wgpu"
+                "unknown backend `{other}` (train.backend / --backend): use one of auto, flex, \
+                 ndarray, wgpu, cuda"
             ),
         })
     }
@@ -47,7 +51,89 @@ pub struct Selected {
 
 /// Pick the device for `choice`.
 pub fn select(choice: BackendChoice) -> Result<Selected> {
-    let selected = match choice {
+    let selected = pick(choice, None)?;
+    point_default_at(&selected);
+    Ok(selected)
+}
+
+/// The optimizer restores its state on `Device::default()` before moving it to the
+/// parameters' device; point that default at our backend instead of wgpu's.
+fn point_default_at(selected: &Selected) {
+    let name = if selected.backend == "cuda" {
+        "cuda"
+    } else {
+        selected.backend
+    };
+    // SAFETY: called at start-up, before any other thread reads the environment.
+    unsafe { std::env::set_var("BURN_DEVICE", name) };
+}
+
+/// The devices of a data-parallel run (`train.devices` / `--devices`), the first being the
+/// main device (it holds the model and the optimizer and evaluates). Each entry is a backend
+/// name with an optional index (`flex`, `ndarray`, `wgpu`, `wgpu:1`, `cuda:0`) or a bare index
+/// on `backend` (`0`, `1`: the n-th GPU of wgpu, `auto` or cuda). An empty list is `backend`'s
+/// one device.
+pub fn select_many(backend: BackendChoice, devices: &[String]) -> Result<Vec<Selected>> {
+    if devices.is_empty() {
+        return Ok(vec![select(backend)?]);
+    }
+    let mut out: Vec<Selected> = Vec::with_capacity(devices.len());
+    for entry in devices {
+        let (choice, index) = parse_device(backend, entry)?;
+        let selected = pick(choice, index)
+            .map_err(|e| anyhow::anyhow!("train.devices entry `{entry}`: {e:#}"))?;
+        if let Some(twin) = out.iter().find(|s| s.device == selected.device) {
+            bail!(
+                "train.devices lists the same device twice (`{entry}` is {}); name each device once",
+                twin.description
+            );
+        }
+        out.push(selected);
+    }
+    point_default_at(&out[0]);
+    Ok(out)
+}
+
+/// Parse one `train.devices` entry (see [`select_many`]).
+pub fn parse_device(backend: BackendChoice, entry: &str) -> Result<(BackendChoice, Option<usize>)> {
+    let entry = entry.trim();
+    let index = |s: &str| {
+        s.parse::<usize>().map_err(|_| {
+            anyhow::anyhow!(
+                "train.devices entry `{entry}`: `{s}` is not a device index (use e.g. `wgpu:1`)"
+            )
+        })
+    };
+    if entry.chars().all(|c| c.is_ascii_digit()) && !entry.is_empty() {
+        let i = index(entry)?;
+        return match backend {
+            BackendChoice::Auto | BackendChoice::Wgpu => Ok((BackendChoice::Wgpu, Some(i))),
+            BackendChoice::Cuda => Ok((BackendChoice::Cuda, Some(i))),
+            BackendChoice::Flex | BackendChoice::NdArray => bail!(
+                "train.devices entry `{entry}`: the CPU backends have one device each; name \
+                 them instead (devices = [\"flex\", \"ndarray\"]) or use a GPU backend"
+            ),
+        };
+    }
+    let (name, i) = match entry.split_once(':') {
+        Some((name, i)) => (name, Some(index(i)?)),
+        None => (entry, None),
+    };
+    let choice = BackendChoice::parse(name)
+        .map_err(|e| anyhow::anyhow!("train.devices entry `{entry}`: {e:#}"))?;
+    match (choice, i) {
+        (BackendChoice::Auto, _) => bail!(
+            "train.devices entry `{entry}`: name a concrete backend (flex, ndarray, wgpu, cuda)"
+        ),
+        (BackendChoice::Flex | BackendChoice::NdArray, Some(i)) if i > 0 => {
+            bail!("train.devices entry `{entry}`: {name} has one device (index 0)")
+        }
+        _ => Ok((choice, i)),
+    }
+}
+
+fn pick(choice: BackendChoice, index: Option<usize>) -> Result<Selected> {
+    Ok(match choice {
         BackendChoice::Flex => flex(),
         #[allow(deprecated)] // ndarray is deprecated upstream; we keep it to measure against.
         BackendChoice::NdArray => Selected {
@@ -55,23 +141,61 @@ pub fn select(choice: BackendChoice) -> Result<Selected> {
             backend: "ndarray",
             description: "ndarray (CPU)".into(),
         },
-        BackendChoice::Wgpu => match wgpu(DeviceKind::DefaultDevice) {
-            Ok(s) => s,
-            Err(e) => bail!(
-                "backend wgpu was requested but no adapter is available ({e}); install a Vulkan \
-                 driver (Debian: mesa-vulkan-drivers) or use --backend flex"
-            ),
+        BackendChoice::Wgpu => match index {
+            None => match wgpu(DeviceKind::DefaultDevice) {
+                Ok(s) => s,
+                Err(e) => bail!(
+                    "backend wgpu was requested but no adapter is available ({e}); install a \
+                     Vulkan driver (Debian: mesa-vulkan-drivers) or use --backend flex"
+                ),
+            },
+            Some(i) => wgpu_index(i)?,
         },
         BackendChoice::Auto => match wgpu(DeviceKind::DefaultDevice) {
             Ok(s) if !s.description.contains("Cpu") => s,
             _ => flex(),
         },
-    };
-    // The optimizer restores its state on `Device::default()` before moving it to the
-    // parameters' device; point that default at our backend instead of wgpu's.
-    // SAFETY: called once at start-up, before any other thread reads the environment.
-    unsafe { std::env::set_var("BURN_DEVICE", selected.backend) };
-    Ok(selected)
+        BackendChoice::Cuda => cuda(index.unwrap_or(0))?,
+    })
+}
+
+/// The `i`-th wgpu adapter: discrete GPUs first, then integrated, virtual, and (for 0) a CPU
+/// adapter such as llvmpipe.
+fn wgpu_index(i: usize) -> Result<Selected> {
+    let mut kinds = vec![
+        DeviceKind::DiscreteGpu(i),
+        DeviceKind::IntegratedGpu(i),
+        DeviceKind::VirtualGpu(i),
+    ];
+    if i == 0 {
+        kinds.push(DeviceKind::Cpu);
+    }
+    let mut last = String::new();
+    for kind in kinds {
+        match wgpu(kind) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    bail!("no wgpu adapter number {i} ({last})")
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(index: usize) -> Result<Selected> {
+    let device = Device::cuda(index);
+    Ok(Selected {
+        device,
+        backend: "cuda",
+        description: format!("cuda:{index}"),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_index: usize) -> Result<Selected> {
+    bail!(
+        "this build has no CUDA backend: rebuild with `cargo build --release --features cuda` \
+         (needs an NVIDIA driver at run time), or use --backend wgpu"
+    )
 }
 
 fn flex() -> Selected {
@@ -116,7 +240,7 @@ pub fn set_precision(selected: &mut Selected, precision: Precision) -> Result<()
     if !selected.device.supports_dtype(dtype) {
         let hint = match selected.backend {
             "ndarray" => "ndarray has no half precision: use --backend flex",
-            "wgpu" => "this adapter lacks the shader support: use precision = \"f32\" here",
+            "wgpu" | "cuda" => "this device lacks the support: use precision = \"f32\" here",
             _ => "use precision = \"f32\"",
         };
         bail!(
@@ -135,4 +259,55 @@ pub fn set_precision(selected: &mut Selected, precision: Precision) -> Result<()
         })?;
     selected.description.push_str(&format!(" · {name}"));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_entries_parse_to_backend_and_index() {
+        let p = |backend, entry: &str| parse_device(backend, entry).map_err(|e| format!("{e:#}"));
+        assert_eq!(
+            p(BackendChoice::Auto, "1").unwrap(),
+            (BackendChoice::Wgpu, Some(1))
+        );
+        assert_eq!(
+            p(BackendChoice::Cuda, "0").unwrap(),
+            (BackendChoice::Cuda, Some(0))
+        );
+        assert_eq!(
+            p(BackendChoice::Flex, "wgpu:2").unwrap(),
+            (BackendChoice::Wgpu, Some(2))
+        );
+        assert_eq!(
+            p(BackendChoice::Wgpu, " ndarray ").unwrap(),
+            (BackendChoice::NdArray, None)
+        );
+        assert!(
+            p(BackendChoice::Flex, "1")
+                .unwrap_err()
+                .contains("one device each")
+        );
+        assert!(
+            p(BackendChoice::Wgpu, "flex:1")
+                .unwrap_err()
+                .contains("one device")
+        );
+        assert!(
+            p(BackendChoice::Wgpu, "auto")
+                .unwrap_err()
+                .contains("concrete backend")
+        );
+        assert!(
+            p(BackendChoice::Wgpu, "wgpu:x")
+                .unwrap_err()
+                .contains("not a device index")
+        );
+        assert!(
+            p(BackendChoice::Wgpu, "tpu")
+                .unwrap_err()
+                .contains("unknown backend")
+        );
+    }
 }

@@ -9,6 +9,7 @@ pub mod device;
 pub mod export;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod patterns;
 pub mod plot;
 pub mod report;

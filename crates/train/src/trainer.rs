@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsAccumulator;
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use mixlab_models::{Lm, loss::cross_entropy_sum};
@@ -19,6 +19,7 @@ use crate::config::{Config, NonFinite};
 use crate::device::{self, BackendChoice};
 use crate::metrics::MetricsLog;
 use crate::optim::{adamw, clip_global_norm, learning_rate};
+use crate::parallel::{Extras, accumulate_micro_batch};
 use crate::source::{Source, to_tensors};
 
 /// What the `train` command was asked to do.
@@ -30,6 +31,8 @@ pub struct TrainOptions {
     pub resume: Option<PathBuf>,
     /// `--backend NAME` (overrides `train.backend`).
     pub backend: Option<String>,
+    /// `--devices A,B,...` (overrides `train.devices`).
+    pub devices: Option<Vec<String>>,
     /// `--set key=value`, in order.
     pub overrides: Vec<String>,
 }
@@ -60,6 +63,9 @@ pub fn resolve_config(opts: &TrainOptions) -> Result<Config> {
     let mut config = Config::load(&path, &opts.overrides)?;
     if let Some(backend) = &opts.backend {
         config.train.backend = backend.clone();
+    }
+    if let Some(devices) = &opts.devices {
+        config.train.devices = devices.clone();
     }
     if let Some(run_dir) = &opts.resume {
         config.train.run_dir = Some(run_dir.clone());
@@ -138,10 +144,18 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         }
     };
 
-    let mut selected = device::select(BackendChoice::parse(&config.train.backend)?)?;
-    device::set_precision(&mut selected, config.train.precision)?;
+    let mut all = device::select_many(
+        BackendChoice::parse(&config.train.backend)?,
+        &config.train.devices,
+    )?;
+    for selected in &mut all {
+        device::set_precision(selected, config.train.precision)?;
+    }
+    let selected = all[0].clone();
     let device = selected.device.clone();
     let ad = device.clone().autodiff();
+    // Data-parallel replicas (autodiff devices); the first is `ad`.
+    let replicas: Vec<Device> = all.iter().map(|s| s.device.clone().autodiff()).collect();
 
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
@@ -178,6 +192,18 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         source.occurring(),
         run_dir.display()
     );
+    if all.len() > 1 {
+        eprintln!(
+            "mixlab: data parallel over {} devices ({}); each micro-batch of {} rows is split \
+             across them, the optimizer steps on the first",
+            all.len(),
+            all.iter()
+                .map(|s| s.description.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            t.batch_size
+        );
+    }
     if start > 0 {
         eprintln!("mixlab: resumed at step {start}");
     }
@@ -206,7 +232,9 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
 
     while step < t.steps && !interrupted {
         // Per-step randomness (dropout) comes from (seed, step), so a resumed run repeats it.
-        ad.seed(mix(t.seed, step as u64));
+        for (i, replica) in replicas.iter().enumerate() {
+            replica.seed(mix(t.seed, step as u64) ^ i as u64);
+        }
         let lr = learning_rate(&config.optim, step, t.steps);
         let batches: Vec<_> = (0..t.grad_accum)
             .map(|m| {
@@ -219,18 +247,13 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         let mut loss_sum = 0.0;
         let mut accumulator = GradientsAccumulator::<Lm>::new();
         for batch in &batches {
-            let (inputs, targets, weights) = to_tensors(batch, &ad);
-            let mut loss =
-                cross_entropy_sum(model.forward(inputs), targets, weights).div_scalar(weight);
-            if poison_step == Some(step) {
-                loss = loss.mul_scalar(f64::NAN);
-            }
-            loss_sum += f64::from(loss.clone().into_scalar::<f32>());
-            if let Some(penalty) = model.regularization() {
-                // Once per optimiser step in total, spread over the micro-batches.
-                loss = loss + penalty.div_scalar(t.grad_accum as f64);
-            }
-            accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+            let extras = Extras {
+                // The penalty once per optimiser step in total, spread over the micro-batches.
+                penalty_divisor: Some(t.grad_accum as f64),
+                poison: poison_step == Some(step),
+            };
+            loss_sum +=
+                accumulate_micro_batch(&model, batch, &replicas, weight, extras, &mut accumulator)?;
         }
         let (grads, grad_norm) =
             clip_global_norm(&model, accumulator.grads(), config.optim.grad_clip);
@@ -271,7 +294,12 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                 ("tokens_per_s", json!(tokens_per_s)),
                 ("elapsed_s", json!(started.elapsed().as_secs_f64())),
                 ("skipped_steps", json!(skipped)),
+                ("rss_mb", json!(crate::bench::rss_mb())),
             ];
+            if let Some((in_use, reserved)) = crate::bench::device_memory_mb(&device) {
+                extra.push(("device_mem_in_use_mb", json!(in_use)));
+                extra.push(("device_mem_reserved_mb", json!(reserved)));
+            }
             if let Some((name, value)) = unit.metric(loss_sum) {
                 extra.push((name, json!(value)));
             }

@@ -286,6 +286,65 @@ fn interrupt_checkpoints_and_resumes(signal: &str) {
 }
 
 /// Each user mistake: exit code 1, a one-line cause naming the culprit, no panic.
+/// Data parallel over two devices (flex + ndarray; a CPU stand-in for two GPUs) with a
+/// micro-batch of 7 rows (split 4 + 3) and 2 micro-batches per step takes the same steps as
+/// flex alone with the same batches: every training loss within 1e-5 relative and the final
+/// weights within 1e-5 (relative L2). A multi-device run interrupted at step 4 and resumed
+/// ends bit-identical to the uninterrupted one.
+#[test]
+fn data_parallel_over_two_devices_matches_one_device_and_resumes() {
+    let dir = scratch("data-parallel");
+    let config = write_config(&dir, &TINY.replace("dropout = 0.1", "dropout = 0.0"));
+    let sets = ["train.batch_size=7", "train.grad_accum=2"];
+    let one = dir.join("one");
+    ok(&train_with(&config, &one, &sets));
+    let two = dir.join("two");
+    let devices = "train.devices=[\"flex\", \"ndarray\"]";
+    let out = train_with(&config, &two, &[sets[0], sets[1], devices]);
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("data parallel over 2 devices (flex (CPU), ndarray (CPU))"),
+        "{stderr}"
+    );
+    let (a, b) = (
+        losses(&metrics(&one), "train"),
+        losses(&metrics(&two), "train"),
+    );
+    assert_eq!(a.len(), 8);
+    assert_eq!(a.len(), b.len());
+    for ((sa, la), (_, lb)) in a.iter().zip(&b) {
+        assert!(
+            (la - lb).abs() <= 1e-5 * la.abs(),
+            "step {sa}: one device {la}, two {lb}"
+        );
+    }
+    let (wa, wb) = (checkpoint_weights(&one, 8), checkpoint_weights(&two, 8));
+    let diff: f64 = wa
+        .iter()
+        .zip(&wb)
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum();
+    let norm: f64 = wa.iter().map(|x| f64::from(*x).powi(2)).sum();
+    let rel = (diff / norm).sqrt();
+    eprintln!("data parallel vs one device: final weights differ by {rel:e} (relative L2)");
+    assert!(rel <= 1e-5, "weights after 8 steps differ by {rel:e}");
+
+    let cut = dir.join("cut");
+    ok(&train_with(&config, &cut, &[sets[0], sets[1], devices]));
+    std::fs::remove_dir_all(cut.join("checkpoints/step-8")).unwrap();
+    let out = run(train_bin().arg("--resume").arg(&cut));
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("resumed at step 4"), "{stderr}");
+    assert!(stderr.contains("data parallel over 2 devices"), "{stderr}");
+    let (wc, wt) = (checkpoint_weights(&cut, 8), checkpoint_weights(&two, 8));
+    assert!(
+        wc.iter().zip(&wt).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "resumed multi-device run differs from the uninterrupted one"
+    );
+}
+
 #[test]
 fn user_errors_are_clear_and_exit_1() {
     let dir = scratch("errors");
@@ -348,6 +407,42 @@ fn user_errors_are_clear_and_exit_1() {
         (
             vec!["--resume".into(), dir.join("no-run").display().to_string()],
             "no-run",
+        ),
+        (
+            vec![
+                "--config".into(),
+                config.display().to_string(),
+                "--devices".into(),
+                "flex,flex".into(),
+            ],
+            "lists the same device twice",
+        ),
+        (
+            vec![
+                "--config".into(),
+                config.display().to_string(),
+                "--devices".into(),
+                "0,1".into(),
+            ],
+            "the CPU backends have one device each",
+        ),
+        (
+            vec![
+                "--config".into(),
+                config.display().to_string(),
+                "--devices".into(),
+                "flex,tpu:1".into(),
+            ],
+            "train.devices entry `tpu:1`",
+        ),
+        (
+            vec![
+                "--config".into(),
+                config.display().to_string(),
+                "--backend".into(),
+                "cuda".into(),
+            ],
+            "no CUDA backend",
         ),
     ];
     for (args, needle) in cases {
@@ -427,20 +522,15 @@ fn bench_prints_a_json_line_per_backend() {
     }
 }
 
-/// flex and wgpu compute the same model: logits within 1e-4 relative, and the same loss after
-/// one AdamW step. Skips (with the reason) when no wgpu adapter exists, unless
-/// `MIXLAB_REQUIRE_WGPU=1` (CI installs Mesa's llvmpipe Vulkan driver and sets it).
+/// flex and wgpu compute the same models (dense, causal DFT Fourier, block-sparse,
+/// persistent memory): logits within 1e-4 relative, the same loss before and after one AdamW
+/// step (`bench parity`, what `scripts/gpu-check.sh` runs on a GPU). Skips (with the reason)
+/// when no wgpu adapter exists, unless `MIXLAB_REQUIRE_WGPU=1` (CI installs Mesa's llvmpipe
+/// Vulkan driver and sets it).
 #[test]
-fn wgpu_matches_flex_logits_and_one_training_step() {
-    use burn::module::Module;
-    use burn::optim::GradientsParams;
-    use burn::tensor::{Device, DeviceKind, Int, Tensor, TensorData};
-    use mixlab_models::{LmConfig, loss::cross_entropy_sum};
+fn wgpu_matches_flex_for_every_mixer_family() {
+    use burn::tensor::DeviceKind;
 
-    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
-        // SAFETY: set before any thread of this test touches the environment-reading driver.
-        unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
-    }
     let wgpu = match mixlab_train::device::wgpu(DeviceKind::DefaultDevice) {
         Ok(s) => s,
         Err(e) => {
@@ -453,66 +543,14 @@ fn wgpu_matches_flex_logits_and_one_training_step() {
         }
     };
     eprintln!("wgpu parity on {}", wgpu.description);
-    let cfg = LmConfig {
-        vocab_size: Some(13),
-        d_model: 32,
-        n_layers: 2,
-        d_ff: 64,
-        seq_len: 16,
-        ..LmConfig::default()
-    };
-    let flex = Device::flex().autodiff();
-    let gpu = wgpu.device.clone().autodiff();
-    flex.seed(9);
-    let model_f = cfg.init(&flex).unwrap();
-    let model_w = cfg
-        .init(&gpu)
-        .unwrap()
-        .load_record(model_f.clone().into_record());
-
-    let ids: Vec<i64> = (0..2 * 16).map(|i| (i * 7 + 3) % 13).collect();
-    let targets: Vec<i64> = (0..2 * 16).map(|i| (i * 5 + 1) % 13).collect();
-    let tok = |v: &Vec<i64>, d: &Device| {
-        Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [2, 16]), d)
-    };
-    let to_vec = |t: Tensor<3>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
-
-    let lf = to_vec(model_f.valid().forward(tok(&ids, &Device::flex())));
-    let lw = to_vec(model_w.valid().forward(tok(&ids, &wgpu.device)));
-    let scale = lf.iter().fold(0f32, |m, x| m.max(x.abs()));
-    for (i, (a, b)) in lf.iter().zip(&lw).enumerate() {
-        assert!(
-            (a - b).abs() <= 1e-4 * scale.max(1.0),
-            "logit {i}: flex {a} vs wgpu {b}"
-        );
+    let lines = mixlab_train::bench::parity(&wgpu).unwrap();
+    assert_eq!(lines.len(), 4);
+    for line in &lines {
+        eprintln!("{line}");
+        assert_eq!(line["ok"], true, "{line}");
+        let after = &line["loss_after_step"];
+        assert!(after["other"].as_f64() < line["loss_before"]["other"].as_f64());
     }
-
-    let step = |model: mixlab_models::Lm, d: &Device| {
-        let mut optim = mixlab_train::optim::adamw(&Default::default(), &model);
-        let loss =
-            cross_entropy_sum(model.forward(tok(&ids, d)), tok(&targets, d), None).div_scalar(32.0);
-        let before = loss.clone().into_scalar::<f32>();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let model = optim.step(1e-3, model, grads);
-        let after = cross_entropy_sum(model.forward(tok(&ids, d)), tok(&targets, d), None)
-            .div_scalar(32.0)
-            .into_scalar::<f32>();
-        (before, after)
-    };
-    let (bf, af) = step(model_f, &flex);
-    let (bw, aw) = step(model_w, &gpu);
-    assert!(
-        (bf - bw).abs() < 1e-4 * bf.abs(),
-        "loss before: flex {bf} vs wgpu {bw}"
-    );
-    assert!(
-        (af - aw).abs() < 1e-3 * af.abs(),
-        "loss after a step: flex {af} vs wgpu {aw}"
-    );
-    assert!(
-        af < bf,
-        "one step lowers the loss on its batch ({bf} -> {af})"
-    );
 }
 
 #[test]

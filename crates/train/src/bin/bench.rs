@@ -25,9 +25,12 @@ enum Command {
         /// TOML config of the model and batch to measure.
         #[arg(long)]
         config: PathBuf,
-        /// Backend(s): auto, flex, ndarray or wgpu; repeat to compare in one run.
+        /// Backend(s): auto, flex, ndarray, wgpu or cuda; repeat to compare in one run.
         #[arg(long)]
         backend: Vec<String>,
+        /// Data-parallel devices, comma-separated (as `train --devices`).
+        #[arg(long, value_delimiter = ',')]
+        devices: Option<Vec<String>>,
         /// Override any config key (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -37,6 +40,13 @@ enum Command {
         /// Untimed warm-up steps.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+    },
+    /// Backend parity: each mixer family's tiny model with the same weights on flex and on
+    /// BACKEND (logits, loss before and after one AdamW step); exit 1 when any disagrees.
+    Parity {
+        /// The backend to check against flex.
+        #[arg(long, default_value = "wgpu")]
+        backend: String,
     },
     /// The mixing layer alone (forward + backward): FNet FFT vs FNet DFT vs dense attention.
     Mixing {
@@ -99,14 +109,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let (config, backend, set, steps, warmup) = match Cli::parse().command {
+    let (config, backend, devices, set, steps, warmup) = match Cli::parse().command {
         Command::Train {
             config,
             backend,
+            devices,
             set,
             steps,
             warmup,
-        } => (config, backend, set, steps, warmup),
+        } => (config, backend, devices, set, steps, warmup),
         Command::Mixing {
             backend,
             d_model,
@@ -146,6 +157,7 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::Parity { backend } => return parity(&backend),
         Command::Data { size_mb, dir } => {
             return print_json(mixlab_train::bench::data_load(size_mb, &dir).map(|l| vec![l]));
         }
@@ -157,6 +169,7 @@ fn main() -> ExitCode {
         config: Some(config),
         resume: None,
         backend: backend.into_iter().next(),
+        devices,
         overrides: set,
     };
     print_json(mixlab_train::bench::train_step(&opts, steps.max(1), warmup).map(|l| vec![l]))
@@ -344,4 +357,36 @@ fn scaling(
         json!({"kind": "scaling_summary", "backend": backend, "d_model": d_model, "mixers": summary})
     );
     Ok(())
+}
+
+fn parity(backend: &str) -> ExitCode {
+    let run = || -> anyhow::Result<Vec<serde_json::Value>> {
+        let choice = mixlab_train::device::BackendChoice::parse(backend)?;
+        let other = mixlab_train::device::select(choice)?;
+        eprintln!("parity: flex vs {}", other.description);
+        mixlab_train::bench::parity(&other)
+    };
+    match run() {
+        Ok(lines) => {
+            lines.iter().for_each(|l| println!("{l}"));
+            let bad: Vec<&str> = lines
+                .iter()
+                .filter(|l| l["ok"] != true)
+                .filter_map(|l| l["mixer"].as_str())
+                .collect();
+            if bad.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "error: {backend} disagrees with flex on: {}",
+                    bad.join(", ")
+                );
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -21,9 +21,13 @@ struct Cli {
     /// TOML config file (sections [model], [data], [optim], [train]).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Backend: auto, flex, ndarray or wgpu (overrides train.backend).
+    /// Backend: auto, flex, ndarray, wgpu or cuda (overrides train.backend).
     #[arg(long)]
     backend: Option<String>,
+    /// Data-parallel devices, comma-separated: GPU indices of the backend (`0,1`) or named
+    /// devices (`wgpu:0,wgpu:1`, `flex,ndarray`); overrides train.devices.
+    #[arg(long, value_delimiter = ',')]
+    devices: Option<Vec<String>>,
     /// Continue the run in this directory from its latest checkpoint.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         config: cli.config,
         resume: cli.resume,
         backend: cli.backend,
+        devices: cli.devices,
         overrides: cli.set,
     };
     match train(&opts, stop) {

@@ -1,0 +1,112 @@
+//! Data parallelism with Burn's own machinery, as burn-train's `MultiDevice` strategy does it:
+//! each device gets a copy of the model (`Module::fork`), runs forward and backward on its
+//! shard of the micro-batch in its own thread, and the gradients are moved to the main device
+//! (`GradientsParams::to_device`) and summed there (`GradientsAccumulator`). The optimizer
+//! steps once, on the main device, with the summed gradients: one copy of the model and of
+//! AdamW's moments, so global-norm clipping, checkpoints and resume are the single-device code.
+//!
+//! Every shard's loss is divided by the whole micro-batch's loss weight, so the sum of the
+//! shards' gradients is the gradient of the single-device loss: the update is the same as on
+//! one device up to floating-point summation order. With one device this is the plain
+//! single-device step (no thread, no copy).
+
+use anyhow::{Result, anyhow};
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::Device;
+use mixlab_data::Batch;
+use mixlab_models::{Lm, loss::cross_entropy_sum};
+
+use crate::source::to_tensors;
+
+/// What one micro-batch adds to the loss beyond the weighted cross-entropy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extras {
+    /// Add the model's regularisation penalty (adaptive span) divided by this (the number of
+    /// micro-batches), once, on the main device.
+    pub penalty_divisor: Option<f64>,
+    /// Fault injection for the tests: make the loss NaN.
+    pub poison: bool,
+}
+
+/// Forward and backward of `batch` split across `devices` (autodiff devices, the first being
+/// `model`'s), gradients summed into `accumulator` on the main device. Every shard's loss is
+/// divided by `weight` (the loss weight of the whole optimiser step). Returns the shards'
+/// summed loss (without the penalty).
+pub fn accumulate_micro_batch(
+    model: &Lm,
+    batch: &Batch,
+    devices: &[Device],
+    weight: f64,
+    extras: Extras,
+    accumulator: &mut GradientsAccumulator<Lm>,
+) -> Result<f64> {
+    let shards = batch.split(devices.len());
+    if shards.len() == 1 {
+        let (grads, loss) = shard_step(model, &shards[0], &devices[0], weight, extras)?;
+        accumulator.accumulate(model, grads);
+        return Ok(loss);
+    }
+    let results: Vec<Result<(GradientsParams, f64)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = shards
+            .into_iter()
+            .zip(devices.iter().cloned())
+            .enumerate()
+            .map(|(i, (shard, device))| {
+                let replica = model.clone();
+                let extras = if i == 0 { extras } else { Extras::default() };
+                scope.spawn(move || {
+                    let replica = if i == 0 {
+                        replica
+                    } else {
+                        replica.fork(&device)
+                    };
+                    shard_step(&replica, &shard, &device, weight, extras)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                h.join().unwrap_or_else(|payload| {
+                    let why = payload
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(anyhow!("device {i} ({:?}) failed: {why}", devices[i]))
+                })
+            })
+            .collect()
+    });
+    let mut loss = 0.0;
+    for result in results {
+        let (grads, shard_loss) = result?;
+        accumulator.accumulate(model, grads.to_device(&devices[0], model));
+        loss += shard_loss;
+    }
+    Ok(loss)
+}
+
+/// One device's forward and backward.
+fn shard_step(
+    model: &Lm,
+    shard: &Batch,
+    device: &Device,
+    weight: f64,
+    extras: Extras,
+) -> Result<(GradientsParams, f64)> {
+    let (inputs, targets, weights) = to_tensors(shard, device);
+    let mut loss = cross_entropy_sum(model.forward(inputs), targets, weights).div_scalar(weight);
+    if extras.poison {
+        loss = loss.mul_scalar(f64::NAN);
+    }
+    let value = f64::from(loss.clone().into_scalar::<f32>());
+    if let Some(divisor) = extras.penalty_divisor
+        && let Some(penalty) = model.regularization()
+    {
+        loss = loss + penalty.div_scalar(divisor);
+    }
+    Ok((GradientsParams::from_grads(loss.backward(), model), value))
+}

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The GPU check of issue #9, as one script: backend parity (wgpu vs flex, every mixer family),
+# the `base` workload (configs/bench-base.toml) for STEPS steps with dense, FNet, sparse and
+# all-attention on wgpu (tokens/s, peak GPU memory, achieved GFLOP/s), the same models with the
+# PyTorch reference on CUDA when a torch with CUDA is there, and GPU memory over MEM_STEPS
+# training steps (burn#5212 / #4792 watch). Prints a markdown table; JSON lines go to OUT_DIR.
+#
+#   scripts/gpu-check.sh                      # on a GPU machine, binaries in target/release
+#   SMOKE=1 scripts/gpu-check.sh              # tiny sizes: runs end to end on lavapipe (CPU)
+#
+# The device machine has no Rust toolchain: build here (`cargo build --release --bin bench
+# --bin train`), copy bench and train into a carried folder and point MIXLAB_BIN at it.
+# Environment: MIXLAB_BIN (folder with bench and train; default target/release or
+# $CARGO_TARGET_DIR/release), OUT_DIR (default $OUT, else runs/gpu-check), STEPS (200),
+# MEM_STEPS (1000), PYTHON (python3), BACKEND (wgpu).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN="${MIXLAB_BIN:-${CARGO_TARGET_DIR:-target}/release}"
+OUT_DIR="${OUT_DIR:-${OUT:-runs/gpu-check}}"
+BACKEND="${BACKEND:-wgpu}"
+PY="${PYTHON:-python3}"
+STEPS="${STEPS:-200}"
+MEM_STEPS="${MEM_STEPS:-1000}"
+WARMUP=5
+mkdir -p "$OUT_DIR"
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+JSONL="$OUT_DIR/gpu-check.jsonl"
+: >"$JSONL"
+status=0
+
+# Sizes: the base workload, or (SMOKE=1) a tiny one that a software rasteriser finishes.
+SIZE=()
+TORCH_SIZE=(--vocab 256 --d-model 768 --layers 12 --heads 12 --d-ff 3072 --seq 1024 --batch 8)
+HEADS=12
+if [ "${SMOKE:-0}" = 1 ]; then
+  STEPS=2 MEM_STEPS=20 WARMUP=1 HEADS=2
+  SIZE=(--set model.d_model=32 --set model.n_layers=1 --set model.d_ff=64 --set model.seq_len=64
+        --set train.batch_size=2)
+  TORCH_SIZE=(--vocab 256 --d-model 32 --layers 1 --heads 2 --d-ff 64 --seq 64 --batch 2)
+fi
+
+echo "== parity: flex vs $BACKEND" >&2
+if ! "$BIN/bench" parity --backend "$BACKEND" | tee -a "$JSONL"; then
+  echo "gpu-check: PARITY FAILED" >&2
+  status=1
+fi
+
+# name | mixlab --set values (';'-separated) | torch arguments
+MODELS=(
+  "dense|model.mixer={kind=\"dense\",n_heads=$HEADS}|--mixer dense"
+  "fnet|model.mixer={kind=\"fourier\",implementation=\"fft\"};train.objective=\"masked\"|--mixer fourier --causal 0"
+  "sparse-strided|model.mixer={kind=\"sparse\",n_heads=$HEADS,block=16,pattern=[{kind=\"strided\",stride=4}]}|--mixer sparse-strided --block 16 --stride 4"
+  "allattn|model.mixer={kind=\"persistent\",n_heads=$HEADS};model.d_ff=0|--mixer persistent"
+)
+have_cuda_torch=0
+if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  have_cuda_torch=1
+else
+  echo "gpu-check: no PyTorch with CUDA here; the PyTorch column stays empty" >&2
+fi
+
+for entry in "${MODELS[@]}"; do
+  IFS='|' read -r name sets targs <<<"$entry"
+  args=()
+  IFS=';' read -ra parts <<<"$sets"
+  for s in "${parts[@]}"; do args+=(--set "$s"); done
+  echo "== $name: $STEPS steps on $BACKEND" >&2
+  line=$("$BIN/bench" train --config configs/bench-base.toml --backend "$BACKEND" \
+    --steps "$STEPS" --warmup "$WARMUP" "${SIZE[@]}" "${args[@]}") || { status=1; line=""; }
+  [ -n "$line" ] && echo "{\"check\":\"mixlab\",\"name\":\"$name\",\"result\":$line}" >>"$JSONL"
+  if [ "$have_cuda_torch" = 1 ]; then
+    n_persistent=()
+    [ "$name" = allattn ] && n_persistent=(--n-persistent "$(( ${TORCH_SIZE[3]} * 4 ))")
+    # shellcheck disable=SC2086
+    t=$("$PY" scripts/torch_reference.py $targs "${TORCH_SIZE[@]}" "${n_persistent[@]}" \
+      --device cuda --steps "$STEPS" --warmup "$WARMUP") || t=""
+    [ -n "$t" ] && echo "{\"check\":\"torch\",\"name\":\"$name\",\"result\":$t}" >>"$JSONL"
+  fi
+done
+
+echo "== memory over $MEM_STEPS training steps (copy task, dense) on $BACKEND" >&2
+rm -rf "$OUT_DIR/memory-run"
+if "$BIN/train" --config configs/quickstart.toml --backend "$BACKEND" \
+  --set train.steps="$MEM_STEPS" --set train.log_every=$(( MEM_STEPS / 10 > 0 ? MEM_STEPS / 10 : 1 )) \
+  --set train.eval_every=0 --set train.checkpoint_every=0 \
+  --set train.run_dir="\"$OUT_DIR/memory-run\"" >/dev/null 2>"$OUT_DIR/memory-run.log"; then
+  cp "$OUT_DIR/memory-run/metrics.jsonl" "$OUT_DIR/memory-metrics.jsonl"
+else
+  echo "gpu-check: memory run failed (see $OUT_DIR/memory-run.log)" >&2
+  status=1
+fi
+
+"$PY" - "$JSONL" "$OUT_DIR/memory-metrics.jsonl" <<'PYEOF' | tee "$OUT_DIR/gpu-check.md"
+import json, sys
+rows, torch = {}, {}
+device = "?"
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get("kind") == "parity":
+        device = r["device"]
+        print(f"parity {r['mixer']}: max logit rel diff {r['max_logit_rel_diff']:.2e} "
+              f"{'ok' if r['ok'] else 'FAILED'}")
+    elif r.get("check") == "mixlab":
+        rows[r["name"]] = r["result"]
+    elif r.get("check") == "torch":
+        torch[r["name"]] = r["result"]
+print(f"\ndevice: {device}\n")
+print("| model | Mixlab tokens/s | peak device MiB | GFLOP/s | PyTorch CUDA tokens/s | PyTorch peak MiB | Mixlab / PyTorch |")
+print("|---|---|---|---|---|---|---|")
+fmt = lambda x, f="{:,.0f}": "-" if x is None else f.format(x)
+for name, m in rows.items():
+    t = torch.get(name, {})
+    ratio = m["tokens_per_s"] / t["tokens_per_s"] if t else None
+    print(f"| {name} | {fmt(m['tokens_per_s'])} | {fmt(m.get('peak_device_memory_mb'))} | "
+          f"{fmt(m.get('achieved_gflops'))} | {fmt(t.get('tokens_per_s'))} | "
+          f"{fmt(t.get('peak_device_memory_mb'))} | {fmt(ratio, '{:.2f}')} |")
+if "dense" in rows and "fnet" in rows:
+    print(f"\nFNet step / dense step: {rows['dense']['step_s_median'] / rows['fnet']['step_s_median']:.2f}x faster")
+try:
+    mem = [json.loads(l) for l in open(sys.argv[2])]
+    mem = [m for m in mem if m.get("split") == "train"]
+    key = "device_mem_reserved_mb" if "device_mem_reserved_mb" in mem[0] else "rss_mb"
+    series = [(m["step"], m[key]) for m in mem]
+    print(f"\nmemory ({key}) over {series[-1][0]} steps: " +
+          ", ".join(f"{s}: {v:.0f}" for s, v in series))
+    print(f"growth from the first log to the last: {series[-1][1] - series[0][1]:+.1f} MiB")
+except (OSError, IndexError, KeyError) as e:
+    print(f"\nmemory: no series ({e})")
+PYEOF
+exit "$status"
