@@ -412,11 +412,16 @@ pub fn device_memory_mb(device: &burn::tensor::Device) -> Option<(f64, f64)> {
     Some((mb(usage.bytes_in_use), mb(usage.bytes_reserved)))
 }
 
-/// The four mixer families on a tiny model, for [`parity`]: (name, `[model]` TOML).
-const PARITY_MODELS: [(&str, &str); 4] = [
+/// The mixer families on a tiny model, for [`parity`]: (name, `[model]` TOML). Both Fourier
+/// paths: burn-signal's FFTs (bidirectional) and the DFT matrices (causal).
+const PARITY_MODELS: [(&str, &str); 5] = [
     (
         "dense",
         "d_ff = 64\n[mixer]\nkind = \"dense\"\nn_heads = 4\n",
+    ),
+    (
+        "fourier-fft",
+        "d_ff = 64\n[mixer]\nkind = \"fourier\"\ncausal = false\nimplementation = \"fft\"\n",
     ),
     (
         "fourier-causal-dft",
@@ -432,7 +437,7 @@ const PARITY_MODELS: [(&str, &str); 4] = [
     ),
 ];
 
-/// Backend parity: each mixer family's tiny causal LM (vocab 13, d 32, 2 layers, seq 16,
+/// Backend parity: each mixer family's tiny LM (vocab 13, d 32, 2 layers, seq 16,
 /// batch 2) with the same weights on flex and on `other`: the largest logit difference
 /// relative to the largest logit, and the loss before and after one AdamW step on both.
 /// `ok` when logits agree within 1e-4 relative, the loss before within 1e-4 and after within

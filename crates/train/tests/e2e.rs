@@ -522,8 +522,8 @@ fn bench_prints_a_json_line_per_backend() {
     }
 }
 
-/// flex and wgpu compute the same models (dense, causal DFT Fourier, block-sparse,
-/// persistent memory): logits within 1e-4 relative, the same loss before and after one AdamW
+/// flex and wgpu compute the same models (dense, Fourier by FFT and by causal DFT,
+/// block-sparse, persistent memory): logits within 1e-4 relative, the same loss before and after one AdamW
 /// step (`bench parity`, what `scripts/gpu-check.sh` runs on a GPU). Skips (with the reason)
 /// when no wgpu adapter exists, unless `MIXLAB_REQUIRE_WGPU=1` (CI installs Mesa's llvmpipe
 /// Vulkan driver and sets it).
@@ -544,7 +544,7 @@ fn wgpu_matches_flex_for_every_mixer_family() {
     };
     eprintln!("wgpu parity on {}", wgpu.description);
     let lines = mixlab_train::bench::parity(&wgpu).unwrap();
-    assert_eq!(lines.len(), 4);
+    assert_eq!(lines.len(), 5);
     for line in &lines {
         eprintln!("{line}");
         assert_eq!(line["ok"], true, "{line}");

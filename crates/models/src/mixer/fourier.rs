@@ -8,7 +8,8 @@
 //! variable-length sequences every output depends on how much padding its row has.
 //!
 //! Two implementations of the same function:
-//! - `fft`: `burn::signal::cfft` along hidden then along sequence (with backward); both lengths
+//! - `fft`: `burn::signal::rfft` along hidden, `cfft` along sequence, the other half of the
+//!   hidden spectrum from Hermitian symmetry (all with backward); both lengths
 //!   must be powers of two and the backend must have the FFT ops (flex and the CubeCL backends,
 //!   not ndarray); `auto` uses it on GPUs, and on flex from seq 1024 (see
 //!   [`FourierMixer::uses_fft`]);
@@ -27,7 +28,7 @@
 //! cannot hold at n in the thousands).
 
 use burn::module::Module;
-use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::MixerContext;
@@ -140,7 +141,9 @@ impl FourierMixer {
     ///
     /// `auto` takes it on CubeCL devices (GPUs) whenever the lengths are powers of two. On flex
     /// it waits for `seq >= 1024`: in whole training steps at batch 16 the DFT matrices were
-    /// faster there (seq 512: 2.07 s vs 2.40 s per step, `bench train`), as on the paper's TPUs.
+    /// as fast or faster there (seq 512: 2.59 s vs 2.66 s per step, seq 256: 1.36 s vs 1.41 s,
+    /// `bench train`), as on the paper's TPUs; from 1024 on the FFT wins the mixing layer by
+    /// 4x and more (`bench mixing`).
     pub fn uses_fft(&self, seq: usize, d_model: usize, device: &Device) -> bool {
         let pow2 = seq.is_power_of_two() && d_model.is_power_of_two();
         let worth_it = match fft_backend(device) {
@@ -169,18 +172,38 @@ fn fft_backend(device: &Device) -> Option<FftBackend> {
     }
 }
 
-/// `Re(FFT_seq(FFT_hidden(x)))` by burn-signal FFTs.
+/// `Re(FFT_seq(FFT_hidden(x)))` by burn-signal FFTs, with half the transform work of two
+/// complex FFTs: `x` is real, so a real FFT along hidden gives the `d/2 + 1` non-redundant
+/// columns, a complex FFT along the sequence turns them into the 2-D spectrum `X[k_s, k_h]`
+/// for `k_h <= d/2`, and Hermitian symmetry gives the rest of the real part:
+/// `Re X[k_s, k_h] = Re X[(n - k_s) mod n, d - k_h]` for `k_h > d/2` (reverse the sequence
+/// index modulo `n`, mirror the hidden one).
 ///
 /// # Shapes
 /// - `x`: `[batch, seq, d_model]`, both lengths powers of two
 /// - output: `[batch, seq, d_model]`
 pub fn fft_mix(x: Tensor<3>) -> Tensor<3> {
+    let [_, seq, d_model] = x.dims();
     let dtype = x.dtype();
+    let device = x.device();
     let x = x.cast(FloatDType::F32);
-    let zeros = x.zeros_like();
-    let (re, im) = burn::signal::cfft(x, zeros, 2, None); // along hidden
-    let (re, _) = burn::signal::cfft(re, im, 1, None); // along the sequence
-    re.cast(dtype)
+    let (re, im) = burn::signal::rfft(x, 2, None); // [batch, seq, d/2 + 1]
+    let (half, _) = burn::signal::cfft(re, im, 1, None); // real part of X[:, k_h <= d/2]
+    let half_d = d_model / 2;
+    if half_d < 2 {
+        return half.cast(dtype); // d_model <= 2: the half spectrum is the whole one.
+    }
+    // k_s -> (n - k_s) mod n: [0, n-1, n-2, ..., 1].
+    let reversed: Vec<i64> = (0..seq as i64)
+        .map(|k| (seq as i64 - k) % seq as i64)
+        .collect();
+    let reversed = Tensor::<1, Int>::from_data(TensorData::new(reversed, [seq]), &device);
+    let upper = half
+        .clone()
+        .narrow(2, 1, half_d - 1) // k_h' = 1 ..= d/2 - 1
+        .select(1, reversed)
+        .flip([2]); // k_h = d - k_h' = d/2 + 1 ..= d - 1
+    Tensor::cat(vec![half, upper], 2).cast(dtype)
 }
 
 /// `[n, n]` cosine and sine DFT matrices, `cos(2π jk / n)` and `sin(2π jk / n)`, optionally with
@@ -295,7 +318,7 @@ mod tests {
         #[allow(deprecated)]
         let ndarray = Device::ndarray();
         assert!(fft_backend(&ndarray).is_none());
-        for (seq, d) in [(16, 8), (64, 32), (256, 64)] {
+        for (seq, d) in [(16, 8), (64, 32), (256, 64), (32, 128), (8, 2), (4, 4)] {
             device.seed(2);
             let x = Tensor::<3>::random([2, seq, d], Distribution::Normal(0.0, 1.0), &device)
                 .require_grad();

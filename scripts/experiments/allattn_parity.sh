@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# All-attention with persistent memory vs dense attention + FFN at parameter parity
+# (Sukhbaatar et al. 2019) at CPU scale: tiny-shakespeare, character level, d_model 128,
+# 4 layers, 4 heads, seq 128, batch 16, STEPS steps (default 400), seeds 1 and 2.
+#   dense:    attention + FFN (d_ff 512), learned absolute positions (configs/dense-shakespeare.toml)
+#   allattn:  persistent memory N = 512 = d_ff (parity), no FFN, relative positions
+#             (configs/allattn-shakespeare.toml)
+# Then a comparison table and plots in docs/results/ (`report`). About 20 min on 2 cores.
+#   scripts/experiments/allattn_parity.sh [CORPUS_FILE]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release --bin train --bin report >&2
+BIN="${CARGO_TARGET_DIR:-target}/release"
+CORPUS="${1:-../shared/datasets/tinyshakespeare/input.txt}"
+STEPS="${STEPS:-400}"
+DATA=()
+[ -f "$CORPUS" ] && DATA=(--set "data.path=\"$CORPUS\"")
+OUT=runs/allattn-parity
+rm -rf "$OUT"
+run() { # name, config, seed, extra sets...
+  local name="$1" config="$2" seed="$3"; shift 3
+  local sets=()
+  for s in "$@"; do sets+=(--set "$s"); done
+  "$BIN/train" --config "$config" --backend flex "${DATA[@]}" \
+    --set train.steps="$STEPS" --set train.eval_every=100 --set train.checkpoint_every="$STEPS" \
+    --set train.seed="$seed" --set "train.run_dir=\"$OUT/$name-s$seed\"" "${sets[@]}" \
+    2>&1 | grep -E "parameters|done at" >&2
+}
+for seed in 1 2; do
+  run dense configs/dense-shakespeare.toml "$seed"
+  run allattn configs/allattn-shakespeare.toml "$seed"
+done
+"$BIN/report" "$OUT"/dense-s* "$OUT"/allattn-s* \
+  --out docs/results --name allattn-parity
