@@ -8,9 +8,9 @@
 #   scripts/gpu-check.sh                      # on a GPU machine, binaries in target/release
 #   SMOKE=1 scripts/gpu-check.sh              # tiny sizes: runs end to end on lavapipe (CPU)
 #
-# The device machine has no Rust toolchain: build here (`cargo build --release --bin bench
-# --bin train`), copy bench and train into a carried folder and point MIXLAB_BIN at it.
-# Environment: MIXLAB_BIN (folder with bench and train; default target/release or
+# The device machine has no Rust toolchain: `scripts/gpu-bundle.sh` builds `bench` here and
+# packs it (stripped, gzipped) into .gpu/, which a device run carries (docs/BENCHMARKS.md).
+# Environment: MIXLAB_BIN (folder with bench; default target/release or
 # $CARGO_TARGET_DIR/release), OUT_DIR (default $OUT, else runs/gpu-check), STEPS (200),
 # MEM_STEPS (1000), PYTHON (python3), BACKEND (wgpu).
 set -uo pipefail
@@ -78,21 +78,14 @@ for entry in "${MODELS[@]}"; do
   fi
 done
 
-echo "== memory over $MEM_STEPS training steps (copy task, dense) on $BACKEND" >&2
-rm -rf "$OUT_DIR/memory-run"
-if "$BIN/train" --config configs/quickstart.toml --backend "$BACKEND" \
-  --set train.steps="$MEM_STEPS" --set train.log_every=$(( MEM_STEPS / 10 > 0 ? MEM_STEPS / 10 : 1 )) \
-  --set train.eval_every=0 --set train.checkpoint_every=0 \
-  --set train.run_dir="\"$OUT_DIR/memory-run\"" >/dev/null 2>"$OUT_DIR/memory-run.log"; then
-  cp "$OUT_DIR/memory-run/metrics.jsonl" "$OUT_DIR/memory-metrics.jsonl"
-else
-  echo "gpu-check: memory run failed (see $OUT_DIR/memory-run.log)" >&2
-  status=1
-fi
+echo "== memory over $MEM_STEPS training steps (small workload, dense) on $BACKEND" >&2
+mem=$("$BIN/bench" train --config configs/bench-small.toml --backend "$BACKEND" \
+  --steps "$MEM_STEPS" --warmup 0 "${SIZE[@]}") || { status=1; mem=""; }
+[ -n "$mem" ] && echo "{\"check\":\"memory\",\"result\":$mem}" >>"$JSONL"
 
-"$PY" - "$JSONL" "$OUT_DIR/memory-metrics.jsonl" <<'PYEOF' | tee "$OUT_DIR/gpu-check.md"
+"$PY" - "$JSONL" <<'PYEOF' | tee "$OUT_DIR/gpu-check.md"
 import json, sys
-rows, torch = {}, {}
+rows, torch, memory = {}, {}, []
 device = "?"
 for line in open(sys.argv[1]):
     r = json.loads(line)
@@ -104,6 +97,8 @@ for line in open(sys.argv[1]):
         rows[r["name"]] = r["result"]
     elif r.get("check") == "torch":
         torch[r["name"]] = r["result"]
+    elif r.get("check") == "memory":
+        memory = r["result"]["memory_series"]
 print(f"\ndevice: {device}\n")
 print("| model | Mixlab tokens/s | peak device MiB | GFLOP/s | PyTorch CUDA tokens/s | PyTorch peak MiB | Mixlab / PyTorch |")
 print("|---|---|---|---|---|---|---|")
@@ -117,15 +112,13 @@ for name, m in rows.items():
 if "dense" in rows and "fnet" in rows:
     speedup = rows['dense']['step_s_median'] / rows['fnet']['step_s_median']
     print(f"\nFNet training step vs dense: {speedup:.2f}x (dense step time / FNet step time; target >= 1.8)")
-try:
-    mem = [json.loads(l) for l in open(sys.argv[2])]
-    mem = [m for m in mem if m.get("split") == "train"]
-    key = "device_mem_reserved_mb" if "device_mem_reserved_mb" in mem[0] else "rss_mb"
-    series = [(m["step"], m[key]) for m in mem]
-    print(f"\nmemory ({key}) over {series[-1][0]} steps: " +
+if memory:
+    key = "device_reserved_mb" if memory[0].get("device_reserved_mb") is not None else "rss_mb"
+    series = [(m["step"], m[key]) for m in memory]
+    print(f"\nmemory ({key}, MiB) over {series[-1][0]} steps: " +
           ", ".join(f"{s}: {v:.0f}" for s, v in series))
-    print(f"growth from the first log to the last: {series[-1][1] - series[0][1]:+.1f} MiB")
-except (OSError, IndexError, KeyError) as e:
-    print(f"\nmemory: no series ({e})")
+    print(f"growth from the first sample to the last: {series[-1][1] - series[0][1]:+.1f} MiB")
+else:
+    print("\nmemory: no series (the memory run failed)")
 PYEOF
 exit "$status"

@@ -60,6 +60,7 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
     };
     let mut times = vec![];
     let mut peak_device_mb = 0f64;
+    let mut memory_series = vec![];
     for i in 0..warmup + steps {
         let batch = batch_at(i as u64);
         let batch = match objective {
@@ -91,11 +92,21 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
         for s in &all {
             s.device.sync().ok();
         }
+        if i >= warmup {
+            times.push(started.elapsed().as_secs_f64());
+        }
         if let Some((_, reserved)) = device_memory_mb(&selected.device) {
             peak_device_mb = peak_device_mb.max(reserved);
         }
-        if i >= warmup {
-            times.push(started.elapsed().as_secs_f64());
+        // Ten memory samples over the run (after step 1, then every tenth of it): growth
+        // across a long run shows here (burn#5212 / #4792).
+        let every = ((warmup + steps) / 10).max(1);
+        if (i + 1) % every == 0 || i == 0 {
+            memory_series.push(json!({
+                "step": i + 1,
+                "rss_mb": rss_mb(),
+                "device_reserved_mb": device_memory_mb(&selected.device).map(|m| m.1),
+            }));
         }
     }
     times.sort_by(f64::total_cmp);
@@ -118,6 +129,7 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
         "params": model.num_params(),
         "peak_rss_mb": peak_rss_mb(),
         "peak_device_memory_mb": (peak_device_mb > 0.0).then_some(peak_device_mb),
+        "memory_series": memory_series,
         "data": if source.is_some() { "corpus" } else { "random" },
         "model_gflop_per_step": flop / 1e9,
         "achieved_gflops": flop / 1e9 / median,

@@ -512,6 +512,9 @@ fn bench_prints_a_json_line_per_backend() {
         assert!(line["tokens_per_s"].as_f64().unwrap() > 0.0);
         assert!(line["params"].as_u64().unwrap() > 1000);
         assert!(line["peak_rss_mb"].as_f64().unwrap() > 1.0);
+        let series = line["memory_series"].as_array().unwrap();
+        assert!(!series.is_empty() && series[0]["step"] == 1, "{series:?}");
+        assert!(series.iter().all(|m| m["rss_mb"].as_f64().unwrap() > 1.0));
         // TINY: 6 x non-position params + 12 d n per layer (2 layers), 8 x 16 tokens a step.
         let params = line["params"].as_f64().unwrap();
         let per_token = 6.0 * (params - 16.0 * 32.0) + 2.0 * 12.0 * 32.0 * 16.0;
