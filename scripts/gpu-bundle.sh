@@ -13,8 +13,9 @@ cd "$(dirname "$0")/.."
 cargo build --release --bin bench >&2
 BIN="${CARGO_TARGET_DIR:-target}/release"
 mkdir -p .gpu
-grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
-grep -qxF '/.gl/' .git/info/exclude 2>/dev/null || echo '/.gl/' >>.git/info/exclude
+EXCLUDE="$(git rev-parse --git-path info/exclude)"
+mkdir -p "$(dirname "$EXCLUDE")"
+for d in /.gpu/ /.gl/; do grep -qxF "$d" "$EXCLUDE" 2>/dev/null || echo "$d" >>"$EXCLUDE"; done
 strip -o .gpu/bench "$BIN/bench"
 gzip -f -9 .gpu/bench
 ls -l .gpu/bench.gz >&2

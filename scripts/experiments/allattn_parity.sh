@@ -8,15 +8,20 @@
 # Then a comparison table and plots in docs/results/ (`report`). About 20 min on 2 cores.
 #   scripts/experiments/allattn_parity.sh [CORPUS_FILE]
 set -euo pipefail
+if [ -n "${1:-}" ]; then
+  [ -f "$1" ] || { echo "error: corpus file $1 does not exist" >&2; exit 1; }
+  CORPUS="$(realpath "$1")"
+fi
 cd "$(dirname "$0")/../.."
 cargo build --release --bin train --bin report >&2
 BIN="${CARGO_TARGET_DIR:-target}/release"
-CORPUS="${1:-../shared/datasets/tinyshakespeare/input.txt}"
+CORPUS="${CORPUS:-../shared/datasets/tinyshakespeare/input.txt}"
 STEPS="${STEPS:-400}"
 DATA=()
 [ -f "$CORPUS" ] && DATA=(--set "data.path=\"$CORPUS\"")
 OUT=runs/allattn-parity
 rm -rf "$OUT"
+mkdir -p "$OUT"
 run() { # name, config, seed, extra sets...
   local name="$1" config="$2" seed="$3"; shift 3
   local sets=()
@@ -24,11 +29,12 @@ run() { # name, config, seed, extra sets...
   "$BIN/train" --config "$config" --backend flex "${DATA[@]}" \
     --set train.steps="$STEPS" --set train.eval_every=100 --set train.checkpoint_every="$STEPS" \
     --set train.seed="$seed" --set "train.run_dir=\"$OUT/$name-s$seed\"" "${sets[@]}" \
-    2>&1 | grep -E "parameters|done at" >&2
+    >"$OUT/$name-s$seed.log" 2>&1 || echo "run $name-s$seed failed: see $OUT/$name-s$seed.log" >&2
+  grep -E "parameters|done at" "$OUT/$name-s$seed.log" >&2 || true
 }
 for seed in 1 2; do
   run dense configs/dense-shakespeare.toml "$seed"
   run allattn configs/allattn-shakespeare.toml "$seed"
 done
-"$BIN/report" "$OUT"/dense-s* "$OUT"/allattn-s* \
-  --out docs/results --name allattn-parity
+# Only the runs that finished (a summary.json) go into the report.
+"$BIN/report" $(dirname $(ls "$OUT"/*/summary.json) | sort) --out docs/results --name allattn-parity

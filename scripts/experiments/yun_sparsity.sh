@@ -7,10 +7,14 @@
 # and plots including quality vs density in docs/results/ (`report`). About 35 min on 2 cores.
 #   scripts/experiments/yun_sparsity.sh [CORPUS_FILE]
 set -euo pipefail
+if [ -n "${1:-}" ]; then
+  [ -f "$1" ] || { echo "error: corpus file $1 does not exist" >&2; exit 1; }
+  CORPUS="$(realpath "$1")"
+fi
 cd "$(dirname "$0")/../.."
 cargo build --release --bin train --bin report >&2
 BIN="${CARGO_TARGET_DIR:-target}/release"
-CORPUS="${1:-../shared/datasets/tinyshakespeare/input.txt}"
+CORPUS="${CORPUS:-../shared/datasets/tinyshakespeare/input.txt}"
 STEPS="${STEPS:-150}"
 DATA=()
 [ -f "$CORPUS" ] && DATA=(--set "data.path=\"$CORPUS\"")
@@ -33,4 +37,5 @@ for k in 2 4; do
   run "random-$k" "$(sparse "{kind=\"random\",per_row=$k,seed=1}")"
 done
 run star "$(sparse '{kind="star",relays=1}')"
-"$BIN/report" $(find "$OUT" -mindepth 1 -maxdepth 1 -type d | sort) --out docs/results --name yun-sparsity
+# Only the runs that finished (a summary.json) go into the report.
+"$BIN/report" $(dirname $(ls "$OUT"/*/summary.json) | sort) --out docs/results --name yun-sparsity

@@ -159,8 +159,8 @@ fn pick(choice: BackendChoice, index: Option<usize>) -> Result<Selected> {
     })
 }
 
-/// The `i`-th wgpu adapter: discrete GPUs first, then integrated, virtual, and (for 0) a CPU
-/// adapter such as llvmpipe.
+/// `wgpu:i`: discrete GPU `i`, else integrated GPU `i`, else virtual GPU `i`, else (for
+/// `i = 0`) a CPU adapter such as llvmpipe.
 fn wgpu_index(i: usize) -> Result<Selected> {
     let mut kinds = vec![
         DeviceKind::DiscreteGpu(i),

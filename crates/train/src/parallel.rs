@@ -5,10 +5,15 @@
 //! steps once, on the main device, with the summed gradients: one copy of the model and of
 //! AdamW's moments, so global-norm clipping, checkpoints and resume are the single-device code.
 //!
-//! Every shard's loss is divided by the whole micro-batch's loss weight, so the sum of the
+//! Every shard's loss is divided by the whole optimiser step's loss weight, so the sum of the
 //! shards' gradients is the gradient of the single-device loss: the update is the same as on
 //! one device up to floating-point summation order. With one device this is the plain
 //! single-device step (no thread, no copy).
+//!
+//! Randomness: Burn keeps one random generator per backend, not per device, so replicas on two
+//! GPUs of the same backend draw their dropout masks from one generator in thread order. With
+//! `dropout > 0` such a run is not bit-reproducible (the trainer warns); devices of different
+//! backends (the CPU test's flex + ndarray) and `dropout = 0` are.
 
 use anyhow::{Result, anyhow};
 use burn::module::Module;

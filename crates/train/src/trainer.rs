@@ -203,6 +203,17 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                 .join(", "),
             t.batch_size
         );
+        let mut backends: Vec<&str> = all.iter().map(|s| s.backend).collect();
+        backends.sort_unstable();
+        backends.dedup();
+        if backends.len() < all.len() && config.model.dropout > 0.0 {
+            eprintln!(
+                "mixlab: warning: model.dropout = {} with several {} devices: Burn keeps one \
+                 random generator per backend, so dropout masks depend on thread order and \
+                 this run is not bit-reproducible (set model.dropout = 0 for that)",
+                config.model.dropout, backends[0]
+            );
+        }
     }
     if start > 0 {
         eprintln!("mixlab: resumed at step {start}");
