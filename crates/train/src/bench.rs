@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::device::{self, BackendChoice};
 use crate::optim::{adamw, clip_global_norm, learning_rate};
-use crate::parallel::{Extras, accumulate_micro_batch};
+use crate::parallel::{Extras, accumulate_micro_batch, fork_replicas};
 use crate::source::Source;
 use crate::trainer::{TrainOptions, resolve_config};
 
@@ -32,13 +32,7 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
     // Random tokens leave room for [MASK] at the top of the vocabulary.
     let data_vocab = vocab - usize::from(objective == crate::config::Objective::Masked);
     config.model.vocab_size = Some(vocab);
-    let mut all = device::select_many(
-        BackendChoice::parse(&config.train.backend)?,
-        &config.train.devices,
-    )?;
-    for selected in &mut all {
-        device::set_precision(selected, config.train.precision)?;
-    }
+    let all = device::select_for(&config.train)?;
     let selected = all[0].clone();
     let replicas: Vec<_> = all.iter().map(|s| s.device.clone().autodiff()).collect();
     let ad = replicas[0].clone();
@@ -79,7 +73,7 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
         let started = Instant::now();
         let mut accumulator = GradientsAccumulator::new();
         accumulate_micro_batch(
-            &model,
+            &fork_replicas(&model, &replicas),
             &batch,
             &replicas,
             batch.weight_sum(),
@@ -95,9 +89,8 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
         if i >= warmup {
             times.push(started.elapsed().as_secs_f64());
         }
-        if let Some((_, reserved)) = device_memory_mb(&selected.device) {
-            peak_device_mb = peak_device_mb.max(reserved);
-        }
+        let reserved = device_memory_mb(&selected.device).map(|(_, reserved)| reserved);
+        peak_device_mb = peak_device_mb.max(reserved.unwrap_or(0.0));
         // Ten memory samples over the run (after step 1, then every tenth of it): growth
         // across a long run shows here (burn#5212 / #4792).
         let every = ((warmup + steps) / 10).max(1);
@@ -105,7 +98,7 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
             memory_series.push(json!({
                 "step": i + 1,
                 "rss_mb": rss_mb(),
-                "device_reserved_mb": device_memory_mb(&selected.device).map(|m| m.1),
+                "device_reserved_mb": reserved,
             }));
         }
     }

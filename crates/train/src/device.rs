@@ -94,6 +94,16 @@ pub fn select_many(backend: BackendChoice, devices: &[String]) -> Result<Vec<Sel
     Ok(out)
 }
 
+/// The devices of a run, as `[train]` asks: [`select_many`] of `backend` and `devices`, each
+/// set to `precision` ([`set_precision`]). The first is the main device.
+pub fn select_for(train: &crate::config::TrainConfig) -> Result<Vec<Selected>> {
+    let mut all = select_many(BackendChoice::parse(&train.backend)?, &train.devices)?;
+    for selected in &mut all {
+        set_precision(selected, train.precision)?;
+    }
+    Ok(all)
+}
+
 /// Parse one `train.devices` entry (see [`select_many`]).
 pub fn parse_device(backend: BackendChoice, entry: &str) -> Result<(BackendChoice, Option<usize>)> {
     let entry = entry.trim();

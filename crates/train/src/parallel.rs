@@ -1,6 +1,6 @@
 //! Data parallelism with Burn's own machinery, as burn-train's `MultiDevice` strategy does it:
-//! each device gets a copy of the model (`Module::fork`), runs forward and backward on its
-//! shard of the micro-batch in its own thread, and the gradients are moved to the main device
+//! each device gets a copy of the model (`Module::fork`, once per optimiser step), runs forward
+//! and backward on its shard of each micro-batch in its own thread, and the gradients are moved to the main device
 //! (`GradientsParams::to_device`) and summed there (`GradientsAccumulator`). The optimizer
 //! steps once, on the main device, with the summed gradients: one copy of the model and of
 //! AdamW's moments, so global-norm clipping, checkpoints and resume are the single-device code.
@@ -34,18 +34,28 @@ pub struct Extras {
     pub poison: bool,
 }
 
-/// Forward and backward of `batch` split across `devices` (autodiff devices, the first being
-/// `model`'s), gradients summed into `accumulator` on the main device. Every shard's loss is
-/// divided by `weight` (the loss weight of the whole optimiser step). Returns the shards'
-/// summed loss (without the penalty).
+/// The model on every device of `devices` (autodiff devices, the first being `model`'s):
+/// `model` itself on the first, a fork (`Module::fork`) on each other one. Once per optimiser
+/// step, shared by its micro-batches.
+pub fn fork_replicas(model: &Lm, devices: &[Device]) -> Vec<Lm> {
+    std::iter::once(model.clone())
+        .chain(devices[1..].iter().map(|d| model.clone().fork(d)))
+        .collect()
+}
+
+/// Forward and backward of `batch` split across `devices`, each shard on its replica
+/// ([`fork_replicas`]), gradients summed into `accumulator` on the main device. Every shard's
+/// loss is divided by `weight` (the loss weight of the whole optimiser step). Returns the
+/// shards' summed loss (without the penalty).
 pub fn accumulate_micro_batch(
-    model: &Lm,
+    replicas: &[Lm],
     batch: &Batch,
     devices: &[Device],
     weight: f64,
     extras: Extras,
     accumulator: &mut GradientsAccumulator<Lm>,
 ) -> Result<f64> {
+    let model = &replicas[0];
     let shards = batch.split(devices.len());
     if shards.len() == 1 {
         let (grads, loss) = shard_step(model, &shards[0], &devices[0], weight, extras)?;
@@ -55,19 +65,11 @@ pub fn accumulate_micro_batch(
     let results: Vec<Result<(GradientsParams, f64)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = shards
             .into_iter()
-            .zip(devices.iter().cloned())
+            .zip(replicas.iter().cloned().zip(devices.iter().cloned()))
             .enumerate()
-            .map(|(i, (shard, device))| {
-                let replica = model.clone();
+            .map(|(i, (shard, (replica, device)))| {
                 let extras = if i == 0 { extras } else { Extras::default() };
-                scope.spawn(move || {
-                    let replica = if i == 0 {
-                        replica
-                    } else {
-                        replica.fork(&device)
-                    };
-                    shard_step(&replica, &shard, &device, weight, extras)
-                })
+                scope.spawn(move || shard_step(&replica, &shard, &device, weight, extras))
             })
             .collect();
         handles

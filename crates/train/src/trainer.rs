@@ -16,10 +16,10 @@ use serde_json::json;
 
 use crate::checkpoint::{self, Manifest, SchedulerState};
 use crate::config::{Config, NonFinite};
-use crate::device::{self, BackendChoice};
+use crate::device;
 use crate::metrics::MetricsLog;
 use crate::optim::{adamw, clip_global_norm, learning_rate};
-use crate::parallel::{Extras, accumulate_micro_batch};
+use crate::parallel::{Extras, accumulate_micro_batch, fork_replicas};
 use crate::source::{Source, to_tensors};
 
 /// What the `train` command was asked to do.
@@ -144,18 +144,12 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         }
     };
 
-    let mut all = device::select_many(
-        BackendChoice::parse(&config.train.backend)?,
-        &config.train.devices,
-    )?;
-    for selected in &mut all {
-        device::set_precision(selected, config.train.precision)?;
-    }
+    let all = device::select_for(&config.train)?;
     let selected = all[0].clone();
     let device = selected.device.clone();
-    let ad = device.clone().autodiff();
-    // Data-parallel replicas (autodiff devices); the first is `ad`.
+    // Data-parallel devices with autodiff; the first, `ad`, holds the model.
     let replicas: Vec<Device> = all.iter().map(|s| s.device.clone().autodiff()).collect();
+    let ad = replicas[0].clone();
 
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
@@ -256,6 +250,7 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
             .collect();
         let weight: f64 = batches.iter().map(|b| b.weight_sum()).sum();
         let mut loss_sum = 0.0;
+        let models = fork_replicas(&model, &replicas);
         let mut accumulator = GradientsAccumulator::<Lm>::new();
         for batch in &batches {
             let extras = Extras {
@@ -263,8 +258,14 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                 penalty_divisor: Some(t.grad_accum as f64),
                 poison: poison_step == Some(step),
             };
-            loss_sum +=
-                accumulate_micro_batch(&model, batch, &replicas, weight, extras, &mut accumulator)?;
+            loss_sum += accumulate_micro_batch(
+                &models,
+                batch,
+                &replicas,
+                weight,
+                extras,
+                &mut accumulator,
+            )?;
         }
         let (grads, grad_norm) =
             clip_global_norm(&model, accumulator.grads(), config.optim.grad_clip);
