@@ -473,7 +473,7 @@ mod tests {
     use super::*;
 
     fn shared(corpus: &str) -> Option<PathBuf> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        let dir = crate::crate_dir()
             .join("../../../shared/datasets")
             .join(corpus);
         if dir.is_dir() {

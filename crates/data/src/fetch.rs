@@ -756,7 +756,7 @@ mod tests {
             crate::catalogue::sources(&req).unwrap_or_else(|e| panic!("{corpus:?}: {e}"));
         }
         // The pins of the files we hold in ../shared agree with their bytes.
-        let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets");
+        let shared = crate::crate_dir().join("../../../shared/datasets");
         for (corpus, folder) in [
             (Corpus::Ptb, "ptb"),
             (Corpus::Tinyshakespeare, "tinyshakespeare"),

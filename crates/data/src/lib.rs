@@ -203,3 +203,12 @@ pub enum DataError {
         message: String,
     },
 }
+
+/// This crate's directory, read when the tests run (cargo sets `CARGO_MANIFEST_DIR` for them):
+/// the compile-time value goes stale when a cached build is reused from another checkout path.
+#[cfg(test)]
+pub(crate) fn crate_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}

@@ -404,7 +404,7 @@ mod tests {
 
     #[test]
     fn every_shipped_config_parses_and_validates() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let dir = crate::crate_dir().join("../../configs");
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
@@ -426,7 +426,7 @@ mod tests {
         use proptest::prelude::*;
 
         fn shipped() -> Vec<String> {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+            let dir = crate::crate_dir().join("../../configs");
             let mut texts: Vec<String> = std::fs::read_dir(&dir)
                 .unwrap()
                 .filter_map(|e| {

@@ -6,6 +6,14 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+/// This crate's directory, read at run time (cargo sets `CARGO_MANIFEST_DIR` for tests): the
+/// compile-time value goes stale when a cached build is reused from another checkout path.
+fn crate_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn train_bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_train"))
 }
@@ -585,7 +593,7 @@ fn an_all_attention_model_with_adaptive_span_trains_end_to_end() {
 
 #[test]
 fn a_word_level_corpus_reports_perplexity_over_whole_splits() {
-    let ptb = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets/ptb");
+    let ptb = crate_dir().join("../../../shared/datasets/ptb");
     if !ptb.is_dir() {
         eprintln!("skipped: {} is absent", ptb.display());
         return;
@@ -730,8 +738,7 @@ fn a_causal_fnet_trains_end_to_end() {
 #[test]
 fn a_bidirectional_fnet_trains_with_the_masked_objective() {
     let dir = scratch("fnet-mlm");
-    let shakespeare = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/datasets/tinyshakespeare/input.txt");
+    let shakespeare = crate_dir().join("../../../shared/datasets/tinyshakespeare/input.txt");
     let corpus = dir.join("corpus.txt");
     let text = std::fs::read_to_string(&shakespeare)
         .unwrap_or_else(|_| "to be or not to be, that is the question\n".repeat(200));
@@ -778,15 +785,13 @@ fn a_bidirectional_fnet_trains_with_the_masked_objective() {
 #[test]
 fn the_shipped_fnet_configs_run_twenty_steps_reduced() {
     let dir = scratch("fnet-config");
-    let shakespeare = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/datasets/tinyshakespeare/input.txt");
+    let shakespeare = crate_dir().join("../../../shared/datasets/tinyshakespeare/input.txt");
     let corpus = dir.join("input.txt");
     let text = std::fs::read_to_string(&shakespeare)
         .unwrap_or_else(|_| "to be or not to be, that is the question\n".repeat(500));
     std::fs::write(&corpus, &text[..text.len().min(40_000)]).unwrap();
     for name in ["fnet", "fnet-hybrid"] {
-        let config =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../configs/{name}.toml"));
+        let config = crate_dir().join(format!("../../configs/{name}.toml"));
         let run_dir = dir.join(name);
         let path = format!("data.path=\"{}\"", corpus.display());
         let out = train_with(
@@ -1048,7 +1053,7 @@ fn sample_continues_a_prompt_reproducibly() {
 }
 
 fn repo_config(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../configs/{name}.toml"))
+    crate_dir().join(format!("../../configs/{name}.toml"))
 }
 
 /// `configs/copy-sparse.toml` (strided, blocks of 8) learns the copy task; `train` prints the
