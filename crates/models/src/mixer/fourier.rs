@@ -8,10 +8,12 @@
 //! variable-length sequences every output depends on how much padding its row has.
 //!
 //! Two implementations of the same function:
-//! - `fft`: `burn::signal::rfft` along hidden, `cfft` along sequence, the other half of the
-//!   hidden spectrum from Hermitian symmetry (all with backward); both lengths
-//!   must be powers of two and the backend must have the FFT ops (flex and the CubeCL backends,
-//!   not ndarray); `auto` uses it on GPUs, and on flex from seq 1024 (see
+//! - `fft`: O(s d log(s d)). On flex, one fused backend operation (`fourier_op.rs`): rustfft
+//!   real FFTs along hidden, complex FFTs along the sequence, the other half of the hidden
+//!   spectrum from Hermitian symmetry, and a backward that is the same transform (the map is
+//!   self-adjoint); any lengths. On the CubeCL backends (GPUs), composed from
+//!   `burn::signal::rfft`/`cfft` (with their backward), powers of two only. ndarray has no FFTs.
+//!   `auto` uses it on flex always and on GPUs for power-of-two lengths (see
 //!   [`FourierMixer::uses_fft`]);
 //! - `dft`: the DFT-matrix identity `Re(F_s X F_h) = C_s X C_h − S_s X S_h` with the cosine and
 //!   sine matrices `C[j, k] = cos(2π jk / n)`, `S[j, k] = sin(2π jk / n)`; any length, every
@@ -40,7 +42,7 @@ use crate::ModelError;
 pub enum FourierImpl {
     /// FFT where it applies (power-of-two lengths, a backend with FFT ops), else DFT matrices.
     Auto,
-    /// Always `burn::signal` FFTs (an error if a length is not a power of two).
+    /// Always FFTs (an error if a length is not a power of two, which the GPU FFTs need).
     Fft,
     /// Always DFT matrices.
     Dft,
@@ -139,19 +141,18 @@ impl FourierMixer {
 
     /// Whether the FFT path computes `[.., seq, d_model]` inputs on `device`.
     ///
-    /// `auto` takes it on CubeCL devices (GPUs) whenever the lengths are powers of two. On flex
-    /// it waits for `seq >= 1024`: in whole training steps at batch 16 the DFT matrices were
-    /// as fast or faster there (seq 512: 2.59 s vs 2.66 s per step, seq 256: 1.36 s vs 1.41 s,
-    /// `bench train`), as on the paper's TPUs; from 1024 on the FFT wins the mixing layer by
-    /// 4x and more (`bench mixing`).
+    /// `auto` takes it on flex at every length (the fused rustfft kernel plans any length, and
+    /// beat the DFT matrices in whole training steps at batch 16 already at seq 256: 4,271 vs
+    /// 3,688 tokens/s, and at 512: 4,617 vs 3,867, `bench train`) and on CubeCL devices (GPUs)
+    /// when both lengths are powers of two, which burn-signal's FFTs need.
     pub fn uses_fft(&self, seq: usize, d_model: usize, device: &Device) -> bool {
         let pow2 = seq.is_power_of_two() && d_model.is_power_of_two();
-        let worth_it = match fft_backend(device) {
-            Some(FftBackend::Cube) => true,
-            Some(FftBackend::Flex) => seq >= 1024,
+        let available = match fft_backend(device) {
+            Some(FftBackend::Cube) => pow2,
+            Some(FftBackend::Flex) => true,
             None => false,
         };
-        self.force_fft || (self.allow_fft && !self.causal && pow2 && worth_it)
+        self.force_fft || (self.allow_fft && !self.causal && available)
     }
 }
 
@@ -172,8 +173,30 @@ fn fft_backend(device: &Device) -> Option<FftBackend> {
     }
 }
 
-/// `Re(FFT_seq(FFT_hidden(x)))` by burn-signal FFTs, with half the transform work of two
-/// complex FFTs: `x` is real, so a real FFT along hidden gives the `d/2 + 1` non-redundant
+/// `Re(FFT_seq(FFT_hidden(x)))` by FFTs, computed in f32 whatever the model's precision. On
+/// flex it is one fused operation whose backward is the same transform
+/// ([`FourierOps`](super::fourier_op::FourierOps)); elsewhere it is composed from
+/// `burn::signal` ops ([`fft_mix_composed`]).
+///
+/// # Shapes
+/// - `x`: `[batch, seq, d_model]`, both lengths powers of two
+/// - output: `[batch, seq, d_model]`
+pub fn fft_mix(x: Tensor<3>) -> Tensor<3> {
+    let dtype = x.dtype();
+    let x = x.cast(FloatDType::F32);
+    let y = match fft_backend(&x.device()) {
+        Some(FftBackend::Flex) => Tensor::from_dispatch(
+            <burn::backend::Dispatch as super::fourier_op::FourierOps>::fourier_mix(
+                x.into_dispatch(),
+            ),
+        ),
+        _ => fft_mix_composed(x),
+    };
+    y.cast(dtype)
+}
+
+/// [`fft_mix`] composed from differentiable `burn::signal` ops, for any backend with FFTs (f32
+/// input), with half the transform work of two complex FFTs: `x` is real, so a real FFT along hidden gives the `d/2 + 1` non-redundant
 /// columns, a complex FFT along the sequence turns them into the 2-D spectrum `X[k_s, k_h]`
 /// for `k_h <= d/2`, and Hermitian symmetry gives the rest of the real part:
 /// `Re X[k_s, k_h] = Re X[(n - k_s) mod n, d - k_h]` for `k_h > d/2` (reverse the sequence
@@ -182,16 +205,14 @@ fn fft_backend(device: &Device) -> Option<FftBackend> {
 /// # Shapes
 /// - `x`: `[batch, seq, d_model]`, both lengths powers of two
 /// - output: `[batch, seq, d_model]`
-pub fn fft_mix(x: Tensor<3>) -> Tensor<3> {
+pub fn fft_mix_composed(x: Tensor<3>) -> Tensor<3> {
     let [_, seq, d_model] = x.dims();
-    let dtype = x.dtype();
     let device = x.device();
-    let x = x.cast(FloatDType::F32);
     let (re, im) = burn::signal::rfft(x, 2, None); // [batch, seq, d/2 + 1]
     let (half, _) = burn::signal::cfft(re, im, 1, None); // real part of X[:, k_h <= d/2]
     let half_d = d_model / 2;
     if half_d < 2 {
-        return half.cast(dtype); // d_model <= 2: the half spectrum is the whole one.
+        return half; // d_model <= 2: the half spectrum is the whole one.
     }
     // k_s -> (n - k_s) mod n: [0, n-1, n-2, ..., 1].
     let reversed: Vec<i64> = (0..seq as i64)
@@ -203,7 +224,7 @@ pub fn fft_mix(x: Tensor<3>) -> Tensor<3> {
         .narrow(2, 1, half_d - 1) // k_h' = 1 ..= d/2 - 1
         .select(1, reversed)
         .flip([2]); // k_h = d - k_h' = d/2 + 1 ..= d - 1
-    Tensor::cat(vec![half, upper], 2).cast(dtype)
+    Tensor::cat(vec![half, upper], 2)
 }
 
 /// `[n, n]` cosine and sine DFT matrices, `cos(2π jk / n)` and `sin(2π jk / n)`, optionally with
@@ -311,37 +332,88 @@ mod tests {
         }
     }
 
+    /// The flex kernel takes any lengths (rustfft plans mixed radices): odd, even, prime and 1.
     #[test]
-    fn fft_path_equals_dft_path_values_and_gradients_on_flex() {
+    fn flex_kernel_equals_a_direct_dft_for_any_length() {
+        for (seq, d) in [
+            (12, 24),
+            (100, 24),
+            (7, 5),
+            (3, 1),
+            (1, 6),
+            (1, 1),
+            (2, 3),
+            (64, 2),
+        ] {
+            let batch = 2;
+            let x: Vec<f32> = (0..batch * seq * d)
+                .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 3.0)
+                .collect();
+            let got = super::super::fourier_op::transform(&x, batch, seq, d);
+            for b in 0..batch {
+                let range = b * seq * d..(b + 1) * seq * d;
+                let want = direct(&x[range.clone()], seq, d, false);
+                close(&got[range], &want, &format!("kernel {seq}x{d}"));
+            }
+        }
+    }
+
+    /// On flex, [`fft_mix`] is the fused operation with its own backward (the transform of the
+    /// output gradient); [`fft_mix_composed`] is built from `burn::signal` ops as on GPUs. Both
+    /// must equal the DFT-matrix path in values and in gradients, with and without autodiff,
+    /// including the degenerate lengths 1 and 2 where a half spectrum is the whole one.
+    #[test]
+    fn fft_paths_equal_dft_path_values_and_gradients_on_flex() {
         let device = Device::flex().autodiff();
         assert!(fft_backend(&device).is_some());
         #[allow(deprecated)]
         let ndarray = Device::ndarray();
         assert!(fft_backend(&ndarray).is_none());
-        for (seq, d) in [(16, 8), (64, 32), (256, 64), (32, 128), (8, 2), (4, 4)] {
+        let shapes = [
+            (16, 8),
+            (64, 32),
+            (256, 64),
+            (32, 128),
+            (8, 2),
+            (4, 4),
+            (1, 4),
+            (4, 1),
+            (2, 2),
+            (1, 1),
+        ];
+        for (seq, d) in shapes {
             device.seed(2);
-            let x = Tensor::<3>::random([2, seq, d], Distribution::Normal(0.0, 1.0), &device)
+            let x = Tensor::<3>::random([3, seq, d], Distribution::Normal(0.0, 1.0), &device)
                 .require_grad();
-            let w = Tensor::<3>::random([2, seq, d], Distribution::Normal(0.0, 1.0), &device);
-            let y_fft = fft_mix(x.clone());
+            let w = Tensor::<3>::random([3, seq, d], Distribution::Normal(0.0, 1.0), &device);
             let y_dft = dft_mix(x.clone(), false);
-            let (a, b) = (to_vec(y_fft.clone()), to_vec(y_dft.clone()));
-            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            for (p, q) in a.iter().zip(&b) {
-                assert!(
-                    (p - q).abs() <= 1e-4 * scale,
-                    "{seq}x{d}: fft {p} vs dft {q}"
-                );
+            let want = to_vec(y_dft.clone());
+            let g_dft = (y_dft * w.clone()).sum().backward();
+            let g_want = to_vec(x.grad(&g_dft).unwrap());
+            let assert_close = |got: &[f32], want: &[f32], what: &str| {
+                let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                for (i, (p, q)) in got.iter().zip(want).enumerate() {
+                    assert!(
+                        (p - q).abs() <= 1e-4 * scale,
+                        "{seq}x{d} {what} [{i}]: {p} vs dft {q}"
+                    );
+                }
+            };
+            let fused_inner = to_vec(fft_mix(x.clone().inner()));
+            assert_close(&fused_inner, &want, "fused, no autodiff");
+            let mut paths = vec![("fused", fft_mix as fn(Tensor<3>) -> Tensor<3>)];
+            // burn-signal's rfft backward cannot take a length-1 axis (irfft infers length 0).
+            if seq > 1 && d > 1 {
+                paths.push(("composed", fft_mix_composed));
             }
-            let g_fft = (y_fft * w.clone()).sum().backward();
-            let g_fft = to_vec(x.grad(&g_fft).unwrap());
-            let g_dft = (y_dft * w).sum().backward();
-            let g_dft = to_vec(x.grad(&g_dft).unwrap());
-            let scale = g_dft.iter().fold(0f32, |m, v| m.max(v.abs()));
-            for (p, q) in g_fft.iter().zip(&g_dft) {
-                assert!(
-                    (p - q).abs() <= 1e-4 * scale,
-                    "{seq}x{d}: grad fft {p} vs dft {q}"
+            for (what, f) in paths {
+                let y = f(x.clone());
+                assert_close(&to_vec(y.clone()), &want, what);
+                let g = (y * w.clone()).sum().backward();
+                assert_close(
+                    &to_vec(x.grad(&g).unwrap()),
+                    &g_want,
+                    &format!("{what} grad"),
                 );
             }
         }
@@ -497,10 +569,10 @@ mod tests {
         assert!(m.uses_fft(1024, 32, &flex));
         assert!(m.uses_fft(2048, 32, &flex.clone().autodiff()));
         assert!(
-            !m.uses_fft(512, 32, &flex),
-            "DFT matrices are faster on flex below 1024"
+            m.uses_fft(128, 32, &flex),
+            "the fused kernel wins at every length on flex"
         );
-        assert!(!m.uses_fft(1024, 24, &flex), "24 is not a power of two");
+        assert!(m.uses_fft(100, 24, &flex), "rustfft plans any length");
         assert!(!m.uses_fft(1024, 32, &ndarray), "ndarray has no FFT ops");
         let causal = FourierMixerConfig {
             causal: true,

@@ -8,11 +8,15 @@
 
 mod dense;
 mod fourier;
+mod fourier_op;
 mod persistent;
 mod sparse;
 
 pub use dense::{DenseAttention, DenseAttentionConfig};
-pub use fourier::{FourierImpl, FourierMixer, FourierMixerConfig, dft_matrices, dft_mix, fft_mix};
+pub use fourier::{
+    FourierImpl, FourierMixer, FourierMixerConfig, dft_matrices, dft_mix, fft_mix, fft_mix_composed,
+};
+pub use fourier_op::FourierOps;
 pub use persistent::{PersistentAttention, PersistentAttentionConfig, relative_scores, span_mask};
 pub use sparse::{
     SparseAttention, SparseAttentionConfig, block_sparse_attention, masked_dense_attention,
