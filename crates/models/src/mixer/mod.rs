@@ -9,6 +9,7 @@
 mod dense;
 mod fourier;
 mod fourier_op;
+mod memory_op;
 mod persistent;
 mod sparse;
 
@@ -17,6 +18,7 @@ pub use fourier::{
     FourierImpl, FourierMixer, FourierMixerConfig, dft_matrices, dft_mix, fft_mix, fft_mix_composed,
 };
 pub use fourier_op::FourierOps;
+pub use memory_op::MemoryAttentionOps;
 pub use persistent::{PersistentAttention, PersistentAttentionConfig, relative_scores, span_mask};
 pub use sparse::{
     SparseAttention, SparseAttentionConfig, block_sparse_attention, masked_dense_attention,

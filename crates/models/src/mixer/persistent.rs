@@ -186,8 +186,13 @@ impl PersistentAttention {
     /// The attention kernel: the same function as `combine(weights(q, k), v)` without ever
     /// concatenating context and memory. The joint softmax is taken as
     /// `(e_ctx · v + e_mem · V) / (Σ e_ctx + Σ e_mem)` with `e = exp(score - m)` and one row
-    /// maximum `m` over both parts, and the memory part runs as one GEMM per head over all
-    /// `batch · seq` queries (`[batch·seq, d_head] x [d_head, N]`) instead of `batch` small ones.
+    /// maximum `m` over both parts, and the memory part runs per head over all `batch · seq`
+    /// queries at once (`[batch·seq, d_head] x [d_head, N]`) instead of `batch` small GEMMs.
+    ///
+    /// On flex, with attention dropout off, the memory part is one fused operation
+    /// ([`MemoryAttentionOps`](super::memory_op::MemoryAttentionOps): tiles of queries whose
+    /// scores stay in cache, exponentials recomputed in the backward) instead of materialising
+    /// `[n_heads, batch·seq, N]` scores and their gradients.
     ///
     /// # Shapes
     /// - `q`, `k`, `v`: `[batch, n_heads, seq, d_head]`
@@ -199,6 +204,21 @@ impl PersistentAttention {
         v: Tensor<4>,
         key_pe: Option<&Tensor<2>>,
     ) -> Tensor<4> {
+        let fused =
+            self.attn.attn_dropout.prob == 0.0 && format!("{:?}", q.device()).contains("Flex");
+        self.attend_with(q, k, v, key_pe, fused)
+    }
+
+    /// [`attend`](Self::attend) with the memory part fused (flex only) or composed from tensor
+    /// ops (every backend, and the reference the fused operation is tested against).
+    pub fn attend_with(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        key_pe: Option<&Tensor<2>>,
+        fused: bool,
+    ) -> Tensor<4> {
         let [batch, n_heads, seq, d_head] = q.dims();
         let scale = 1.0 / (d_head as f64).sqrt();
         let context = self.context_scores(q.clone(), k, key_pe).mul_scalar(scale); // [batch, n_heads, seq, seq]
@@ -208,18 +228,49 @@ impl PersistentAttention {
         let from_heads = |t: Tensor<3>, width: usize| {
             t.reshape([n_heads, batch, seq, width]).swap_dims(0, 1) // [batch, n_heads, seq, width]
         };
-        let memory = self.persistent_keys.as_ref().map(|keys| {
-            // Reparameterised: stored / sqrt(d_head), used * sqrt(d_head); the score scale folded in.
-            let keys = keys.val().mul_scalar((d_head as f64).sqrt() * scale); // [n_heads, N, d_head]
-            by_head(q, d_head).matmul(keys.swap_dims(1, 2)) // [n_heads, batch·seq, N]
-        });
-        // The softmax is shift-invariant, so the row maximum needs no gradient.
-        let mut max = context.clone().max_dim(3); // [batch, n_heads, seq, 1]
-        if let Some(memory) = &memory {
-            max = max.max_pair(from_heads(memory.clone().max_dim(2), 1));
+        let memory = match (&self.persistent_keys, &self.persistent_values) {
+            (Some(keys), Some(values)) => {
+                let [_, n, _] = values.dims();
+                // Reparameterised: stored / sqrt(d_head), used * sqrt(d_head); the score scale
+                // folded in. Values: stored / sqrt(N), used * sqrt(N).
+                let keys = keys.val().mul_scalar((d_head as f64).sqrt() * scale); // [n_heads, N, d_head]
+                let values = values.val().mul_scalar((n as f64).sqrt()); // [n_heads, N, d_head]
+                Some((keys, values))
+            }
+            _ => None,
+        };
+        let mut max = context.clone().max_dim(3).detach(); // [batch, n_heads, seq, 1]
+        // The memory part's unnormalised output and weight, [n_heads, batch·seq, d_head | 1].
+        let mut memory_part = None;
+        if let Some((keys, values)) = memory {
+            if fused {
+                let dtype = q.dtype();
+                let f32 = |t: Tensor<3>| t.cast(burn::tensor::FloatDType::F32);
+                let out = Tensor::<3>::from_dispatch(
+                    <burn::backend::Dispatch as super::memory_op::MemoryAttentionOps>::memory_attention(
+                        f32(by_head(q, d_head)).into_dispatch(),
+                        f32(keys).into_dispatch(),
+                        f32(values).into_dispatch(),
+                        f32(by_head(max, 1)).into_dispatch(),
+                    ),
+                )
+                .cast(dtype); // [n_heads, batch·seq, d_head + 2]
+                // The shift the kernel used (row maximum over context and memory).
+                max = from_heads(out.clone().narrow(2, d_head + 1, 1), 1).detach();
+                memory_part = Some((out.clone().narrow(2, 0, d_head), out.narrow(2, d_head, 1)));
+            } else {
+                let scores = by_head(q, d_head).matmul(keys.swap_dims(1, 2)); // [n_heads, batch·seq, N]
+                // The softmax is shift-invariant, so the row maximum needs no gradient.
+                max = max
+                    .max_pair(from_heads(scores.clone().max_dim(2), 1))
+                    .detach();
+                let e_memory = (scores - by_head(max.clone(), 1)).exp(); // [n_heads, batch·seq, N]
+                let sum = e_memory.clone().sum_dim(2);
+                let y = self.attn.attn_dropout.forward(e_memory).matmul(values);
+                memory_part = Some((y, sum));
+            }
         }
-        let max = max.detach();
-        let mut e_context = (context - max.clone()).exp();
+        let mut e_context = (context - max).exp();
         if let Some(fraction) = &self.span_fraction {
             let mask = span_mask(fraction.val(), seq, self.span_ramp, &e_context.device());
             e_context = e_context * mask.unsqueeze::<4>();
@@ -227,12 +278,8 @@ impl PersistentAttention {
         let mut norm = e_context.clone().sum_dim(3); // [batch, n_heads, seq, 1]
         // Dropout on unnormalised weights = dropout on normalised ones (the norm is per row).
         let mut y = self.attn.attn_dropout.forward(e_context).matmul(v);
-        if let (Some(memory), Some(values)) = (memory, &self.persistent_values) {
-            let [_, n, _] = values.dims();
-            let e_memory = (memory - by_head(max, 1)).exp(); // [n_heads, batch·seq, N]
-            norm = norm + from_heads(e_memory.clone().sum_dim(2), 1);
-            let values = values.val().mul_scalar((n as f64).sqrt()); // [n_heads, N, d_head]
-            let y_memory = self.attn.attn_dropout.forward(e_memory).matmul(values);
+        if let Some((y_memory, sum)) = memory_part {
+            norm = norm + from_heads(sum, 1);
             y = y + from_heads(y_memory, d_head);
         }
         y / norm
@@ -555,6 +602,67 @@ mod tests {
                     assert!(
                         (a - b).abs() < 1e-5 * (1.0 + b.abs()),
                         "{name} rel={relative} span={span}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The flex memory operation (tiles of 64 query rows, exponentials recomputed in its
+    /// backward) against the same attention composed from tensor ops: outputs and the
+    /// gradients of queries, keys, values and the persistent keys and values, with 150 query
+    /// rows per head (two full tiles and a partial one), causal or not, relative positions and
+    /// adaptive span. Scores are scaled up so that the row maximum is sometimes a memory score
+    /// and sometimes a context one.
+    #[test]
+    fn flex_memory_operation_equals_the_composed_path_in_values_and_gradients() {
+        let device = Device::flex().autodiff();
+        for (causal, relative, span) in [(true, false, false), (false, true, true)] {
+            device.seed(9);
+            let mut cfg = config(37);
+            cfg.causal = causal;
+            cfg.adaptive_span = span;
+            cfg.span_ramp = 3;
+            cfg.span_init = 0.5;
+            let mut context = ctx(16, relative);
+            context.max_seq_len = 50;
+            let layer = cfg.init(&context, &device);
+            let r = |shape: [usize; 4], std: f64| {
+                Tensor::<4>::random(shape, Distribution::Normal(0.0, std), &device).require_grad()
+            };
+            let shape = [3, 2, 50, 8];
+            let (q, k, v) = (r(shape, 3.0), r(shape, 1.0), r(shape, 1.0));
+            let pe = relative
+                .then(|| Tensor::<2>::random([8, 50], Distribution::Normal(0.0, 1.0), &device));
+            let w = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let run = |fused: bool| {
+                let y = layer.attend_with(q.clone(), k.clone(), v.clone(), pe.as_ref(), fused);
+                let grads = (y.clone() * w.clone()).sum().backward();
+                let keys = layer.persistent_keys.as_ref().unwrap().val();
+                let values = layer.persistent_values.as_ref().unwrap().val();
+                let mut out = vec![to_vec(y)];
+                for t in [&q, &k, &v] {
+                    out.push(to_vec(t.grad(&grads).unwrap()));
+                }
+                out.push(to_vec(keys.grad(&grads).unwrap()));
+                out.push(to_vec(values.grad(&grads).unwrap()));
+                out
+            };
+            let (fused, composed) = (run(true), run(false));
+            let names = [
+                "output",
+                "dq",
+                "dk",
+                "dv",
+                "d persistent keys",
+                "d persistent values",
+            ];
+            for ((name, a), b) in names.iter().zip(&fused).zip(&composed) {
+                let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+                for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 2e-5 * scale,
+                        "causal={causal} relative={relative} span={span} {name}[{i}]: fused {x} vs {y}"
                     );
                 }
             }
