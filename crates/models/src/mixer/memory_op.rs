@@ -29,6 +29,63 @@ use rayon::prelude::*;
 /// Query rows per tile: `[64, N]` scores of N = 1024 are 256 KB.
 const TILE: usize = 64;
 
+/// Heads, query rows per head, persistent vectors per head, head width.
+#[derive(Clone, Copy)]
+struct Shape {
+    heads: usize,
+    rows: usize,
+    n: usize,
+    d: usize,
+}
+
+/// Dropout of the memory weights in the value product: a keep/drop decision per
+/// `(head, row, j)` from a hash, so the backward can regenerate the mask.
+#[derive(Clone, Copy)]
+struct Dropout {
+    /// Drop when the element's 32-bit hash is below this.
+    threshold: u32,
+    /// `1 / (1 − p)`.
+    scale: f32,
+    seed: u32,
+}
+
+impl Dropout {
+    fn new(p: f32, seed: u32) -> Self {
+        assert!(
+            (0.0..1.0).contains(&p),
+            "memory_attention: dropout {p} not in [0, 1)"
+        );
+        Self {
+            threshold: (f64::from(p) * 4_294_967_296.0) as u32,
+            scale: 1.0 / (1.0 - p),
+            seed: hash(seed ^ 0x9e37_79b9),
+        }
+    }
+
+    /// `weights ← weights ∘ mask · scale` for the `n` weights of query `row` of `head`.
+    fn apply(&self, weights: &mut [f32], head: usize, rows: usize, row: usize) {
+        if self.threshold == 0 {
+            return;
+        }
+        let base = ((head * rows + row) * weights.len()) as u32;
+        for (j, w) in weights.iter_mut().enumerate() {
+            let keep = hash(self.seed ^ base.wrapping_add(j as u32)) >= self.threshold;
+            *w = if keep { *w * self.scale } else { 0.0 };
+        }
+    }
+}
+
+/// A 32-bit integer mix (the "lowbias32" finaliser): consecutive inputs give unrelated-looking
+/// outputs.
+#[inline(always)]
+fn hash(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
+}
+
 /// Persistent-memory attention as a backend operation.
 #[backend_extension(Flex, Autodiff)]
 pub trait MemoryAttentionOps: Backend {
@@ -36,11 +93,18 @@ pub trait MemoryAttentionOps: Backend {
     /// (reparameterised and, for keys, score-scaled), `context_max` `[h, M, 1]` (no gradient).
     /// Returns `[h, M, d + 2]`: `Σ_j e_j v_j` in the first `d` columns, `Σ_j e_j` in column
     /// `d`, the shift `m` in column `d + 1` (no gradient).
+    ///
+    /// With `dropout = p > 0`, each `e_j` in the value product (not in the sum: dropout of the
+    /// unnormalised weights, as the composed path does it) is zeroed with probability `p` and
+    /// the rest scaled by `1 / (1 − p)`, the mask a hash of `(seed, head, row, j)` so that the
+    /// backward regenerates it.
     fn memory_attention(
         q: FloatTensor<Self>,
         keys: FloatTensor<Self>,
         values: FloatTensor<Self>,
         context_max: FloatTensor<Self>,
+        dropout: f32,
+        seed: u32,
     ) -> FloatTensor<Self>;
 
     /// Backward of [`memory_attention`](Self::memory_attention) given its output `out` (for
@@ -52,6 +116,8 @@ pub trait MemoryAttentionOps: Backend {
         values: FloatTensor<Self>,
         out: FloatTensor<Self>,
         grad: FloatTensor<Self>,
+        dropout: f32,
+        seed: u32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -73,6 +139,8 @@ impl MemoryAttentionOps for Flex {
         keys: FlexTensor,
         values: FlexTensor,
         context_max: FlexTensor,
+        dropout: f32,
+        seed: u32,
     ) -> FlexTensor {
         let ([heads, rows, d], q) = data3(&q);
         let ([_, n, _], keys) = data3(&keys);
@@ -83,10 +151,8 @@ impl MemoryAttentionOps for Flex {
             slice(&keys),
             slice(&values),
             slice(&context_max),
-            heads,
-            rows,
-            n,
-            d,
+            Shape { heads, rows, n, d },
+            Dropout::new(dropout, seed),
         );
         FlexTensor::from_data(TensorData::new(out, [heads, rows, d + 2]))
     }
@@ -97,6 +163,8 @@ impl MemoryAttentionOps for Flex {
         values: FlexTensor,
         out: FlexTensor,
         grad: FlexTensor,
+        dropout: f32,
+        seed: u32,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let ([heads, rows, d], q) = data3(&q);
         let ([_, n, _], keys) = data3(&keys);
@@ -109,10 +177,8 @@ impl MemoryAttentionOps for Flex {
             slice(&values),
             slice(&out),
             slice(&grad),
-            heads,
-            rows,
-            n,
-            d,
+            Shape { heads, rows, n, d },
+            Dropout::new(dropout, seed),
         );
         (
             FlexTensor::from_data(TensorData::new(dq, [heads, rows, d])),
@@ -259,10 +325,8 @@ fn forward(
     keys: &[f32],
     values: &[f32],
     context_max: &[f32],
-    heads: usize,
-    rows: usize,
-    n: usize,
-    d: usize,
+    Shape { heads, rows, n, d }: Shape,
+    dropout: Dropout,
 ) -> Vec<f32> {
     let width = d + 2;
     let mut out = vec![0.0f32; heads * rows * width];
@@ -288,7 +352,10 @@ fn forward(
                     &mut sums,
                     &mut shifts,
                 );
-                // Σ_j e_j v_j into the first d columns of each output row.
+                // Σ_j e_j v_j (dropout applied) into the first d columns of each output row.
+                for (i, e) in e.chunks_exact_mut(n).enumerate() {
+                    dropout.apply(e, h, rows, start + i);
+                }
                 matmul((len, d, n), out, width, false, &e, (n, 1), values, (d, 1));
                 for (i, row) in out.chunks_exact_mut(width).enumerate() {
                     row[d] = sums[i];
@@ -307,10 +374,8 @@ fn backward(
     values: &[f32],
     out: &[f32],
     grad: &[f32],
-    heads: usize,
-    rows: usize,
-    n: usize,
-    d: usize,
+    Shape { heads, rows, n, d }: Shape,
+    dropout: Dropout,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let width = d + 2;
     let mut dq = vec![0.0f32; heads * rows * d];
@@ -342,7 +407,8 @@ fn backward(
                     &mut shifts,
                 );
                 let grad = &grad[start * width..];
-                // dE = dY · Vᵀ + dΣ (per row).
+                // dE = (dY · Vᵀ) ∘ mask · scale + dΣ (per row), then dS = dE ∘ E; and E turns
+                // into the dropped weights D that the value product used, for dV.
                 let mut de = vec![0.0f32; len * n];
                 matmul(
                     (len, n, d),
@@ -354,15 +420,21 @@ fn backward(
                     values,
                     (1, d),
                 );
-                for (i, (de, e)) in de.chunks_exact_mut(n).zip(e.chunks_exact(n)).enumerate() {
+                for (i, (de, e)) in de
+                    .chunks_exact_mut(n)
+                    .zip(e.chunks_exact_mut(n))
+                    .enumerate()
+                {
+                    dropout.apply(de, h, rows, start + i);
                     let dsum = grad[i * width + d];
-                    for (g, &e) in de.iter_mut().zip(e) {
-                        *g = (*g + dsum) * e; // dS = dE ∘ E
+                    for (g, &e) in de.iter_mut().zip(e.iter()) {
+                        *g = (*g + dsum) * e;
                     }
+                    dropout.apply(e, h, rows, start + i);
                 }
                 // dQ_tile = dS · K.
                 matmul((len, d, n), dq, d, false, &de, (n, 1), keys, (d, 1));
-                // dK += dSᵀ · Q_tile; dV += Eᵀ · dY.
+                // dK += dSᵀ · Q_tile; dV += Dᵀ · dY.
                 let q_tile = &q[start * d..];
                 matmul((n, d, len), &mut dk, d, true, &de, (1, n), q_tile, (d, 1));
                 matmul((n, d, len), &mut dv, d, true, &e, (1, n), grad, (width, 1));
@@ -385,17 +457,20 @@ impl<B: Backend + MemoryAttentionOps, C: CheckpointStrategy> MemoryAttentionOps 
         keys: FloatTensor<Self>,
         values: FloatTensor<Self>,
         context_max: FloatTensor<Self>,
+        dropout: f32,
+        seed: u32,
     ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct MemoryAttention;
 
         impl<B: Backend + MemoryAttentionOps> Backward<B, 3> for MemoryAttention {
-            /// The inputs and the forward output (for its shifts).
+            /// The inputs, the forward output (for its shifts) and the dropout settings.
             type State = (
                 FloatTensor<B>,
                 FloatTensor<B>,
                 FloatTensor<B>,
                 FloatTensor<B>,
+                (f32, u32),
             );
 
             fn backward(
@@ -404,9 +479,10 @@ impl<B: Backend + MemoryAttentionOps, C: CheckpointStrategy> MemoryAttentionOps 
                 grads: &mut Gradients,
                 _checkpointer: &mut Checkpointer,
             ) {
-                let (q, keys, values, out) = ops.state;
+                let (q, keys, values, out, (dropout, seed)) = ops.state;
                 let grad = grads.consume::<B>(&ops.node);
-                let (dq, dk, dv) = B::memory_attention_backward(q, keys, values, out, grad);
+                let (dq, dk, dv) =
+                    B::memory_attention_backward(q, keys, values, out, grad, dropout, seed);
                 for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
                     if let Some(node) = parent {
                         grads.register::<B>(node.id, grad);
@@ -426,13 +502,17 @@ impl<B: Backend + MemoryAttentionOps, C: CheckpointStrategy> MemoryAttentionOps 
             keys.clone(),
             values.clone(),
             context_max.into_primitive(),
+            dropout,
+            seed,
         );
         match MemoryAttention
             .prepare::<C>(nodes)
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish((q, keys, values, out.clone()), out),
+            OpsKind::Tracked(prep) => {
+                prep.finish((q, keys, values, out.clone(), (dropout, seed)), out)
+            }
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
@@ -443,6 +523,8 @@ impl<B: Backend + MemoryAttentionOps, C: CheckpointStrategy> MemoryAttentionOps 
         _values: FloatTensor<Self>,
         _out: FloatTensor<Self>,
         _grad: FloatTensor<Self>,
+        _dropout: f32,
+        _seed: u32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("the backward runs on the inner backend, inside the autodiff graph")
     }
@@ -451,6 +533,108 @@ impl<B: Backend + MemoryAttentionOps, C: CheckpointStrategy> MemoryAttentionOps 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::to_vec;
+    use burn::tensor::{Device, Distribution, Tensor};
+
+    /// The operation (through `Dispatch` and autodiff on flex) against the same function built
+    /// from tensor ops with the same dropout mask: outputs (`Σ e v` and `Σ e`) and the gradients
+    /// of queries, keys and values, without and with dropout, over 150 query rows (a partial
+    /// tile) and memory maxima that sometimes beat the context ones.
+    #[test]
+    fn operation_equals_tensor_ops_with_the_same_dropout_mask() {
+        let device = Device::flex().autodiff();
+        let (heads, rows, n, d) = (2, 150, 37, 8);
+        for (p, seed) in [(0.0f32, 0u32), (0.3, 7), (0.3, 8)] {
+            device.seed(3);
+            let r = |shape: [usize; 3], std: f64| {
+                Tensor::<3>::random(shape, Distribution::Normal(0.0, std), &device)
+            };
+            let q = r([heads, rows, d], 1.0).require_grad();
+            let keys = r([heads, n, d], 1.0).require_grad();
+            let values = r([heads, n, d], 1.0).require_grad();
+            let context_max = r([heads, rows, 1], 2.0);
+            let w = r([heads, rows, d + 1], 1.0);
+            // The mask the kernel draws, read off by dropping a tensor of ones.
+            let dropout = Dropout::new(p, seed);
+            let mut mask = vec![1.0f32; heads * rows * n];
+            for (i, row) in mask.chunks_exact_mut(n).enumerate() {
+                dropout.apply(row, i / rows, rows, i % rows);
+            }
+            let mask = Tensor::<3>::from_data(TensorData::new(mask, [heads, rows, n]), &device);
+
+            let fused = Tensor::<3>::from_dispatch(
+                <burn::backend::Dispatch as MemoryAttentionOps>::memory_attention(
+                    q.clone().into_dispatch(),
+                    keys.clone().into_dispatch(),
+                    values.clone().into_dispatch(),
+                    context_max.clone().into_dispatch(),
+                    p,
+                    seed,
+                ),
+            );
+            let scores = q.clone().matmul(keys.clone().swap_dims(1, 2)); // [heads, rows, n]
+            let shift = scores.clone().max_dim(2).max_pair(context_max).detach();
+            let e = (scores - shift.clone()).exp();
+            let reference = Tensor::cat(
+                vec![(e.clone() * mask).matmul(values.clone()), e.sum_dim(2)],
+                2,
+            );
+            let shifts = to_vec(fused.clone().narrow(2, d + 1, 1));
+            for (a, b) in shifts.iter().zip(to_vec(shift)) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "p={p} shift {a} vs {b}"
+                );
+            }
+            let fused = fused.narrow(2, 0, d + 1);
+            let mut results = vec![];
+            for out in [fused, reference] {
+                let grads = (out.clone() * w.clone()).sum().backward();
+                let mut r = vec![to_vec(out)];
+                for t in [&q, &keys, &values] {
+                    r.push(to_vec(t.grad(&grads).unwrap()));
+                }
+                results.push(r);
+            }
+            for (name, (a, b)) in ["output", "dq", "dkeys", "dvalues"]
+                .iter()
+                .zip(results[0].iter().zip(&results[1]))
+            {
+                let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+                for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * scale,
+                        "p={p} seed={seed} {name}[{i}]: operation {x} vs tensor ops {y}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The hashed mask drops the asked-for fraction and differs between seeds.
+    #[test]
+    fn dropout_mask_has_its_rate_and_follows_the_seed() {
+        let count = |seed: u32| {
+            let dropout = Dropout::new(0.25, seed);
+            let mut ones = vec![1.0f32; 4096];
+            let mut kept = vec![];
+            for row in 0..64 {
+                ones.fill(1.0);
+                dropout.apply(&mut ones, 1, 64, row);
+                kept.extend(ones.iter().map(|&x| x > 0.0));
+                assert!(
+                    ones.iter()
+                        .all(|&x| x == 0.0 || (x - 1.0 / 0.75).abs() < 1e-6)
+                );
+            }
+            kept
+        };
+        let (a, b) = (count(1), count(2));
+        let rate = a.iter().filter(|&&k| !k).count() as f64 / a.len() as f64;
+        assert!((rate - 0.25).abs() < 0.005, "dropped fraction {rate}");
+        let same = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
+        assert!(same < 0.7, "seeds 1 and 2 agree on {same} of the mask");
+    }
 
     /// The polynomial `exp` against f64's over [−87, 0], within 3e-7 relative (≈ 2.5 ulp).
     #[test]

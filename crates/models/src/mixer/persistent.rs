@@ -189,10 +189,11 @@ impl PersistentAttention {
     /// maximum `m` over both parts, and the memory part runs per head over all `batch · seq`
     /// queries at once (`[batch·seq, d_head] x [d_head, N]`) instead of `batch` small GEMMs.
     ///
-    /// On flex, with attention dropout off, the memory part is one fused operation
+    /// On flex the memory part is one fused operation
     /// ([`MemoryAttentionOps`](super::memory_op::MemoryAttentionOps): tiles of queries whose
-    /// scores stay in cache, exponentials recomputed in the backward) instead of materialising
-    /// `[n_heads, batch·seq, N]` scores and their gradients.
+    /// scores stay in cache, exponentials recomputed in the backward, attention dropout from a
+    /// hashed mask it regenerates) instead of materialising `[n_heads, batch·seq, N]` scores
+    /// and their gradients.
     ///
     /// # Shapes
     /// - `q`, `k`, `v`: `[batch, n_heads, seq, d_head]`
@@ -204,8 +205,7 @@ impl PersistentAttention {
         v: Tensor<4>,
         key_pe: Option<&Tensor<2>>,
     ) -> Tensor<4> {
-        let fused =
-            self.attn.attn_dropout.prob == 0.0 && format!("{:?}", q.device()).contains("Flex");
+        let fused = format!("{:?}", q.device()).contains("Flex");
         self.attend_with(q, k, v, key_pe, fused)
     }
 
@@ -244,6 +244,23 @@ impl PersistentAttention {
         let mut memory_part = None;
         if let Some((keys, values)) = memory {
             if fused {
+                // Dropout as `Dropout::forward` decides it; the mask's seed from Burn's
+                // generator, so a seeded run draws the same masks.
+                let drop = &self.attn.attn_dropout;
+                let (p, seed) =
+                    if drop.prob > 0.0 && drop.training.is_enabled() && q.device().is_autodiff() {
+                        let u =
+                            Tensor::<1>::random([2], Distribution::Uniform(0.0, 1.0), &q.device());
+                        let u = u
+                            .into_data()
+                            .convert::<f32>()
+                            .try_to_vec::<f32>()
+                            .unwrap_or_default();
+                        let half = |x: Option<&f32>| (x.copied().unwrap_or(0.0) * 65536.0) as u32;
+                        (drop.prob as f32, half(u.first()) << 16 | half(u.get(1)))
+                    } else {
+                        (0.0, 0)
+                    };
                 let dtype = q.dtype();
                 let f32 = |t: Tensor<3>| t.cast(burn::tensor::FloatDType::F32);
                 let out = Tensor::<3>::from_dispatch(
@@ -252,6 +269,8 @@ impl PersistentAttention {
                         f32(keys).into_dispatch(),
                         f32(values).into_dispatch(),
                         f32(by_head(max, 1)).into_dispatch(),
+                        p,
+                        seed,
                     ),
                 )
                 .cast(dtype); // [n_heads, batch·seq, d_head + 2]
@@ -666,6 +685,45 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Attention dropout in the flex memory operation: active only when training on an autodiff
+    /// device (two calls draw different masks; gradients stay finite), off for inference
+    /// (then equal to the composed path), as `Dropout::forward` decides.
+    #[test]
+    fn flex_memory_dropout_is_drawn_in_training_only() {
+        let mut context = ctx(16, false);
+        context.dropout = 0.5;
+        context.max_seq_len = 20;
+        let train = Device::flex().autodiff();
+        train.seed(11);
+        let layer = config(37).init(&context, &train);
+        let r = |device: &Device| {
+            device.seed(12);
+            Tensor::<4>::random([2, 2, 20, 8], Distribution::Normal(0.0, 1.0), device)
+        };
+        let q = r(&train).require_grad();
+        let a = layer.attend_with(q.clone(), q.clone(), q.clone(), None, true);
+        let b = layer.attend_with(q.clone(), q.clone(), q.clone(), None, true);
+        assert_ne!(to_vec(a.clone()), to_vec(b), "each call draws its own mask");
+        let grads = a.sum().backward();
+        assert!(
+            to_vec(q.grad(&grads).unwrap())
+                .iter()
+                .all(|g| g.is_finite())
+        );
+
+        let infer = Device::flex();
+        let layer = layer.valid();
+        let q = r(&infer);
+        let fused = to_vec(layer.attend_with(q.clone(), q.clone(), q.clone(), None, true));
+        let composed = to_vec(layer.attend_with(q.clone(), q.clone(), q, None, false));
+        for (x, y) in fused.iter().zip(&composed) {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "inference: {x} vs {y}"
+            );
         }
     }
 
