@@ -3,11 +3,13 @@
 //!
 //! Layout of `<cache_dir>/<key>/{train,valid,test}.bin`: a 64-byte header — magic
 //! `MIXLABTK`, format version (u32), id width in bytes (u32: 1, 2 or 4), token count (u64), the
-//! SHA-256 of the tokenizer's JSON (32 bytes), 8 reserved — then the ids, little-endian. The
+//! SHA-256 of the tokenizer's JSON (32 bytes), the CRC-32 of the id bytes (u32), 4 reserved —
+//! then the ids, little-endian. The
 //! tokenizer is `tokenizer.json` beside them. `<key>` names the corpus, level and split
 //! settings and a fingerprint (path, size, mtime) of every source file, so an edited corpus
-//! gets a new cache. A file that does not verify (short, wrong magic, version, width or
-//! tokenizer hash) is reported and rebuilt.
+//! gets a new cache. A file that does not verify (short, wrong magic, version, width, tokenizer
+//! hash or checksum — the checksum catches damage that leaves the count and length consistent)
+//! is reported and rebuilt.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -20,7 +22,7 @@ use crate::catalogue::Splits;
 use crate::text::Tokenizer;
 
 const MAGIC: &[u8; 8] = b"MIXLABTK";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER: usize = 64;
 
 /// Why a cache could not be used (it is then rebuilt).
@@ -98,6 +100,8 @@ pub fn store(dir: &Path, splits: &Splits) -> std::io::Result<()> {
                 .iter()
                 .for_each(|&i| bytes.extend_from_slice(&i.to_le_bytes())),
         }
+        let crc = crc32fast::hash(&bytes[HEADER..]);
+        bytes[56..60].copy_from_slice(&crc.to_le_bytes());
         write_atomic(&dir.join(format!("{name}.bin")), &bytes)?;
     }
     write_atomic(
@@ -156,6 +160,11 @@ pub fn load(dir: &Path) -> Result<Splits, Stale> {
                 "{name}.bin is truncated ({} bytes of ids, {} expected)",
                 body.len(),
                 count * w as usize
+            )));
+        }
+        if crc32fast::hash(body) != u32_at(56) {
+            return Err(invalid(format!(
+                "{name}.bin fails its checksum (damaged ids)"
             )));
         }
         let ids: Vec<u32> = match w {
@@ -278,6 +287,25 @@ mod tests {
             panic!("invalid expected")
         };
         assert!(why.contains("not a Mixlab token cache"), "{why}");
+        // Consistent damage (found by the fuzz test): the count lowered and the ids cut to
+        // match, or an id changed in place. Only the checksum can tell.
+        store(&dir, &splits).unwrap();
+        let mut bytes = fs::read(&f).unwrap();
+        bytes[16] = 2; // count 3 -> 2
+        bytes.truncate(bytes.len() - 1);
+        fs::write(&f, &bytes).unwrap();
+        let Stale::Invalid(why) = load(&dir).unwrap_err() else {
+            panic!("invalid expected")
+        };
+        assert!(why.contains("checksum"), "{why}");
+        store(&dir, &splits).unwrap();
+        let mut bytes = fs::read(&f).unwrap();
+        bytes[HEADER] = 9; // id 1 -> 9, still in the vocabulary
+        fs::write(&f, &bytes).unwrap();
+        let Stale::Invalid(why) = load(&dir).unwrap_err() else {
+            panic!("invalid expected")
+        };
+        assert!(why.contains("checksum"), "{why}");
     }
 
     #[test]

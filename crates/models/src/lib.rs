@@ -69,6 +69,16 @@ pub(crate) mod test_util {
         t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
     }
 
+    /// Every `got[i]` within `rel` of `want[i]`, relative to the largest `|want|`; the message
+    /// names `what` and the first index that is not.
+    pub fn assert_all_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        let scale = want.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+        for (i, (x, y)) in got.iter().zip(want).enumerate() {
+            assert!((x - y).abs() <= rel * scale, "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
     /// Train `model` for 150 AdamW steps (lr 1e-2, no decay) on `loss`, returning the losses.
     pub fn overfit(mut model: crate::Lm, loss: impl Fn(&crate::Lm) -> Tensor<1>) -> Vec<f32> {
         use burn::optim::{AdamWConfig, GradientsParams};

@@ -533,7 +533,7 @@ impl<B: Backend + MemoryAttentionOps, C: CheckpointStrategy> MemoryAttentionOps 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::to_vec;
+    use crate::test_util::{assert_all_close, to_vec};
     use burn::tensor::{Device, Distribution, Tensor};
 
     /// The operation (through `Dispatch` and autodiff on flex) against the same function built
@@ -600,13 +600,7 @@ mod tests {
                 .iter()
                 .zip(results[0].iter().zip(&results[1]))
             {
-                let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
-                for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                    assert!(
-                        (x - y).abs() <= 1e-5 * scale,
-                        "p={p} seed={seed} {name}[{i}]: operation {x} vs tensor ops {y}"
-                    );
-                }
+                assert_all_close(a, b, 1e-5, &format!("p={p} seed={seed} {name}"));
             }
         }
     }

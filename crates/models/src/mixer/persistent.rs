@@ -473,7 +473,7 @@ pub fn span_mask(fraction: Tensor<1>, seq: usize, ramp: usize, device: &Device) 
 mod tests {
     use super::*;
     use crate::mixer::{MixerConfig, MixerContext};
-    use crate::test_util::{devices, to_vec, tokens};
+    use crate::test_util::{assert_all_close, devices, to_vec, tokens};
     use crate::{BlockConfig, LmConfig, Position};
     use burn::optim::GradientsParams;
 
@@ -677,13 +677,8 @@ mod tests {
                 "d persistent values",
             ];
             for ((name, a), b) in names.iter().zip(&fused).zip(&composed) {
-                let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
-                for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                    assert!(
-                        (x - y).abs() <= 2e-5 * scale,
-                        "causal={causal} relative={relative} span={span} {name}[{i}]: fused {x} vs {y}"
-                    );
-                }
+                let what = format!("causal={causal} relative={relative} span={span} {name}");
+                assert_all_close(a, b, 2e-5, &what);
             }
         }
     }
