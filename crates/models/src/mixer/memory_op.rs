@@ -29,6 +29,9 @@ use rayon::prelude::*;
 /// Query rows per tile: `[64, N]` scores of N = 1024 are 256 KB.
 const TILE: usize = 64;
 
+/// Groups of tiles whose dK / dV partial sums the backward adds in a fixed order.
+const GROUPS: usize = 8;
+
 /// Heads, query rows per head, persistent vectors per head, head width.
 #[derive(Clone, Copy)]
 struct Shape {
@@ -386,65 +389,83 @@ fn backward(
         let (keys, values) = (&keys[h * n * d..][..n * d], &values[h * n * d..][..n * d]);
         let out = &out[h * rows * width..][..rows * width];
         let grad = &grad[h * rows * width..][..rows * width];
-        // Per-thread partial sums of dK and dV, added up at the end.
         let zeros = || (vec![0.0f32; n * d], vec![0.0f32; n * d]);
-        let (dk_h, dv_h) = dq[h * rows * d..][..rows * d]
-            .par_chunks_mut(TILE * d)
-            .zip(tiles(rows))
-            .fold(zeros, |(mut dk, mut dv), (dq, (start, len))| {
-                let mut e = vec![0.0f32; len * n];
-                let (mut sums, mut shifts) = (vec![0.0f32; len], vec![0.0f32; len]);
-                let shift = |row: usize, _: &[f32]| out[row * width + d + 1];
-                tile_exponentials(
-                    q,
-                    keys,
-                    (start, len),
-                    n,
-                    d,
-                    shift,
-                    &mut e,
-                    &mut sums,
-                    &mut shifts,
-                );
-                let grad = &grad[start * width..];
-                // dE = (dY · Vᵀ) ∘ mask · scale + dΣ (per row), then dS = dE ∘ E; and E turns
-                // into the dropped weights D that the value product used, for dV.
-                let mut de = vec![0.0f32; len * n];
-                matmul(
-                    (len, n, d),
-                    &mut de,
-                    n,
-                    false,
-                    grad,
-                    (width, 1),
-                    values,
-                    (1, d),
-                );
-                for (i, (de, e)) in de
-                    .chunks_exact_mut(n)
-                    .zip(e.chunks_exact_mut(n))
-                    .enumerate()
-                {
-                    dropout.apply(de, h, rows, start + i);
-                    let dsum = grad[i * width + d];
-                    for (g, &e) in de.iter_mut().zip(e.iter()) {
-                        *g = (*g + dsum) * e;
-                    }
-                    dropout.apply(e, h, rows, start + i);
+        // One tile: its dQ rows, and its terms added to the running dK and dV.
+        let tile = |(mut dk, mut dv): (Vec<f32>, Vec<f32>),
+                    (dq, (start, len)): (&mut [f32], (usize, usize))| {
+            let mut e = vec![0.0f32; len * n];
+            let (mut sums, mut shifts) = (vec![0.0f32; len], vec![0.0f32; len]);
+            let shift = |row: usize, _: &[f32]| out[row * width + d + 1];
+            tile_exponentials(
+                q,
+                keys,
+                (start, len),
+                n,
+                d,
+                shift,
+                &mut e,
+                &mut sums,
+                &mut shifts,
+            );
+            let grad = &grad[start * width..];
+            // dE = (dY · Vᵀ) ∘ mask · scale + dΣ (per row), then dS = dE ∘ E; and E turns
+            // into the dropped weights D that the value product used, for dV.
+            let mut de = vec![0.0f32; len * n];
+            matmul(
+                (len, n, d),
+                &mut de,
+                n,
+                false,
+                grad,
+                (width, 1),
+                values,
+                (1, d),
+            );
+            for (i, (de, e)) in de
+                .chunks_exact_mut(n)
+                .zip(e.chunks_exact_mut(n))
+                .enumerate()
+            {
+                dropout.apply(de, h, rows, start + i);
+                let dsum = grad[i * width + d];
+                for (g, &e) in de.iter_mut().zip(e.iter()) {
+                    *g = (*g + dsum) * e;
                 }
-                // dQ_tile = dS · K.
-                matmul((len, d, n), dq, d, false, &de, (n, 1), keys, (d, 1));
-                // dK += dSᵀ · Q_tile; dV += Dᵀ · dY.
-                let q_tile = &q[start * d..];
-                matmul((n, d, len), &mut dk, d, true, &de, (1, n), q_tile, (d, 1));
-                matmul((n, d, len), &mut dv, d, true, &e, (1, n), grad, (width, 1));
-                (dk, dv)
+                dropout.apply(e, h, rows, start + i);
+            }
+            // dQ_tile = dS · K.
+            matmul((len, d, n), dq, d, false, &de, (n, 1), keys, (d, 1));
+            // dK += dSᵀ · Q_tile; dV += Dᵀ · dY.
+            let q_tile = &q[start * d..];
+            matmul((n, d, len), &mut dk, d, true, &de, (1, n), q_tile, (d, 1));
+            matmul((n, d, len), &mut dv, d, true, &e, (1, n), grad, (width, 1));
+            (dk, dv)
+        };
+        // dK and dV sum over tiles: in a fixed number of groups of consecutive tiles, each
+        // summed in order, then the groups in order — the same bits whatever the thread count
+        // or scheduling, so training stays reproducible.
+        let per_group = rows.div_ceil(TILE).div_ceil(GROUPS);
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dq[h * rows * d..][..rows * d]
+            .par_chunks_mut(per_group * TILE * d)
+            .enumerate()
+            .map(|(g, dq)| {
+                dq.chunks_mut(TILE * d)
+                    .enumerate()
+                    .map(|(t, dq)| {
+                        let len = dq.len() / d;
+                        (dq, ((g * per_group + t) * TILE, len))
+                    })
+                    .fold(zeros(), tile)
             })
-            .reduce(zeros, |(mut a, mut b), (c, e)| {
+            .collect();
+        let (dk_h, dv_h) = partials
+            .into_iter()
+            .reduce(|(mut a, mut b), (c, e)| {
                 a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
                 b.iter_mut().zip(&e).for_each(|(b, e)| *b += e);
                 (a, b)
-            });
+            })
+            .unwrap_or_else(zeros);
         dk[h * n * d..][..n * d].copy_from_slice(&dk_h);
         dv[h * n * d..][..n * d].copy_from_slice(&dv_h);
     }
@@ -603,6 +624,41 @@ mod tests {
                 assert_all_close(a, b, 1e-5, &format!("p={p} seed={seed} {name}"));
             }
         }
+    }
+
+    /// The kernels give the same bits on 1 thread and on 3 (training must be reproducible
+    /// whatever the machine's core count): the backward sums dK and dV in a fixed order.
+    #[test]
+    fn kernels_are_bit_identical_across_thread_counts() {
+        let shape = Shape {
+            heads: 2,
+            rows: 700,
+            n: 19,
+            d: 6,
+        };
+        let data = |len: usize, salt: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i * 7919 + salt * 104_729) % 2003) as f32 / 2003.0 - 0.5) * 4.0)
+                .collect()
+        };
+        let Shape { heads, rows, n, d } = shape;
+        let q = data(heads * rows * d, 1);
+        let (keys, values) = (data(heads * n * d, 2), data(heads * n * d, 3));
+        let context_max = data(heads * rows, 4);
+        let grad = data(heads * rows * (d + 2), 5);
+        let dropout = Dropout::new(0.2, 5);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let out = forward(&q, &keys, &values, &context_max, shape, dropout);
+                let (dq, dk, dv) = backward(&q, &keys, &values, &out, &grad, shape, dropout);
+                [out, dq, dk, dv].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            })
+        };
+        assert!(run(1) == run(3), "results differ between 1 and 3 threads");
     }
 
     /// The hashed mask drops the asked-for fraction and differs between seeds.
