@@ -290,23 +290,21 @@ fn tiles(rows: usize) -> impl IndexedParallelIterator<Item = (usize, usize)> {
         .map(move |t| (t * TILE, TILE.min(rows - t * TILE)))
 }
 
-/// One tile's exponentials `[len, n]` (written into `e`) and their shifts.
-#[allow(clippy::too_many_arguments)]
+/// One tile's exponentials `[len, n]`, their row sums and their shifts (from `shift(row,
+/// scores)`).
 fn tile_exponentials(
     q: &[f32],
     keys: &[f32],
     (start, len): (usize, usize),
-    n: usize,
-    d: usize,
+    (n, d): (usize, usize),
     shift: impl Fn(usize, &[f32]) -> f32,
-    e: &mut [f32],
-    sums: &mut [f32],
-    shifts: &mut [f32],
-) {
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut e = vec![0.0f32; len * n];
+    let (mut sums, mut shifts) = (vec![0.0f32; len], vec![0.0f32; len]);
     // s = Q_tile · Kᵀ: Kᵀ[kk, j] = K[j, kk], row stride 1, column stride d.
     matmul(
         (len, n, d),
-        e,
+        &mut e,
         n,
         false,
         &q[start * d..],
@@ -314,11 +312,12 @@ fn tile_exponentials(
         keys,
         (1, d),
     );
-    for (i, row) in e.chunks_exact_mut(n).take(len).enumerate() {
+    for (i, row) in e.chunks_exact_mut(n).enumerate() {
         let m = shift(start + i, row);
         shifts[i] = m;
         sums[i] = exp_row(row, m);
     }
+    (e, sums, shifts)
 }
 
 /// Forward kernel; see [`MemoryAttentionOps::memory_attention`].
@@ -341,20 +340,8 @@ fn forward(
             .par_chunks_mut(TILE * width)
             .zip(tiles(rows))
             .for_each(|(out, (start, len))| {
-                let mut e = vec![0.0f32; len * n];
-                let (mut sums, mut shifts) = (vec![0.0f32; len], vec![0.0f32; len]);
                 let shift = |row: usize, scores: &[f32]| lanes(scores, context_max[row], f32::max);
-                tile_exponentials(
-                    q,
-                    keys,
-                    (start, len),
-                    n,
-                    d,
-                    shift,
-                    &mut e,
-                    &mut sums,
-                    &mut shifts,
-                );
+                let (mut e, sums, shifts) = tile_exponentials(q, keys, (start, len), (n, d), shift);
                 // Σ_j e_j v_j (dropout applied) into the first d columns of each output row.
                 for (i, e) in e.chunks_exact_mut(n).enumerate() {
                     dropout.apply(e, h, rows, start + i);
@@ -393,20 +380,8 @@ fn backward(
         // One tile: its dQ rows, and its terms added to the running dK and dV.
         let tile = |(mut dk, mut dv): (Vec<f32>, Vec<f32>),
                     (dq, (start, len)): (&mut [f32], (usize, usize))| {
-            let mut e = vec![0.0f32; len * n];
-            let (mut sums, mut shifts) = (vec![0.0f32; len], vec![0.0f32; len]);
             let shift = |row: usize, _: &[f32]| out[row * width + d + 1];
-            tile_exponentials(
-                q,
-                keys,
-                (start, len),
-                n,
-                d,
-                shift,
-                &mut e,
-                &mut sums,
-                &mut shifts,
-            );
+            let (mut e, _, _) = tile_exponentials(q, keys, (start, len), (n, d), shift);
             let grad = &grad[start * width..];
             // dE = (dY · Vᵀ) ∘ mask · scale + dΣ (per row), then dS = dE ∘ E; and E turns
             // into the dropped weights D that the value product used, for dV.
