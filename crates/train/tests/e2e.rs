@@ -1409,6 +1409,21 @@ fn half_precision_trains_on_flex_and_is_refused_where_it_cannot_work() {
             "{precision}: eval reloads"
         );
     }
+    // All-attention in bf16 on flex goes through the fused memory operation (with dropout:
+    // TINY has 0.1), its f32 shift shared with the bf16 context part.
+    let run_dir = dir.join("bf16-persistent");
+    ok(&train_with(
+        &config,
+        &run_dir,
+        &[
+            "train.precision=\"bf16\"",
+            "optim.eps=1e-4",
+            "model.mixer={kind=\"persistent\",n_heads=4,n_persistent=64}",
+            "model.d_ff=0",
+        ],
+    ));
+    let (_, last) = *losses(&metrics(&run_dir), "valid").last().unwrap();
+    assert!(last.is_finite() && last < 2.5, "bf16 all-attention: {last}");
     let refused = [
         (vec!["train.precision=\"f16\""], "optim.eps = 1e-8"),
         (

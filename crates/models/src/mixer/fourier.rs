@@ -42,7 +42,8 @@ use crate::ModelError;
 pub enum FourierImpl {
     /// FFT where it applies (power-of-two lengths, a backend with FFT ops), else DFT matrices.
     Auto,
-    /// Always FFTs (an error if a length is not a power of two, which the GPU FFTs need).
+    /// FFTs wherever the backend has them (a config error if a length is not a power of two,
+    /// which the GPU FFTs need); ndarray, which has none, uses the DFT matrices.
     Fft,
     /// Always DFT matrices.
     Dft,
@@ -152,7 +153,8 @@ impl FourierMixer {
             Some(FftBackend::Flex) => true,
             None => false,
         };
-        self.force_fft || (self.allow_fft && !self.causal && available)
+        // `fft` where the backend has none (ndarray) falls back to the DFT matrices.
+        available && (self.force_fft || (self.allow_fft && !self.causal))
     }
 }
 
@@ -179,7 +181,7 @@ fn fft_backend(device: &Device) -> Option<FftBackend> {
 /// `burn::signal` ops ([`fft_mix_composed`]).
 ///
 /// # Shapes
-/// - `x`: `[batch, seq, d_model]`, both lengths powers of two
+/// - `x`: `[batch, seq, d_model]`; any lengths on flex, powers of two elsewhere
 /// - output: `[batch, seq, d_model]`
 pub fn fft_mix(x: Tensor<3>) -> Tensor<3> {
     let dtype = x.dtype();
@@ -356,6 +358,26 @@ mod tests {
                 close(&got[range], &want, &format!("kernel {seq}x{d}"));
             }
         }
+    }
+
+    /// The kernel's bits do not depend on the thread count (fixed pieces).
+    #[test]
+    fn flex_kernel_is_bit_identical_across_thread_counts() {
+        let (batch, seq, d) = (2, 96, 40);
+        let x: Vec<f32> = (0..batch * seq * d)
+            .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 3.0)
+            .collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| super::super::fourier_op::transform(&x, batch, seq, d))
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert!(run(1) == run(3), "results differ between 1 and 3 threads");
     }
 
     /// On flex, [`fft_mix`] is the fused operation with its own backward (the transform of the

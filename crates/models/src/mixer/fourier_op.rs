@@ -77,13 +77,13 @@ pub(crate) fn transform(x: &[f32], batch: usize, seq: usize, d: usize) -> Vec<f3
     }
     let width = d / 2 + 1;
     let (rows, columns) = plans(d, seq);
-    // Enough pieces to keep every thread busy, few enough that each amortises its scratch.
-    let pieces = 4 * rayon::current_num_threads();
+    // Pieces of fixed size (not derived from the thread count): how rustfft groups the FFTs of
+    // one call could change the last bits, and results must not depend on the machine.
     let mut spectrum = vec![Complex::<f32>::default(); seq * width]; // [seq, width]
     let mut by_column = vec![Complex::<f32>::default(); width * seq]; // [width, seq]
     for (x, out) in x.chunks_exact(seq * d).zip(out.chunks_exact_mut(seq * d)) {
         // 1. Real FFT of every row.
-        let rows_per_piece = seq.div_ceil(pieces);
+        let rows_per_piece = 16;
         spectrum
             .par_chunks_mut(width * rows_per_piece)
             .zip(x.par_chunks(d * rows_per_piece))
@@ -97,7 +97,7 @@ pub(crate) fn transform(x: &[f32], batch: usize, seq: usize, d: usize) -> Vec<f3
                 }
             });
         // 2. Transpose, then a complex FFT of every column (several per call).
-        let columns_per_piece = width.div_ceil(pieces);
+        let columns_per_piece = 8;
         by_column
             .par_chunks_mut(seq * columns_per_piece)
             .enumerate()

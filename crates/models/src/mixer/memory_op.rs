@@ -10,7 +10,8 @@
 //! `[64, N]` scores stay in cache: scores, exponentials, row sums and the value product in
 //! one pass, with GEMMs from the `gemm` crate (flex's own) and a vectorisable `exp`. The
 //! backward recomputes each tile's exponentials instead of storing them:
-//! `dE = dY Vᵀ + dΣ`, `dS = dE ∘ E`, `dQ = dS K`, `dK = dSᵀ Q`, `dV = Eᵀ dY`.
+//! `dE = (dY Vᵀ) ∘ M·s + dΣ`, `dS = dE ∘ E`, `dQ = dS K`, `dK = dSᵀ Q`, `dV = Dᵀ dY`, with
+//! `M` the dropout mask, `s = 1/(1 − p)` and `D = E ∘ M·s` (no dropout: `M·s = 1`, `D = E`).
 //!
 //! `m` needs no gradient: the joint softmax is invariant to a shift shared by its context and
 //! memory parts, so the caller uses the returned `m` (detached) for the context part too.
@@ -49,7 +50,8 @@ struct Dropout {
     threshold: u32,
     /// `1 / (1 − p)`.
     scale: f32,
-    seed: u32,
+    /// Added (times an odd constant) to each element's 64-bit index before mixing.
+    offset: u64,
 }
 
 impl Dropout {
@@ -59,9 +61,9 @@ impl Dropout {
             "memory_attention: dropout {p} not in [0, 1)"
         );
         Self {
-            threshold: (f64::from(p) * 4_294_967_296.0) as u32,
+            threshold: (f64::from(p) * 4_294_967_296.0).min(4_294_967_295.0) as u32,
             scale: 1.0 / (1.0 - p),
-            seed: hash(seed ^ 0x9e37_79b9),
+            offset: mix(u64::from(seed) ^ 0x5151_7a5e_ed00_0000),
         }
     }
 
@@ -70,23 +72,26 @@ impl Dropout {
         if self.threshold == 0 {
             return;
         }
-        let base = ((head * rows + row) * weights.len()) as u32;
+        let base = ((head * rows + row) * weights.len()) as u64;
         for (j, w) in weights.iter_mut().enumerate() {
-            let keep = hash(self.seed ^ base.wrapping_add(j as u32)) >= self.threshold;
-            *w = if keep { *w * self.scale } else { 0.0 };
+            let bits = (mix(self.offset.wrapping_add(base + j as u64)) >> 32) as u32;
+            *w = if bits >= self.threshold {
+                *w * self.scale
+            } else {
+                0.0
+            };
         }
     }
 }
 
-/// A 32-bit integer mix (the "lowbias32" finaliser): consecutive inputs give unrelated-looking
+/// The SplitMix64 finaliser: a bijective 64-bit mix, consecutive inputs giving unrelated
 /// outputs.
 #[inline(always)]
-fn hash(mut x: u32) -> u32 {
-    x ^= x >> 16;
-    x = x.wrapping_mul(0x7feb_352d);
-    x ^= x >> 15;
-    x = x.wrapping_mul(0x846c_a68b);
-    x ^ (x >> 16)
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Persistent-memory attention as a backend operation.
@@ -132,6 +137,16 @@ fn data3(t: &FlexTensor) -> ([usize; 3], FlexTensor) {
     ([shape[0], shape[1], shape[2]], t.to_contiguous())
 }
 
+/// Keys `[h, n, d]` (of at least one vector) match the queries `[h, rows, d]`, and the other
+/// operands their expected shapes.
+fn check_shapes([heads, _, d]: [usize; 3], n: usize, got: [[usize; 3]; 2], want: [[usize; 3]; 2]) {
+    assert!(n > 0, "memory_attention: no persistent vectors");
+    assert_eq!(
+        got, want,
+        "memory_attention: operand shapes (heads {heads}, d {d})"
+    );
+}
+
 fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice().expect("contiguous f32")
 }
@@ -147,8 +162,14 @@ impl MemoryAttentionOps for Flex {
     ) -> FlexTensor {
         let ([heads, rows, d], q) = data3(&q);
         let ([_, n, _], keys) = data3(&keys);
-        let (_, values) = data3(&values);
-        let (_, context_max) = data3(&context_max);
+        let (v_shape, values) = data3(&values);
+        let (m_shape, context_max) = data3(&context_max);
+        check_shapes(
+            [heads, rows, d],
+            n,
+            [v_shape, m_shape],
+            [[heads, n, d], [heads, rows, 1]],
+        );
         let out = forward(
             slice(&q),
             slice(&keys),
@@ -171,9 +192,17 @@ impl MemoryAttentionOps for Flex {
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let ([heads, rows, d], q) = data3(&q);
         let ([_, n, _], keys) = data3(&keys);
-        let (_, values) = data3(&values);
-        let (_, out) = data3(&out);
-        let (_, grad) = data3(&grad);
+        let (v_shape, values) = data3(&values);
+        let (o_shape, out) = data3(&out);
+        let (g_shape, grad) = data3(&grad);
+        let width = [heads, rows, d + 2];
+        check_shapes(
+            [heads, rows, d],
+            n,
+            [v_shape, o_shape],
+            [[heads, n, d], width],
+        );
+        assert_eq!(g_shape, width, "memory_attention: gradient shape");
         let (dq, dk, dv) = backward(
             slice(&q),
             slice(&keys),
@@ -332,27 +361,33 @@ fn forward(
 ) -> Vec<f32> {
     let width = d + 2;
     let mut out = vec![0.0f32; heads * rows * width];
-    for h in 0..heads {
-        let q = &q[h * rows * d..][..rows * d];
-        let (keys, values) = (&keys[h * n * d..][..n * d], &values[h * n * d..][..n * d]);
-        let context_max = &context_max[h * rows..][..rows];
-        out[h * rows * width..][..rows * width]
-            .par_chunks_mut(TILE * width)
-            .zip(tiles(rows))
-            .for_each(|(out, (start, len))| {
-                let shift = |row: usize, scores: &[f32]| lanes(scores, context_max[row], f32::max);
-                let (mut e, sums, shifts) = tile_exponentials(q, keys, (start, len), (n, d), shift);
-                // Σ_j e_j v_j (dropout applied) into the first d columns of each output row.
-                for (i, e) in e.chunks_exact_mut(n).enumerate() {
-                    dropout.apply(e, h, rows, start + i);
-                }
-                matmul((len, d, n), out, width, false, &e, (n, 1), values, (d, 1));
-                for (i, row) in out.chunks_exact_mut(width).enumerate() {
-                    row[d] = sums[i];
-                    row[d + 1] = shifts[i];
-                }
-            });
+    if out.is_empty() {
+        return out;
     }
+    out.par_chunks_mut(rows * width)
+        .enumerate()
+        .for_each(|(h, out)| {
+            let q = &q[h * rows * d..][..rows * d];
+            let (keys, values) = (&keys[h * n * d..][..n * d], &values[h * n * d..][..n * d]);
+            let context_max = &context_max[h * rows..][..rows];
+            out.par_chunks_mut(TILE * width)
+                .zip(tiles(rows))
+                .for_each(|(out, (start, len))| {
+                    let shift =
+                        |row: usize, scores: &[f32]| lanes(scores, context_max[row], f32::max);
+                    let (mut e, sums, shifts) =
+                        tile_exponentials(q, keys, (start, len), (n, d), shift);
+                    // Σ_j e_j v_j (dropout applied) into the first d columns of each output row.
+                    for (i, e) in e.chunks_exact_mut(n).enumerate() {
+                        dropout.apply(e, h, rows, start + i);
+                    }
+                    matmul((len, d, n), out, width, false, &e, (n, 1), values, (d, 1));
+                    for (i, row) in out.chunks_exact_mut(width).enumerate() {
+                        row[d] = sums[i];
+                        row[d + 1] = shifts[i];
+                    }
+                });
+        });
     out
 }
 
@@ -371,7 +406,14 @@ fn backward(
     let mut dq = vec![0.0f32; heads * rows * d];
     let mut dk = vec![0.0f32; heads * n * d];
     let mut dv = vec![0.0f32; heads * n * d];
-    for h in 0..heads {
+    if dq.is_empty() || dk.is_empty() {
+        return (dq, dk, dv);
+    }
+    let per_head = dq
+        .par_chunks_mut(rows * d)
+        .zip(dk.par_chunks_mut(n * d))
+        .zip(dv.par_chunks_mut(n * d));
+    per_head.enumerate().for_each(|(h, ((dq, dk), dv))| {
         let q = &q[h * rows * d..][..rows * d];
         let (keys, values) = (&keys[h * n * d..][..n * d], &values[h * n * d..][..n * d]);
         let out = &out[h * rows * width..][..rows * width];
@@ -420,7 +462,7 @@ fn backward(
         // summed in order, then the groups in order — the same bits whatever the thread count
         // or scheduling, so training stays reproducible.
         let per_group = rows.div_ceil(TILE).div_ceil(GROUPS);
-        let partials: Vec<(Vec<f32>, Vec<f32>)> = dq[h * rows * d..][..rows * d]
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dq
             .par_chunks_mut(per_group * TILE * d)
             .enumerate()
             .map(|(g, dq)| {
@@ -441,9 +483,9 @@ fn backward(
                 (a, b)
             })
             .unwrap_or_else(zeros);
-        dk[h * n * d..][..n * d].copy_from_slice(&dk_h);
-        dv[h * n * d..][..n * d].copy_from_slice(&dv_h);
-    }
+        dk.copy_from_slice(&dk_h);
+        dv.copy_from_slice(&dv_h);
+    });
     (dq, dk, dv)
 }
 

@@ -257,7 +257,9 @@ impl PersistentAttention {
                             .try_to_vec::<f32>()
                             .unwrap_or_default();
                         let half = |x: Option<&f32>| (x.copied().unwrap_or(0.0) * 65536.0) as u32;
-                        (drop.prob as f32, half(u.first()) << 16 | half(u.get(1)))
+                        // f64 -> f32 must not round a valid p < 1 up to 1.
+                        let p = (drop.prob as f32).min(1.0 - f32::EPSILON);
+                        (p, half(u.first()) << 16 | half(u.get(1)))
                     } else {
                         (0.0, 0)
                     };
@@ -272,11 +274,20 @@ impl PersistentAttention {
                         p,
                         seed,
                     ),
-                )
-                .cast(dtype); // [n_heads, batch·seq, d_head + 2]
-                // The shift the kernel used (row maximum over context and memory).
-                max = from_heads(out.clone().narrow(2, d_head + 1, 1), 1).detach();
-                memory_part = Some((out.clone().narrow(2, 0, d_head), out.narrow(2, d_head, 1)));
+                ); // f32 [n_heads, batch·seq, d_head + 2]
+                // The shift the kernel used (row maximum over context and memory), as the
+                // context part will see it in the model's precision; the memory part is
+                // rescaled (in f32) to be relative to that same rounded shift.
+                let shift = out.clone().narrow(2, d_head + 1, 1).detach();
+                let mut part = out.narrow(2, 0, d_head + 1); // [Σ e v | Σ e]
+                let shared = shift.clone().cast(dtype);
+                if dtype != burn::tensor::DType::F32 {
+                    part =
+                        part * (shift - shared.clone().cast(burn::tensor::FloatDType::F32)).exp();
+                }
+                let part = part.cast(dtype);
+                max = from_heads(shared, 1);
+                memory_part = Some((part.clone().narrow(2, 0, d_head), part.narrow(2, d_head, 1)));
             } else {
                 let scores = by_head(q, d_head).matmul(keys.swap_dims(1, 2)); // [n_heads, batch·seq, N]
                 // The softmax is shift-invariant, so the row maximum needs no gradient.
