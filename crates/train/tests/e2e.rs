@@ -166,22 +166,44 @@ fn a_run_writes_config_metrics_and_complete_checkpoints() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
 }
 
+/// Dense, and all-attention on flex (its fused memory operation, with TINY's dropout 0.1 drawn
+/// from Burn's generator): a resumed run repeats the uninterrupted losses bit for bit.
 #[test]
 fn resumed_run_repeats_the_uninterrupted_losses_bit_for_bit() {
-    let dir = scratch("resume");
+    let persistent = [
+        "--set",
+        "model.mixer={kind=\"persistent\",n_heads=4,n_persistent=16}",
+        "--set",
+        "model.d_ff=0",
+    ];
+    for (name, extra) in [("dense", &[][..]), ("persistent", &persistent[..])] {
+        resumed_run_repeats(name, extra);
+    }
+}
+
+fn resumed_run_repeats(name: &str, extra: &[&str]) {
+    let dir = scratch(&format!("resume-{name}"));
     let config = write_config(&dir, TINY);
     let full = dir.join("full");
-    ok(&run(train_bin().arg("--config").arg(&config).args([
-        "--set",
-        &format!("train.run_dir=\"{}\"", full.display()),
-    ])));
+    ok(&run(train_bin()
+        .arg("--config")
+        .arg(&config)
+        .args(extra)
+        .args([
+            "--set",
+            &format!("train.run_dir=\"{}\"", full.display()),
+        ])));
 
     // The same run, interrupted after step 4: only the step-4 checkpoint survives.
     let cut = dir.join("cut");
-    ok(&run(train_bin().arg("--config").arg(&config).args([
-        "--set",
-        &format!("train.run_dir=\"{}\"", cut.display()),
-    ])));
+    ok(&run(train_bin()
+        .arg("--config")
+        .arg(&config)
+        .args(extra)
+        .args([
+            "--set",
+            &format!("train.run_dir=\"{}\"", cut.display()),
+        ])));
     std::fs::remove_dir_all(cut.join("checkpoints/step-8")).unwrap();
 
     let out = run(train_bin().arg("--resume").arg(&cut));
@@ -192,7 +214,7 @@ fn resumed_run_repeats_the_uninterrupted_losses_bit_for_bit() {
     assert_eq!(ta.len(), 8);
     for ((sa, la), (sb, lb)) in ta.iter().zip(&tb) {
         assert_eq!(sa, sb);
-        assert_eq!(la.to_bits(), lb.to_bits(), "step {sa}: {la} vs {lb}");
+        assert_eq!(la.to_bits(), lb.to_bits(), "{name} step {sa}: {la} vs {lb}");
     }
     assert_eq!(tb.len(), 8, "metrics.jsonl reads as one run");
     // metrics.csv: a header, then the same rows (8 train + 2 valid), step, split and loss
