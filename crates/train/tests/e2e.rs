@@ -184,26 +184,19 @@ fn resumed_run_repeats_the_uninterrupted_losses_bit_for_bit() {
 fn resumed_run_repeats(name: &str, extra: &[&str]) {
     let dir = scratch(&format!("resume-{name}"));
     let config = write_config(&dir, TINY);
+    let train = |run_dir: &Path| {
+        let dir = format!("train.run_dir=\"{}\"", run_dir.display());
+        ok(&run(train_bin()
+            .arg("--config")
+            .arg(&config)
+            .args(extra)
+            .args(["--set", &dir])));
+    };
     let full = dir.join("full");
-    ok(&run(train_bin()
-        .arg("--config")
-        .arg(&config)
-        .args(extra)
-        .args([
-            "--set",
-            &format!("train.run_dir=\"{}\"", full.display()),
-        ])));
-
+    train(&full);
     // The same run, interrupted after step 4: only the step-4 checkpoint survives.
     let cut = dir.join("cut");
-    ok(&run(train_bin()
-        .arg("--config")
-        .arg(&config)
-        .args(extra)
-        .args([
-            "--set",
-            &format!("train.run_dir=\"{}\"", cut.display()),
-        ])));
+    train(&cut);
     std::fs::remove_dir_all(cut.join("checkpoints/step-8")).unwrap();
 
     let out = run(train_bin().arg("--resume").arg(&cut));
