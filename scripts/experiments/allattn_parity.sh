@@ -8,20 +8,9 @@
 # Then a comparison table and plots in docs/results/ (`report`). About 20 min on 2 cores.
 #   scripts/experiments/allattn_parity.sh [CORPUS_FILE]
 set -euo pipefail
-if [ -n "${1:-}" ]; then
-  [ -f "$1" ] || { echo "error: corpus file $1 does not exist" >&2; exit 1; }
-  CORPUS="$(realpath "$1")"
-fi
-cd "$(dirname "$0")/../.."
-cargo build --release --bin train --bin report >&2
-BIN="${CARGO_TARGET_DIR:-target}/release"
-CORPUS="${CORPUS:-../shared/datasets/tinyshakespeare/input.txt}"
+source "$(dirname "$0")/lib.sh"
+experiment_setup allattn-parity "$@"
 STEPS="${STEPS:-400}"
-DATA=()
-[ -f "$CORPUS" ] && DATA=(--set "data.path=\"$CORPUS\"")
-OUT=runs/allattn-parity
-rm -rf "$OUT"
-mkdir -p "$OUT"
 run() { # name, config, seed, extra sets...
   local name="$1" config="$2" seed="$3"; shift 3
   local sets=()

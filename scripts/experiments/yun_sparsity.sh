@@ -7,20 +7,9 @@
 # and plots including quality vs density in docs/results/ (`report`). About 35 min on 2 cores.
 #   scripts/experiments/yun_sparsity.sh [CORPUS_FILE]
 set -euo pipefail
-if [ -n "${1:-}" ]; then
-  [ -f "$1" ] || { echo "error: corpus file $1 does not exist" >&2; exit 1; }
-  CORPUS="$(realpath "$1")"
-fi
-cd "$(dirname "$0")/../.."
-cargo build --release --bin train --bin report >&2
-BIN="${CARGO_TARGET_DIR:-target}/release"
-CORPUS="${CORPUS:-../shared/datasets/tinyshakespeare/input.txt}"
+source "$(dirname "$0")/lib.sh"
+experiment_setup yun-sparsity "$@"
 STEPS="${STEPS:-150}"
-DATA=()
-[ -f "$CORPUS" ] && DATA=(--set "data.path=\"$CORPUS\"")
-OUT=runs/yun-sparsity
-rm -rf "$OUT"
-mkdir -p "$OUT"
 run() { # name, mixer table
   "$BIN/train" --config configs/dense-shakespeare.toml --backend flex "${DATA[@]}" \
     --set model.seq_len=256 --set train.steps="$STEPS" --set train.eval_every=50 \

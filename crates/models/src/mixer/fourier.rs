@@ -165,11 +165,10 @@ enum FftBackend {
 
 /// burn-signal's FFT ops exist on flex and the CubeCL backends (wgpu, cuda, ...), not ndarray.
 fn fft_backend(device: &Device) -> Option<FftBackend> {
-    let name = format!("{device:?}");
-    if name.contains("Cube") {
-        Some(FftBackend::Cube)
-    } else if name.contains("Flex") {
+    if super::on_flex(device) {
         Some(FftBackend::Flex)
+    } else if format!("{device:?}").contains("Cube") {
+        Some(FftBackend::Cube)
     } else {
         None
     }

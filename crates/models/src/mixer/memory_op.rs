@@ -114,10 +114,13 @@ pub trait MemoryAttentionOps: Backend {
         dropout: f32,
         seed: u32,
     ) -> FloatTensor<Self>;
+}
 
-    /// Backward of [`memory_attention`](Self::memory_attention) given its output `out` (for
-    /// the shifts) and the output gradient `grad` (`[h, M, d + 2]`, the last column ignored):
-    /// the gradients of `q`, `keys` and `values`.
+/// The backward of [`MemoryAttentionOps::memory_attention`] on a backend with the forward
+/// kernel; called from the autodiff node only, so not routed through `Dispatch`.
+pub trait MemoryAttentionBackward: Backend {
+    /// Given the forward's output `out` (for the shifts) and the output gradient `grad`
+    /// (`[h, M, d + 2]`, the last column ignored): the gradients of `q`, `keys` and `values`.
     fn memory_attention_backward(
         q: FloatTensor<Self>,
         keys: FloatTensor<Self>,
@@ -137,14 +140,35 @@ fn data3(t: &FlexTensor) -> ([usize; 3], FlexTensor) {
     ([shape[0], shape[1], shape[2]], t.to_contiguous())
 }
 
-/// Keys `[h, n, d]` (of at least one vector) match the queries `[h, rows, d]`, and the other
-/// operands their expected shapes.
-fn check_shapes([heads, _, d]: [usize; 3], n: usize, got: [[usize; 3]; 2], want: [[usize; 3]; 2]) {
-    assert!(n > 0, "memory_attention: no persistent vectors");
+/// The queries `[h, rows, d]`, keys and values `[h, n, d]` (n ≥ 1) as contiguous f32, their
+/// shape checked, and `extra` operands checked against the shapes `want(shape)` gives.
+fn operands<const E: usize>(
+    [q, keys, values]: [&FlexTensor; 3],
+    extra: [&FlexTensor; E],
+    want: impl Fn(Shape) -> [[usize; 3]; E],
+) -> (Shape, [FlexTensor; 3], [FlexTensor; E]) {
+    let ([heads, rows, d], q) = data3(q);
+    let (key_shape, keys) = data3(keys);
+    let (value_shape, values) = data3(values);
+    let shape = Shape {
+        heads,
+        rows,
+        n: key_shape[1],
+        d,
+    };
+    assert!(shape.n > 0, "memory_attention: no persistent vectors");
     assert_eq!(
-        got, want,
-        "memory_attention: operand shapes (heads {heads}, d {d})"
+        [key_shape, value_shape],
+        [[heads, shape.n, d]; 2],
+        "memory_attention: keys and values must be [heads, N, d] with the queries' heads and d"
     );
+    let extra = extra.map(data3);
+    assert_eq!(
+        extra.each_ref().map(|(got, _)| *got),
+        want(shape),
+        "memory_attention: operand shapes"
+    );
+    (shape, [q, keys, values], extra.map(|(_, t)| t))
 }
 
 fn slice(t: &FlexTensor) -> &[f32] {
@@ -160,27 +184,23 @@ impl MemoryAttentionOps for Flex {
         dropout: f32,
         seed: u32,
     ) -> FlexTensor {
-        let ([heads, rows, d], q) = data3(&q);
-        let ([_, n, _], keys) = data3(&keys);
-        let (v_shape, values) = data3(&values);
-        let (m_shape, context_max) = data3(&context_max);
-        check_shapes(
-            [heads, rows, d],
-            n,
-            [v_shape, m_shape],
-            [[heads, n, d], [heads, rows, 1]],
-        );
+        let (shape, [q, keys, values], [context_max]) =
+            operands([&q, &keys, &values], [&context_max], |s| {
+                [[s.heads, s.rows, 1]]
+            });
         let out = forward(
             slice(&q),
             slice(&keys),
             slice(&values),
             slice(&context_max),
-            Shape { heads, rows, n, d },
+            shape,
             Dropout::new(dropout, seed),
         );
-        FlexTensor::from_data(TensorData::new(out, [heads, rows, d + 2]))
+        FlexTensor::from_data(TensorData::new(out, [shape.heads, shape.rows, shape.d + 2]))
     }
+}
 
+impl MemoryAttentionBackward for Flex {
     fn memory_attention_backward(
         q: FlexTensor,
         keys: FlexTensor,
@@ -190,28 +210,20 @@ impl MemoryAttentionOps for Flex {
         dropout: f32,
         seed: u32,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let ([heads, rows, d], q) = data3(&q);
-        let ([_, n, _], keys) = data3(&keys);
-        let (v_shape, values) = data3(&values);
-        let (o_shape, out) = data3(&out);
-        let (g_shape, grad) = data3(&grad);
-        let width = [heads, rows, d + 2];
-        check_shapes(
-            [heads, rows, d],
-            n,
-            [v_shape, o_shape],
-            [[heads, n, d], width],
-        );
-        assert_eq!(g_shape, width, "memory_attention: gradient shape");
+        let (shape, [q, keys, values], [out, grad]) =
+            operands([&q, &keys, &values], [&out, &grad], |s| {
+                [[s.heads, s.rows, s.d + 2]; 2]
+            });
         let (dq, dk, dv) = backward(
             slice(&q),
             slice(&keys),
             slice(&values),
             slice(&out),
             slice(&grad),
-            Shape { heads, rows, n, d },
+            shape,
             Dropout::new(dropout, seed),
         );
+        let Shape { heads, rows, n, d } = shape;
         (
             FlexTensor::from_data(TensorData::new(dq, [heads, rows, d])),
             FlexTensor::from_data(TensorData::new(dk, [heads, n, d])),
@@ -391,7 +403,7 @@ fn forward(
     out
 }
 
-/// Backward kernel; see [`MemoryAttentionOps::memory_attention_backward`].
+/// Backward kernel; see [`MemoryAttentionBackward::memory_attention_backward`].
 #[allow(clippy::too_many_arguments)]
 fn backward(
     q: &[f32],
@@ -489,7 +501,9 @@ fn backward(
     (dq, dk, dv)
 }
 
-impl<B: Backend + MemoryAttentionOps, C: CheckpointStrategy> MemoryAttentionOps for Autodiff<B, C> {
+impl<B: MemoryAttentionOps + MemoryAttentionBackward, C: CheckpointStrategy> MemoryAttentionOps
+    for Autodiff<B, C>
+{
     fn memory_attention(
         q: FloatTensor<Self>,
         keys: FloatTensor<Self>,
@@ -501,7 +515,7 @@ impl<B: Backend + MemoryAttentionOps, C: CheckpointStrategy> MemoryAttentionOps 
         #[derive(Debug)]
         struct MemoryAttention;
 
-        impl<B: Backend + MemoryAttentionOps> Backward<B, 3> for MemoryAttention {
+        impl<B: MemoryAttentionBackward> Backward<B, 3> for MemoryAttention {
             /// The inputs, the forward output (for its shifts) and the dropout settings.
             type State = (
                 FloatTensor<B>,
@@ -553,18 +567,6 @@ impl<B: Backend + MemoryAttentionOps, C: CheckpointStrategy> MemoryAttentionOps 
             }
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
-    }
-
-    fn memory_attention_backward(
-        _q: FloatTensor<Self>,
-        _keys: FloatTensor<Self>,
-        _values: FloatTensor<Self>,
-        _out: FloatTensor<Self>,
-        _grad: FloatTensor<Self>,
-        _dropout: f32,
-        _seed: u32,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        unreachable!("the backward runs on the inner backend, inside the autodiff graph")
     }
 }
 

@@ -30,6 +30,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 
+/// Whether `device` is flex (autodiff or not), where the fused mixer operations
+/// (`fourier_op.rs`, `memory_op.rs`) run. Burn 0.22 has no backend query on a `Device`; its
+/// `Debug` form names the backend.
+pub(crate) fn on_flex(device: &Device) -> bool {
+    format!("{device:?}").contains("Flex")
+}
+
 /// What every mixer is told about the model it sits in (the `[model]` settings it shares).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MixerContext {

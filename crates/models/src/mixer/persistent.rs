@@ -205,7 +205,7 @@ impl PersistentAttention {
         v: Tensor<4>,
         key_pe: Option<&Tensor<2>>,
     ) -> Tensor<4> {
-        let fused = format!("{:?}", q.device()).contains("Flex");
+        let fused = super::on_flex(&q.device());
         self.attend_with(q, k, v, key_pe, fused)
     }
 
