@@ -20,10 +20,26 @@ pub mod pattern;
 pub use block::{Block, BlockConfig};
 pub use lm::{AttentionLayout, Lm, LmConfig, Position, attention_positions};
 pub use mixer::{
-    DenseAttention, DenseAttentionConfig, Mixer, MixerConfig, PersistentAttention,
+    AttentionImpl, DenseAttention, DenseAttentionConfig, Mixer, MixerConfig, PersistentAttention,
     PersistentAttentionConfig, SparseAttention, SparseAttentionConfig,
 };
 pub use mlp::{Mlp, MlpConfig};
+
+/// The optimisation level (`opt-level`: `0`–`3`, `s`, `z`) this crate was compiled at, as
+/// its build script saw it. The mixers and their fused kernels are where training spends its
+/// time, so this is what decides whether a binary trains at full speed.
+pub const BUILD_OPT_LEVEL: &str = env!("MIXLAB_MODELS_OPT_LEVEL");
+
+/// The warning to print at start when the models were compiled without optimisation (some
+/// profile a user picked): such a build trains about fifty times slower.
+pub fn unoptimised_build_warning(opt_level: &str) -> Option<String> {
+    (opt_level == "0").then(|| {
+        "warning: this is an unoptimised build (mixlab-models at opt-level 0): it trains about \
+         50x slower; add --release (cargo run --release --bin ...) or use the dev profile of \
+         the workspace Cargo.toml, which optimises the models and their dependencies"
+            .to_string()
+    })
+}
 
 /// A model configuration that cannot be built, with the field at fault and how to fix it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -51,6 +67,29 @@ impl ModelError {
             value: value.to_string(),
             fix: fix.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod build_tests {
+    /// The warning fires for opt-level 0 only, and the test build itself (release in CI) is
+    /// optimised, so a plain run prints nothing.
+    #[test]
+    fn unoptimised_warning_keys_on_the_opt_level() {
+        let warning = super::unoptimised_build_warning("0").expect("opt-level 0 warns");
+        assert!(warning.contains("--release"), "{warning}");
+        for level in ["1", "2", "3", "s", "z"] {
+            assert_eq!(
+                super::unoptimised_build_warning(level),
+                None,
+                "opt-level {level}"
+            );
+        }
+        assert!(
+            ["0", "1", "2", "3", "s", "z"].contains(&super::BUILD_OPT_LEVEL),
+            "build script saw opt-level {:?}",
+            super::BUILD_OPT_LEVEL
+        );
     }
 }
 

@@ -10,7 +10,7 @@ use burn::tensor::{Device, Distribution, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::block::{Block, BlockConfig};
-use crate::mixer::{MixerConfig, MixerContext};
+use crate::mixer::{AttentionImpl, MixerConfig, MixerContext};
 use crate::{ModelError, init};
 
 /// How the model knows where a token is.
@@ -91,6 +91,9 @@ pub struct LmConfig {
     /// as `mixer`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attention: Option<MixerConfig>,
+    /// How attention mixers compute softmax attention: `fused` (one tiled operation with its
+    /// own backward where the backend has a kernel: flex) or `composed` (tensor ops).
+    pub attention_impl: AttentionImpl,
 }
 
 impl Default for LmConfig {
@@ -110,6 +113,7 @@ impl Default for LmConfig {
             num_attention_layers: 0,
             attention_layout: AttentionLayout::Top,
             attention: None,
+            attention_impl: AttentionImpl::Fused,
         }
     }
 }
@@ -124,6 +128,7 @@ impl LmConfig {
             rope_theta: (self.position == Position::Rope).then_some(self.rope_theta),
             relative_positions: self.position == Position::Relative,
             layer: 0,
+            fused_attention: self.attention_impl == AttentionImpl::Fused,
         }
     }
 

@@ -261,6 +261,7 @@ fn one_layer(d_model: usize, n: usize) -> mixlab_models::mixer::MixerContext {
         rope_theta: None,
         relative_positions: false,
         layer: 0,
+        fused_attention: true,
     }
 }
 

@@ -1511,3 +1511,67 @@ fn report_compares_runs_in_a_table_and_plots() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a run directory"));
 }
+
+/// `model.attention_impl` chooses the path: a tiny char model (vocab 65, d 128, 4 layers,
+/// 4 heads, d_ff 512, seq 64, batch 12) trained 300 steps on tiny-shakespeare with the fused
+/// flex attention operation and with the composed tensor ops ends with validation losses
+/// within 1e-3 nats of each other.
+#[test]
+fn fused_and_composed_attention_train_to_the_same_validation_loss() {
+    let corpus = crate_dir().join("../../../shared/datasets/tinyshakespeare/input.txt");
+    if !corpus.is_file() {
+        eprintln!("skipped: {} is absent", corpus.display());
+        return;
+    }
+    let dir = scratch("attention-impl");
+    let config = write_config(
+        &dir,
+        r#"
+[model]
+d_model = 128
+n_layers = 4
+d_ff = 512
+seq_len = 64
+
+[model.mixer]
+kind = "dense"
+n_heads = 4
+
+[data]
+corpus = "tinyshakespeare"
+
+[optim]
+lr = 2e-3
+warmup_steps = 20
+
+[train]
+backend = "flex"
+steps = 300
+batch_size = 12
+eval_every = 0
+checkpoint_every = 0
+log_every = 50
+"#,
+    );
+    let valid = |implementation: &str| {
+        let run_dir = dir.join(implementation);
+        let out = train_with(
+            &config,
+            &run_dir,
+            &[
+                &format!("model.attention_impl=\"{implementation}\""),
+                &format!("data.path=\"{}\"", corpus.display()),
+                &format!("data.cache_dir=\"{}\"", dir.join("cache").display()),
+            ],
+        );
+        ok(&out);
+        let valid = losses(&metrics(&run_dir), "valid");
+        valid.last().expect("a validation loss").1
+    };
+    let (fused, composed) = (valid("fused"), valid("composed"));
+    assert!(fused < 3.0, "the model learned something: {fused}");
+    assert!(
+        (fused - composed).abs() < 1e-3,
+        "valid loss fused {fused} vs composed {composed}"
+    );
+}

@@ -8,7 +8,7 @@
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingConfig};
-use burn::tensor::{Bool, Device, Tensor, activation};
+use burn::tensor::{Bool, Device, FloatDType, Tensor, activation};
 use serde::{Deserialize, Serialize};
 
 use super::MixerContext;
@@ -92,6 +92,7 @@ impl DenseAttentionConfig {
             }),
             n_heads: self.n_heads,
             causal: self.causal,
+            fused: ctx.fused_attention,
         }
     }
 }
@@ -117,6 +118,8 @@ pub struct DenseAttention {
     pub n_heads: usize,
     /// Whether future positions are masked.
     pub causal: bool,
+    /// Whether attention may run as the fused tiled operation (where the backend has it).
+    pub fused: bool,
 }
 
 impl DenseAttention {
@@ -162,6 +165,18 @@ impl DenseAttention {
     /// - `q`, `k`, `v`: `[batch, n_heads, seq, d_head]`
     /// - output: `[batch, n_heads, seq, d_head]`
     pub fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+        let fused = self.fused && super::on_flex(&q.device());
+        self.attend_with(q, k, v, fused)
+    }
+
+    /// [`attend`](Self::attend) as the fused tiled operation
+    /// ([`AttentionOps`](super::AttentionOps): flex only; `n × n` scores never materialised,
+    /// probabilities recomputed in the backward) or composed from tensor ops (every backend,
+    /// and the reference the fused operation is tested against).
+    pub fn attend_with(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, fused: bool) -> Tensor<4> {
+        if fused {
+            return self.attend_fused(q, k, v);
+        }
         let [batch, n_heads, seq, d_head] = q.dims();
         let scale = 1.0 / (d_head as f64).sqrt();
         let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale); // [batch, n_heads, seq, seq]
@@ -175,12 +190,39 @@ impl DenseAttention {
         let weights = self.attn_dropout.forward(activation::softmax(scores, 3));
         weights.matmul(v)
     }
+
+    /// The fused path: heads flattened into `[batch · n_heads, seq, d_head]`, f32 inside the
+    /// operation whatever the model's precision.
+    fn attend_fused(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+        let [batch, n_heads, seq, d_head] = q.dims();
+        let dtype = q.dtype();
+        let scale = 1.0 / (d_head as f64).sqrt();
+        let (p, seed) = super::fused_dropout(&self.attn_dropout, &q.device());
+        let flat = |t: Tensor<4>| {
+            t.reshape([batch * n_heads, seq, d_head])
+                .cast(FloatDType::F32)
+                .into_dispatch()
+        };
+        let out = Tensor::<3>::from_dispatch(
+            <burn::backend::Dispatch as super::AttentionOps>::tiled_attention(
+                flat(q.mul_scalar(scale)),
+                flat(k),
+                flat(v),
+                self.causal,
+                p,
+                seed,
+            ),
+        ); // [batch · n_heads, seq, d_head + 1]: output | log-sum-exp
+        out.narrow(2, 0, d_head)
+            .reshape([batch, n_heads, seq, d_head])
+            .cast(dtype)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{devices, to_vec};
+    use crate::test_util::{assert_all_close, devices, to_vec};
     use burn::tensor::Distribution;
 
     fn ctx(d_model: usize, rope: bool) -> MixerContext {
@@ -192,6 +234,7 @@ mod tests {
             rope_theta: rope.then_some(10_000.0),
             relative_positions: false,
             layer: 0,
+            fused_attention: true,
         }
     }
 
@@ -282,6 +325,73 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The layer's fused path (the tiled flex operation) against its composed path: outputs and
+    /// the gradients of the input and of both projections, causal and bidirectional, with RoPE,
+    /// at lengths 1, 7 and 100 (a partial tile).
+    #[test]
+    fn fused_path_equals_composed_path_in_values_and_gradients() {
+        let device = Device::flex().autodiff();
+        for causal in [true, false] {
+            for seq in [1, 7, 100] {
+                device.seed(seq as u64);
+                let mut context = ctx(16, true);
+                context.max_seq_len = 100;
+                let attn = DenseAttentionConfig { n_heads: 2, causal }.init(&context, &device);
+                let r =
+                    || Tensor::<3>::random([2, seq, 16], Distribution::Normal(0.0, 1.0), &device);
+                let (x, w) = (r().require_grad(), r());
+                let run = |fused: bool| {
+                    let (q, k, v) = attn.project(x.clone());
+                    let y = attn
+                        .attend_with(q, k, v, fused)
+                        .swap_dims(1, 2)
+                        .reshape([2, seq, 16]);
+                    let y = attn.proj.forward(y);
+                    let grads = (y.clone() * w.clone()).sum().backward();
+                    vec![
+                        to_vec(y),
+                        to_vec(x.grad(&grads).unwrap()),
+                        to_vec(attn.qkv.weight.val().grad(&grads).unwrap()),
+                        to_vec(attn.proj.weight.val().grad(&grads).unwrap()),
+                    ]
+                };
+                let (fused, composed) = (run(true), run(false));
+                for ((name, a), b) in ["output", "dx", "d qkv", "d proj"]
+                    .iter()
+                    .zip(&fused)
+                    .zip(&composed)
+                {
+                    assert_all_close(a, b, 2e-5, &format!("causal={causal} seq={seq} {name}"));
+                }
+            }
+        }
+    }
+
+    /// Attention dropout in the fused path is drawn only when training on an autodiff device:
+    /// two training calls differ, inference equals the composed path.
+    #[test]
+    fn fused_dropout_is_drawn_in_training_only() {
+        let mut context = ctx(16, false);
+        context.dropout = 0.5;
+        let train = Device::flex().autodiff();
+        train.seed(4);
+        let attn = DenseAttentionConfig {
+            n_heads: 2,
+            causal: true,
+        }
+        .init(&context, &train);
+        let q = Tensor::<4>::random([1, 2, 16, 8], Distribution::Normal(0.0, 1.0), &train);
+        let a = to_vec(attn.attend_with(q.clone(), q.clone(), q.clone(), true));
+        let b = to_vec(attn.attend_with(q.clone(), q.clone(), q.clone(), true));
+        assert_ne!(a, b, "each training call draws its own mask");
+        let infer = Device::flex();
+        let attn = attn.valid();
+        let q = Tensor::<4>::from_data(q.into_data(), &infer);
+        let fused = to_vec(attn.attend_with(q.clone(), q.clone(), q.clone(), true));
+        let composed = to_vec(attn.attend_with(q.clone(), q.clone(), q, false));
+        assert_all_close(&fused, &composed, 1e-5, "inference");
     }
 
     #[test]

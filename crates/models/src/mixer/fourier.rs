@@ -577,6 +577,7 @@ mod tests {
             rope_theta: None,
             relative_positions: false,
             layer: 0,
+            fused_attention: true,
         }
     }
 

@@ -45,7 +45,7 @@ struct Shape {
 /// Dropout of the memory weights in the value product: a keep/drop decision per
 /// `(head, row, j)` from a hash, so the backward can regenerate the mask.
 #[derive(Clone, Copy)]
-struct Dropout {
+pub(super) struct Dropout {
     /// Drop when the element's 32-bit hash is below this.
     threshold: u32,
     /// `1 / (1 − p)`.
@@ -55,7 +55,7 @@ struct Dropout {
 }
 
 impl Dropout {
-    fn new(p: f32, seed: u32) -> Self {
+    pub(super) fn new(p: f32, seed: u32) -> Self {
         assert!(
             (0.0..1.0).contains(&p),
             "memory_attention: dropout {p} not in [0, 1)"
@@ -69,10 +69,15 @@ impl Dropout {
 
     /// `weights ← weights ∘ mask · scale` for the `n` weights of query `row` of `head`.
     fn apply(&self, weights: &mut [f32], head: usize, rows: usize, row: usize) {
+        self.apply_at(weights, ((head * rows + row) * weights.len()) as u64);
+    }
+
+    /// `weights ← weights ∘ mask · scale`, where `weights[j]` is element `base + j` of the
+    /// operation's (flattened) weight array: its mask bit depends on that index alone.
+    pub(super) fn apply_at(&self, weights: &mut [f32], base: u64) {
         if self.threshold == 0 {
             return;
         }
-        let base = ((head * rows + row) * weights.len()) as u64;
         for (j, w) in weights.iter_mut().enumerate() {
             let bits = (mix(self.offset.wrapping_add(base + j as u64)) >> 32) as u32;
             *w = if bits >= self.threshold {
@@ -133,7 +138,7 @@ pub trait MemoryAttentionBackward: Backend {
 }
 
 /// A contiguous f32 tensor's data and its three dimensions.
-fn data3(t: &FlexTensor) -> ([usize; 3], FlexTensor) {
+pub(super) fn data3(t: &FlexTensor) -> ([usize; 3], FlexTensor) {
     assert_eq!(t.dtype(), DType::F32, "memory_attention: f32 only");
     let shape = t.layout().shape();
     assert_eq!(shape.num_dims(), 3, "memory_attention: 3-D tensors");
@@ -171,7 +176,7 @@ fn operands<const E: usize>(
     (shape, [q, keys, values], extra.map(|(_, t)| t))
 }
 
-fn slice(t: &FlexTensor) -> &[f32] {
+pub(super) fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice().expect("contiguous f32")
 }
 
@@ -235,7 +240,7 @@ impl MemoryAttentionBackward for Flex {
 /// `dst[m, n] (= dst +) lhs[m, k] · rhs[k, n]`, each operand given by its row and column
 /// strides (in elements), single-threaded (the callers parallelise over tiles).
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(super) fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
@@ -285,7 +290,7 @@ fn matmul(
 /// `exp(x)` for `x <= 0` (clamped below at −87, where it is ~1.6e-38) to within ~2 ulp: a
 /// branch-free Cody–Waite reduction and a degree-6 polynomial, so loops over slices vectorise.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(super) fn exp_nonpositive(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -312,7 +317,7 @@ fn exp_row(row: &mut [f32], m: f32) -> f32 {
 
 /// A reduction of `x` from `init` over eight interleaved lanes, then across them.
 #[inline(always)]
-fn lanes(x: &[f32], init: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
+pub(super) fn lanes(x: &[f32], init: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [init; 8];
     let chunks = x.chunks_exact(8);
     let tail = chunks.remainder().iter().fold(init, |a, &b| op(a, b));

@@ -6,6 +6,7 @@
 //! Adding a mixer = one file here, one arm in each enum, its tests and a `configs/*.toml`;
 //! `Block` and `Lm` do not change.
 
+mod attention_op;
 mod dense;
 mod fourier;
 mod fourier_op;
@@ -13,6 +14,7 @@ mod memory_op;
 mod persistent;
 mod sparse;
 
+pub use attention_op::AttentionOps;
 pub use dense::{DenseAttention, DenseAttentionConfig};
 pub use fourier::{
     FourierImpl, FourierMixer, FourierMixerConfig, dft_matrices, dft_mix, fft_mix, fft_mix_composed,
@@ -25,16 +27,47 @@ pub use sparse::{
 };
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor};
+use burn::nn::Dropout;
+use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 
 /// Whether `device` is flex (autodiff or not), where the fused mixer operations
-/// (`fourier_op.rs`, `memory_op.rs`) run. Burn 0.22 has no backend query on a `Device`; its
-/// `Debug` form names the backend.
+/// (`attention_op.rs`, `fourier_op.rs`, `memory_op.rs`) run. Burn 0.22 has no backend query on
+/// a `Device`; its `Debug` form names the backend.
 pub(crate) fn on_flex(device: &Device) -> bool {
     format!("{device:?}").contains("Flex")
+}
+
+/// The dropout probability and mask seed a fused attention operation should use now: `p` and
+/// a seed drawn from Burn's generator (so a seeded run draws the same masks) when `dropout`
+/// is active (training, on an autodiff device), else `(0, 0)`.
+pub(crate) fn fused_dropout(dropout: &Dropout, device: &Device) -> (f32, u32) {
+    if dropout.prob <= 0.0 || !dropout.training.is_enabled() || !device.is_autodiff() {
+        return (0.0, 0);
+    }
+    let u = Tensor::<1>::random([2], Distribution::Uniform(0.0, 1.0), device)
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default();
+    let half = |x: Option<&f32>| (x.copied().unwrap_or(0.0) * 65536.0) as u32;
+    // f64 -> f32 must not round a valid p < 1 up to 1.
+    let p = (dropout.prob as f32).min(1.0 - f32::EPSILON);
+    (p, half(u.first()) << 16 | half(u.get(1)))
+}
+
+/// How attention mixers compute softmax attention (`model.attention_impl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionImpl {
+    /// One tiled operation with its own backward where the backend has a kernel for it (flex),
+    /// the composed tensor ops elsewhere.
+    #[default]
+    Fused,
+    /// Tensor ops everywhere (the reference the fused kernels are tested against).
+    Composed,
 }
 
 /// What every mixer is told about the model it sits in (the `[model]` settings it shares).
@@ -54,6 +87,8 @@ pub struct MixerContext {
     pub relative_positions: bool,
     /// Index of this block, input first (sparse patterns alternate with the layer).
     pub layer: usize,
+    /// Whether attention may use the fused operations (`model.attention_impl = "fused"`).
+    pub fused_attention: bool,
 }
 
 /// The token mixer of every block, as written under `[model.mixer]` (`kind = "dense"`, ...).

@@ -205,7 +205,7 @@ impl PersistentAttention {
         v: Tensor<4>,
         key_pe: Option<&Tensor<2>>,
     ) -> Tensor<4> {
-        let fused = super::on_flex(&q.device());
+        let fused = self.attn.fused && super::on_flex(&q.device());
         self.attend_with(q, k, v, key_pe, fused)
     }
 
@@ -246,23 +246,7 @@ impl PersistentAttention {
             if fused {
                 // Dropout as `Dropout::forward` decides it; the mask's seed from Burn's
                 // generator, so a seeded run draws the same masks.
-                let drop = &self.attn.attn_dropout;
-                let (p, seed) =
-                    if drop.prob > 0.0 && drop.training.is_enabled() && q.device().is_autodiff() {
-                        let u =
-                            Tensor::<1>::random([2], Distribution::Uniform(0.0, 1.0), &q.device());
-                        let u = u
-                            .into_data()
-                            .convert::<f32>()
-                            .try_to_vec::<f32>()
-                            .unwrap_or_default();
-                        let half = |x: Option<&f32>| (x.copied().unwrap_or(0.0) * 65536.0) as u32;
-                        // f64 -> f32 must not round a valid p < 1 up to 1.
-                        let p = (drop.prob as f32).min(1.0 - f32::EPSILON);
-                        (p, half(u.first()) << 16 | half(u.get(1)))
-                    } else {
-                        (0.0, 0)
-                    };
+                let (p, seed) = super::fused_dropout(&self.attn.attn_dropout, &q.device());
                 let dtype = q.dtype();
                 let f32 = |t: Tensor<3>| t.cast(burn::tensor::FloatDType::F32);
                 let out = Tensor::<3>::from_dispatch(
@@ -497,6 +481,7 @@ mod tests {
             rope_theta: None,
             relative_positions: relative,
             layer: 0,
+            fused_attention: true,
         }
     }
 

@@ -402,6 +402,7 @@ mod tests {
             rope_theta: None,
             relative_positions: false,
             layer,
+            fused_attention: true,
         }
     }
 

@@ -109,6 +109,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    if let Some(warning) = mixlab_models::unoptimised_build_warning(mixlab_models::BUILD_OPT_LEVEL)
+    {
+        eprintln!("{warning}");
+    }
     let (config, backend, devices, set, steps, warmup) = match Cli::parse().command {
         Command::Train {
             config,

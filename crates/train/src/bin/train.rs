@@ -45,6 +45,10 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(warning) = mixlab_models::unoptimised_build_warning(mixlab_models::BUILD_OPT_LEVEL)
+    {
+        eprintln!("{warning}");
+    }
     mixlab_train::source::set_offline(cli.offline);
     if let Some(run_dir) = &cli.plot {
         return match mixlab_train::plot::write_plots(run_dir) {
