@@ -7,6 +7,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::mixer::{Mixer, MixerConfig, MixerContext};
 use crate::mlp::{Mlp, MlpConfig};
+use crate::norm_op::layer_norm;
 
 /// Configuration of a [`Block`].
 #[derive(Debug, Clone, PartialEq)]
@@ -62,9 +63,9 @@ impl Block {
     /// - `key_pe`: `[d_head, seq_len]`, the model's shared relative-position keys, if any
     /// - output: `[batch, seq, d_model]`
     pub fn forward(&self, x: Tensor<3>, key_pe: Option<&Tensor<2>>) -> Tensor<3> {
-        let x = x.clone() + self.mixer.forward(self.norm_mixer.forward(x), key_pe);
+        let x = x.clone() + self.mixer.forward(layer_norm(&self.norm_mixer, x), key_pe);
         match (&self.norm_mlp, &self.mlp) {
-            (Some(norm), Some(mlp)) => x.clone() + mlp.forward(norm.forward(x)),
+            (Some(norm), Some(mlp)) => x.clone() + mlp.forward(layer_norm(norm, x)),
             _ => x,
         }
     }

@@ -15,6 +15,7 @@ pub mod lm;
 pub mod loss;
 pub mod mixer;
 pub mod mlp;
+pub mod norm_op;
 pub mod pattern;
 
 pub use block::{Block, BlockConfig};

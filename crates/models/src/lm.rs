@@ -350,7 +350,7 @@ impl Lm {
         for block in &self.blocks {
             x = block.forward(x, key_pe.as_ref());
         }
-        let x = self.norm_final.forward(x);
+        let x = crate::norm_op::layer_norm(&self.norm_final, x);
         match &self.head {
             Some(head) => head.forward(x),
             // Tied head: logits = x · Eᵀ, `[batch, seq, d_model] x [1, d_model, vocab]`.
