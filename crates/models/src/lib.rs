@@ -111,6 +111,28 @@ pub(crate) mod test_util {
 
     /// Every `got[i]` within `rel` of `want[i]`, relative to the largest `|want|`; the message
     /// names `what` and the first index that is not.
+    /// `len` deterministic values in `[-scale/2, scale/2)`, a different pattern per `salt`:
+    /// kernel inputs for the thread-count tests.
+    pub fn pattern(len: usize, salt: usize, scale: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 7919 + salt * 104_729) % 2003) as f32 / 2003.0 - 0.5) * scale)
+            .collect()
+    }
+
+    /// Whether `kernels` gives the same bits run in a pool of 1 thread and of 3.
+    pub fn same_bits_on_1_and_3_threads<const N: usize>(
+        kernels: impl Fn() -> [Vec<f32>; N] + Send + Sync,
+    ) -> bool {
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| kernels().map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()))
+        };
+        run(1) == run(3)
+    }
+
     pub fn assert_all_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: lengths");
         let scale = want.iter().fold(1e-6f32, |m, x| m.max(x.abs()));

@@ -20,6 +20,8 @@ use burn::nn::LayerNorm;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use rayon::prelude::*;
 
+use crate::mixer::memory_op::{lanes, slice};
+
 /// Rows per chunk: the unit of parallel work, and of the ordered dγ / dβ sums.
 const CHUNK: usize = 64;
 
@@ -59,10 +61,6 @@ fn data(t: &FlexTensor) -> (Vec<usize>, FlexTensor) {
         (0..shape.num_dims()).map(|i| shape[i]).collect(),
         t.to_contiguous(),
     )
-}
-
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice().expect("contiguous f32")
 }
 
 /// `x` `[rows, d]` and the `[d]` vectors, checked.
@@ -117,15 +115,7 @@ impl LayerNormBackward for Flex {
 /// The sum of `x` over eight interleaved lanes (vectorises; a fixed order).
 #[inline(always)]
 fn sum(x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for (a, &b) in acc.iter_mut().zip(c) {
-            *a += b;
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+    lanes(x, 0.0, |a, b| a + b)
 }
 
 /// A row's mean and `1/√(σ² + ε)`.
@@ -295,7 +285,7 @@ pub fn layer_norm(norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{assert_all_close, to_vec};
+    use crate::test_util::{assert_all_close, pattern, same_bits_on_1_and_3_threads, to_vec};
     use burn::module::Param;
     use burn::nn::LayerNormConfig;
     use burn::tensor::{Device, Distribution};
@@ -352,23 +342,13 @@ mod tests {
     #[test]
     fn kernels_are_bit_identical_across_thread_counts() {
         let (rows, d) = (1000, 24);
-        let v = |salt: usize, len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| (((i * 7919 + salt * 104_729) % 2003) as f32 / 2003.0 - 0.5) * 4.0)
-                .collect()
-        };
+        let v = |salt: usize, len: usize| pattern(len, salt, 4.0);
         let (x, gamma, beta, grad) = (v(1, rows * d), v(2, d), v(3, d), v(4, rows * d));
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
-                let y = forward(&x, &gamma, &beta, d, LAYER_NORM_EPS);
-                let (dx, dg, db) = backward(&x, &gamma, &grad, d, LAYER_NORM_EPS);
-                [y, dx, dg, db].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
-            })
-        };
-        assert!(run(1) == run(3), "results differ between 1 and 3 threads");
+        let same = same_bits_on_1_and_3_threads(|| {
+            let y = forward(&x, &gamma, &beta, d, LAYER_NORM_EPS);
+            let (dx, dg, db) = backward(&x, &gamma, &grad, d, LAYER_NORM_EPS);
+            [y, dx, dg, db]
+        });
+        assert!(same, "results differ between 1 and 3 threads");
     }
 }

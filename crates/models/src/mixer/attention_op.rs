@@ -521,7 +521,7 @@ impl<B: AttentionOps + AttentionBackward, C: CheckpointStrategy> AttentionOps fo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{assert_all_close, to_vec};
+    use crate::test_util::{assert_all_close, pattern, same_bits_on_1_and_3_threads, to_vec};
     use burn::tensor::{Bool, Device, Distribution, Tensor, activation};
 
     /// The kernel's dropout mask for `[heads, n, n]` weights, as a tensor of `0` and `1/(1−p)`.
@@ -610,11 +610,7 @@ mod tests {
     /// fixed order whatever the scheduling.
     #[test]
     fn kernels_are_bit_identical_across_thread_counts() {
-        let data = |len: usize, salt: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| (((i * 7919 + salt * 104_729) % 2003) as f32 / 2003.0 - 0.5) * 3.0)
-                .collect()
-        };
+        let data = |len: usize, salt: usize| pattern(len, salt, 3.0);
         for causal in [true, false] {
             let shape = Shape {
                 heads: 2,
@@ -626,19 +622,13 @@ mod tests {
             let (q, k, v) = (data(len, 1), data(len, 2), data(len, 3));
             let grad = data(shape.heads * shape.n * (shape.d + 1), 4);
             let dropout = Dropout::new(0.2, 5);
-            let run = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                pool.install(|| {
-                    let out = forward(&q, &k, &v, shape, dropout);
-                    let [dq, dk, dv] = backward([&q, &k, &v], &out, &grad, shape, dropout);
-                    [out, dq, dk, dv].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
-                })
-            };
+            let same = same_bits_on_1_and_3_threads(|| {
+                let out = forward(&q, &k, &v, shape, dropout);
+                let [dq, dk, dv] = backward([&q, &k, &v], &out, &grad, shape, dropout);
+                [out, dq, dk, dv]
+            });
             assert!(
-                run(1) == run(3),
+                same,
                 "causal={causal}: results differ between 1 and 3 threads"
             );
         }

@@ -176,7 +176,7 @@ fn operands<const E: usize>(
     (shape, [q, keys, values], extra.map(|(_, t)| t))
 }
 
-pub(super) fn slice(t: &FlexTensor) -> &[f32] {
+pub(crate) fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice().expect("contiguous f32")
 }
 
@@ -317,7 +317,7 @@ fn exp_row(row: &mut [f32], m: f32) -> f32 {
 
 /// A reduction of `x` from `init` over eight interleaved lanes, then across them.
 #[inline(always)]
-pub(super) fn lanes(x: &[f32], init: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
+pub(crate) fn lanes(x: &[f32], init: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [init; 8];
     let chunks = x.chunks_exact(8);
     let tail = chunks.remainder().iter().fold(init, |a, &b| op(a, b));
@@ -578,7 +578,7 @@ impl<B: MemoryAttentionOps + MemoryAttentionBackward, C: CheckpointStrategy> Mem
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{assert_all_close, to_vec};
+    use crate::test_util::{assert_all_close, pattern, same_bits_on_1_and_3_threads, to_vec};
     use burn::tensor::{Device, Distribution, Tensor};
 
     /// The operation (through `Dispatch` and autodiff on flex) against the same function built
@@ -660,29 +660,19 @@ mod tests {
             n: 19,
             d: 6,
         };
-        let data = |len: usize, salt: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| (((i * 7919 + salt * 104_729) % 2003) as f32 / 2003.0 - 0.5) * 4.0)
-                .collect()
-        };
+        let data = |len: usize, salt: usize| pattern(len, salt, 4.0);
         let Shape { heads, rows, n, d } = shape;
         let q = data(heads * rows * d, 1);
         let (keys, values) = (data(heads * n * d, 2), data(heads * n * d, 3));
         let context_max = data(heads * rows, 4);
         let grad = data(heads * rows * (d + 2), 5);
         let dropout = Dropout::new(0.2, 5);
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
-                let out = forward(&q, &keys, &values, &context_max, shape, dropout);
-                let (dq, dk, dv) = backward(&q, &keys, &values, &out, &grad, shape, dropout);
-                [out, dq, dk, dv].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
-            })
-        };
-        assert!(run(1) == run(3), "results differ between 1 and 3 threads");
+        let same = same_bits_on_1_and_3_threads(|| {
+            let out = forward(&q, &keys, &values, &context_max, shape, dropout);
+            let (dq, dk, dv) = backward(&q, &keys, &values, &out, &grad, shape, dropout);
+            [out, dq, dk, dv]
+        });
+        assert!(same, "results differ between 1 and 3 threads");
     }
 
     /// The hashed mask drops the asked-for fraction and differs between seeds.

@@ -10,7 +10,7 @@ mod attention_op;
 mod dense;
 mod fourier;
 mod fourier_op;
-mod memory_op;
+pub(crate) mod memory_op;
 mod persistent;
 mod sparse;
 
