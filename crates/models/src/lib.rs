@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod block;
+pub mod gelu_op;
 pub mod init;
 pub mod lm;
 pub mod loss;

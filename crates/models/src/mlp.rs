@@ -3,7 +3,7 @@
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear};
-use burn::tensor::{Device, Tensor, activation};
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::init;
@@ -54,7 +54,7 @@ impl Mlp {
     /// - `x`: `[batch, seq, d_model]`
     /// - output: `[batch, seq, d_model]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = activation::gelu(self.fc.forward(x)); // [batch, seq, d_ff]
+        let h = crate::gelu_op::linear_gelu(&self.fc, x); // [batch, seq, d_ff]
         self.dropout.forward(self.proj.forward(h))
     }
 }

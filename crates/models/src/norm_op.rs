@@ -20,7 +20,7 @@ use burn::nn::LayerNorm;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::mixer::memory_op::{lanes, slice};
+use crate::mixer::kernel::{lanes, slice};
 
 /// Rows per chunk: the unit of parallel work, and of the ordered dγ / dβ sums.
 const CHUNK: usize = 64;

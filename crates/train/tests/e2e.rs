@@ -603,7 +603,12 @@ fn an_all_attention_model_with_adaptive_span_trains_end_to_end() {
     let train = losses(&lines, "train");
     assert_eq!(train.len(), 6);
     assert!(train.iter().all(|(_, l)| l.is_finite()));
-    assert!(train[5].1 < train[0].1, "loss falls: {train:?}");
+    // Per-batch losses are noisy (dropout 0.1, six batches): compare the halves.
+    let mean = |part: &[(u64, f64)]| part.iter().map(|(_, l)| l).sum::<f64>() / part.len() as f64;
+    assert!(
+        mean(&train[3..]) < mean(&train[..3]),
+        "loss falls: {train:?}"
+    );
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! Dense scaled dot-product attention as one Burn operation (a backend extension) whose flex
-//! kernel never materialises the `n × n` scores: FlashAttention-2's schedule on a CPU.
+//! Scaled dot-product attention — dense, block-sparse, or all-attention's context plus
+//! persistent memory — as one Burn operation (a backend extension) whose flex kernel never
+//! materialises the `n × n` scores: FlashAttention-2's schedule on a CPU. Every attention
+//! mixer calls it on flex.
 //!
 //! Forward, per head and tile of [`TILE`] query rows: for each block of [`KEYS`] keys, the
 //! scores `S = Q_tile K_blockᵀ` (queries come pre-scaled), an online softmax (running row
@@ -18,6 +20,18 @@
 //! `1 − p` and scaled by `1 / (1 − p)`, the mask a hash of `(seed, head, row, key)` that the
 //! backward regenerates (`dP` is masked the same way; `Δ = rowsum(dO ∘ O)` stays exact).
 //!
+//! Which keys a query sees is a [`KeyLayout`]: every key (causal: every earlier key), in
+//! tiles of [`TILE`] rows, or a block-sparse pattern's key blocks for each query block, in tiles
+//! of one pattern block (consecutive listed key blocks are walked as one run of up to
+//! [`KEYS`] keys; unlisted blocks cost nothing and no padded slot is computed).
+//!
+//! All-attention (Sukhbaatar et al. 2019): persistent keys and values are one more run of keys
+//! for every tile, in the same online softmax; the relative-position term `q_i · key_pe[:, i −
+//! j]` comes from one `[TILE, distances]` GEMM per tile and key run (and two in the backward:
+//! `dQ`, `d key_pe`); the adaptive span multiplies context weights by its ramp mask before the
+//! joint normalisation (gradient `Σ e ∘ (dP − Δ) / R` inside the ramp), and key runs wholly
+//! past the ramp are skipped.
+//!
 //! Memory: `O(TILE · KEYS)` scratch per thread plus `O(n · d)` per head for the dK / dV
 //! partial sums, so peak memory is linear in the sequence length.
 
@@ -28,10 +42,13 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
-use burn::tensor::TensorData;
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use rayon::prelude::*;
+use std::sync::Arc;
 
-use super::memory_op::{Dropout, data3, exp_nonpositive, lanes, matmul, slice};
+use crate::pattern::LayerPattern;
+
+use super::kernel::{Dropout, exp_nonpositive, lanes, matmul, slice};
 
 /// Query rows per tile.
 const TILE: usize = 64;
@@ -42,21 +59,25 @@ const KEYS: usize = 256;
 /// Groups of query tiles whose dK / dV partial sums the backward adds in a fixed order.
 const GROUPS: usize = 8;
 
-/// Heads (batch × heads, flattened), sequence length, head width, causality.
+/// Heads (batch × heads, flattened), sequence length, head width, causality, and
+/// all-attention's parts (zero sizes when absent).
 #[derive(Clone, Copy, Debug)]
 struct Shape {
     heads: usize,
     n: usize,
     d: usize,
     causal: bool,
+    /// Persistent vectors per memory head (0: none) and memory heads.
+    mem: usize,
+    mem_heads: usize,
+    /// Distances `key_pe` covers (0: no relative positions).
+    pe_span: usize,
+    /// Heads of the adaptive span (0: none) and its ramp width.
+    span_heads: usize,
+    ramp: f32,
 }
 
 impl Shape {
-    /// Keys visible to the rows of the tile `[start, start + len)`: `0..end`.
-    fn key_end(&self, start: usize, len: usize) -> usize {
-        if self.causal { start + len } else { self.n }
-    }
-
     /// How many keys of the block starting at `block` row `row` sees (causal: keys `≤ row`).
     fn visible(&self, row: usize, block: usize, block_len: usize) -> usize {
         if self.causal {
@@ -67,76 +88,270 @@ impl Shape {
     }
 }
 
-/// Dense attention as a backend operation.
+/// Which keys each query attends to: every key (when causal, every key not after the query),
+/// or the key blocks a block-sparse pattern lists for the query's block (when causal, again
+/// only keys not after the query). Cheap to clone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyLayout {
+    causal: bool,
+    sparse: Option<Arc<SparseKeys>>,
+}
+
+/// A [`LayerPattern`] resolved for the kernel.
+#[derive(Debug, PartialEq)]
+struct SparseKeys {
+    /// Pattern block size in tokens: the kernel's tile height.
+    block: usize,
+    /// Heads per batch row (the kernel sees `batch · n_heads` flattened heads).
+    n_heads: usize,
+    /// `runs[g][i]`: the key blocks of query block `i` in head group `g` as runs of
+    /// consecutive blocks `(first block, count)`, each at most `max(KEYS, block)` keys.
+    runs: Vec<Vec<Vec<(usize, usize)>>>,
+}
+
+impl KeyLayout {
+    /// Every key, or every key not after the query when `causal`.
+    pub fn dense(causal: bool) -> Self {
+        Self {
+            causal,
+            sparse: None,
+        }
+    }
+
+    /// The key blocks of `pattern` for `n_heads` heads per batch row (head `h` uses group
+    /// `h / (n_heads / groups)`, as in [`LayerPattern`]).
+    ///
+    /// # Panics
+    /// If the head groups do not divide `n_heads`, or a row lacks its own (diagonal) block: every
+    /// query needs a key.
+    pub fn sparse(pattern: &LayerPattern, n_heads: usize) -> Self {
+        let groups = pattern.groups.len();
+        assert!(
+            groups > 0 && n_heads.is_multiple_of(groups),
+            "a pattern of {groups} head groups for {n_heads} heads"
+        );
+        let per_run = (KEYS / pattern.block).max(1);
+        let runs = pattern
+            .groups
+            .iter()
+            .map(|group| {
+                group
+                    .rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, row)| {
+                        assert!(
+                            row.binary_search(&i).is_ok(),
+                            "row {i} of the pattern lacks its own block; every query needs a key"
+                        );
+                        let mut runs: Vec<(usize, usize)> = vec![];
+                        for &j in row {
+                            match runs.last_mut() {
+                                Some((first, count))
+                                    if *first + *count == j && *count < per_run =>
+                                {
+                                    *count += 1
+                                }
+                                _ => runs.push((j, 1)),
+                            }
+                        }
+                        runs
+                    })
+                    .collect()
+            })
+            .collect();
+        Self {
+            causal: pattern.groups[0].causal,
+            sparse: Some(Arc::new(SparseKeys {
+                block: pattern.block,
+                n_heads,
+                runs,
+            })),
+        }
+    }
+
+    /// Query rows per tile.
+    fn tile_rows(&self) -> usize {
+        self.sparse.as_ref().map_or(TILE, |s| s.block)
+    }
+
+    /// The key ranges `(first key, count)` the tile `[start, start + len)` of flattened head
+    /// `h` walks, in increasing order, none empty, none past `n`.
+    fn key_ranges(&self, h: usize, start: usize, len: usize, n: usize) -> Vec<(usize, usize)> {
+        match &self.sparse {
+            None => {
+                let end = if self.causal { start + len } else { n };
+                (0..end.div_ceil(KEYS))
+                    .map(|b| (b * KEYS, KEYS.min(end - b * KEYS)))
+                    .collect()
+            }
+            Some(s) => {
+                let groups = s.runs.len();
+                let group = (h % s.n_heads) / (s.n_heads / groups);
+                let row = &s.runs[group][start / s.block];
+                row.iter()
+                    .map(|&(first, count)| {
+                        let from = first * s.block;
+                        (
+                            from,
+                            ((first + count) * s.block).min(n).saturating_sub(from),
+                        )
+                    })
+                    .filter(|&(_, count)| count > 0)
+                    .collect()
+            }
+        }
+    }
+
+    /// Checks the layout against the operands' sequence length.
+    fn check(&self, n: usize) {
+        if let Some(s) = &self.sparse {
+            let blocks = s.runs[0].len();
+            assert_eq!(
+                blocks,
+                n.div_ceil(s.block),
+                "tiled_attention: a pattern over {blocks} blocks of {} for {n} tokens",
+                s.block
+            );
+        }
+    }
+}
+
+/// Attention (dense, block-sparse, or all-attention's context + persistent memory) as a
+/// backend operation.
 #[backend_extension(Flex, Autodiff)]
 pub trait AttentionOps: Backend {
     /// Forward. All f32: `q` (already multiplied by the score scale), `k` and `v`
     /// `[heads, n, d]` with `heads = batch · n_heads`. Returns `[heads, n, d + 1]`: the
-    /// attention output in the first `d` columns and each row's log-sum-exp of scores in column
-    /// `d` (no gradient flows through it).
+    /// attention output in the first `d` columns and each row's log-sum-exp of (masked)
+    /// weights in column `d` (no gradient flows through it).
     ///
-    /// `causal` hides keys after each query. With `dropout = p > 0` each weight in the value
-    /// product is zeroed with probability `p` and the rest scaled by `1 / (1 − p)`, the mask a
-    /// hash of `(seed, head, row, key)` that the backward regenerates.
+    /// `keys` says which context keys each query sees. All-attention's parts, each empty when
+    /// absent (Sukhbaatar et al. 2019):
+    /// - `memory_keys`, `memory_values` `[mem_heads, m, d]`: persistent vectors that every
+    ///   query of flattened head `h` sees (memory head `h mod mem_heads`), in the same softmax
+    ///   as its context keys; keys already scaled like the context keys;
+    /// - `key_pe` `[d, span]` (`span ≥ n`; causal only): the score of query `i` and key `j ≤ i`
+    ///   gains `q_i · key_pe[:, i − j]`;
+    /// - `span_z` `[span_heads]` (tokens) with `ramp`: context weights at distance `δ = i − j`
+    ///   are multiplied by `clamp((ramp + z − δ) / ramp, 0, 1)` (adaptive span, head
+    ///   `h mod span_heads`) before the joint normalisation; key blocks wholly past the ramp
+    ///   are skipped.
+    ///
+    /// With `dropout = p > 0` each weight in the value product is zeroed with probability `p`
+    /// and the rest scaled by `1 / (1 − p)`, the mask a hash of `(seed, head, row, key)` (memory
+    /// slot `s` is key `n + s`) that the backward regenerates.
+    #[allow(clippy::too_many_arguments)]
     fn tiled_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        causal: bool,
+        memory_keys: FloatTensor<Self>,
+        memory_values: FloatTensor<Self>,
+        key_pe: FloatTensor<Self>,
+        span_z: FloatTensor<Self>,
+        keys: KeyLayout,
+        ramp: f32,
         dropout: f32,
         seed: u32,
     ) -> FloatTensor<Self>;
 }
 
+/// The seven inputs of [`AttentionOps::tiled_attention`] (or their gradients), in order.
+pub type Operands<B> = [FloatTensor<B>; 7];
+
 /// The backward of [`AttentionOps::tiled_attention`] on a backend with the forward kernel;
 /// called from the autodiff node only, so not routed through `Dispatch`.
 pub trait AttentionBackward: Backend {
-    /// Given the forward's output `out` (`[heads, n, d + 1]`) and its gradient `grad` (same
-    /// shape, the last column ignored): the gradients of `q`, `k` and `v`.
-    #[allow(clippy::too_many_arguments)]
+    /// Given the inputs, the forward's output `out` (`[heads, n, d + 1]`) and its gradient
+    /// `grad` (same shape, the last column ignored): the gradients of the seven inputs.
     fn tiled_attention_backward(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
+        inputs: Operands<Self>,
         out: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        causal: bool,
-        dropout: f32,
-        seed: u32,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+        keys: &KeyLayout,
+        settings: (f32, f32, u32),
+    ) -> Operands<Self>;
 }
 
-/// `q`, `k`, `v` as contiguous f32 with their common shape checked, and `extra` operands
-/// checked to be `[heads, n, d + 1]`.
+/// A tensor's shape.
+fn dims(t: &FlexTensor) -> Vec<usize> {
+    let shape = t.layout().shape();
+    (0..shape.num_dims()).map(|i| shape[i]).collect()
+}
+
+/// A contiguous f32 tensor's data and shape.
+fn data(t: &FlexTensor) -> (Vec<usize>, FlexTensor) {
+    assert_eq!(t.dtype(), DType::F32, "tiled_attention: f32 only");
+    (dims(t), t.to_contiguous())
+}
+
+/// The seven inputs as contiguous f32 with their shapes checked against each other and the
+/// layout, and `extra` operands checked to be `[heads, n, d + 1]`.
 fn operands<const E: usize>(
-    [q, k, v]: [&FlexTensor; 3],
+    inputs: [&FlexTensor; 7],
     extra: [&FlexTensor; E],
-    causal: bool,
-) -> (Shape, [FlexTensor; 3], [FlexTensor; E]) {
-    let (q_shape, q) = data3(q);
-    let (k_shape, k) = data3(k);
-    let (v_shape, v) = data3(v);
+    keys: &KeyLayout,
+    ramp: f32,
+) -> (Shape, [FlexTensor; 7], [FlexTensor; E]) {
+    let [
+        (q_shape, q),
+        (k_shape, k),
+        (v_shape, v),
+        (mk_shape, mk),
+        (mv_shape, mv),
+        (pe_shape, pe),
+        (z_shape, z),
+    ] = inputs.map(data);
     assert_eq!(
-        [k_shape, v_shape],
-        [q_shape; 2],
+        [&k_shape, &v_shape],
+        [&q_shape; 2],
         "tiled_attention: q, k and v must all be [heads, n, d]"
     );
-    let [heads, n, d] = q_shape;
+    let [heads, n, d] = q_shape[..] else {
+        panic!("tiled_attention: q must be [heads, n, d], got {q_shape:?}")
+    };
+    keys.check(n);
+    let [mem_heads, mem, mem_d] = mk_shape[..] else {
+        panic!("tiled_attention: memory keys must be [mem_heads, m, d], got {mk_shape:?}")
+    };
+    assert!(
+        mk_shape == mv_shape && (mem == 0 || (mem_d == d && mem_heads > 0)),
+        "tiled_attention: memory keys {mk_shape:?} and values {mv_shape:?} must be [mem_heads, m, {d}]"
+    );
+    let [pe_d, pe_span] = pe_shape[..] else {
+        panic!("tiled_attention: key_pe must be [d, span], got {pe_shape:?}")
+    };
+    if pe_span > 0 {
+        assert!(
+            pe_d == d && pe_span >= n && keys.causal,
+            "tiled_attention: key_pe {pe_shape:?} needs [{d}, ≥ {n}] and causal keys"
+        );
+    }
+    let [span_heads] = z_shape[..] else {
+        panic!("tiled_attention: span_z must be [span_heads], got {z_shape:?}")
+    };
+    assert!(
+        span_heads == 0 || ramp > 0.0,
+        "tiled_attention: ramp {ramp}"
+    );
     let extra = extra.map(|t| {
-        let (shape, t) = data3(t);
+        let (shape, t) = data(t);
         assert_eq!(shape, [heads, n, d + 1], "tiled_attention: operand shapes");
         t
     });
-    (
-        Shape {
-            heads,
-            n,
-            d,
-            causal,
-        },
-        [q, k, v],
-        extra,
-    )
+    let shape = Shape {
+        heads,
+        n,
+        d,
+        causal: keys.causal,
+        mem: if mem_heads == 0 { 0 } else { mem },
+        mem_heads: mem_heads.max(1),
+        pe_span,
+        span_heads,
+        ramp,
+    };
+    (shape, [q, k, v, mk, mv, pe, z], extra)
 }
 
 impl AttentionOps for Flex {
@@ -144,16 +359,21 @@ impl AttentionOps for Flex {
         q: FlexTensor,
         k: FlexTensor,
         v: FlexTensor,
-        causal: bool,
+        memory_keys: FlexTensor,
+        memory_values: FlexTensor,
+        key_pe: FlexTensor,
+        span_z: FlexTensor,
+        keys: KeyLayout,
+        ramp: f32,
         dropout: f32,
         seed: u32,
     ) -> FlexTensor {
-        let (shape, [q, k, v], []) = operands([&q, &k, &v], [], causal);
+        let inputs = [&q, &k, &v, &memory_keys, &memory_values, &key_pe, &span_z];
+        let (shape, inputs, []) = operands(inputs, [], &keys, ramp);
         let out = forward(
-            slice(&q),
-            slice(&k),
-            slice(&v),
+            Inputs::new(&inputs),
             shape,
+            &keys,
             Dropout::new(dropout, seed),
         );
         FlexTensor::from_data(TensorData::new(out, [shape.heads, shape.n, shape.d + 1]))
@@ -162,27 +382,180 @@ impl AttentionOps for Flex {
 
 impl AttentionBackward for Flex {
     fn tiled_attention_backward(
-        q: FlexTensor,
-        k: FlexTensor,
-        v: FlexTensor,
+        inputs: [FlexTensor; 7],
         out: FlexTensor,
         grad: FlexTensor,
-        causal: bool,
-        dropout: f32,
-        seed: u32,
-    ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let (shape, [q, k, v], [out, grad]) = operands([&q, &k, &v], [&out, &grad], causal);
+        keys: &KeyLayout,
+        (ramp, dropout, seed): (f32, f32, u32),
+    ) -> [FlexTensor; 7] {
+        let dims: Vec<Vec<usize>> = inputs.iter().map(dims).collect();
+        let (shape, inputs, [out, grad]) = operands(inputs.each_ref(), [&out, &grad], keys, ramp);
         let grads = backward(
-            [slice(&q), slice(&k), slice(&v)],
+            Inputs::new(&inputs),
             slice(&out),
             slice(&grad),
             shape,
+            keys,
             Dropout::new(dropout, seed),
         );
-        let dims = [shape.heads, shape.n, shape.d];
-        let [dq, dk, dv] = grads.map(|g| FlexTensor::from_data(TensorData::new(g, dims)));
-        (dq, dk, dv)
+        let mut dims = dims.into_iter();
+        grads.map(|g| {
+            let dims = dims.next().expect("seven shapes");
+            FlexTensor::from_data(TensorData::new(g, dims))
+        })
     }
+}
+
+/// The kernels' operands as slices.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    mk: &'a [f32],
+    mv: &'a [f32],
+    pe: &'a [f32],
+    z: &'a [f32],
+}
+
+impl<'a> Inputs<'a> {
+    fn new(t: &'a [FlexTensor; 7]) -> Self {
+        let [q, k, v, mk, mv, pe, z] = t.each_ref().map(slice);
+        Self {
+            q,
+            k,
+            v,
+            mk,
+            mv,
+            pe,
+            z,
+        }
+    }
+
+    /// Flattened head `h`'s view: its queries, keys and values, its memory head's vectors and
+    /// its span.
+    fn head(&self, h: usize, shape: Shape) -> Head<'a> {
+        let Shape { n, d, mem, .. } = shape;
+        let mh = h % shape.mem_heads;
+        Head {
+            h,
+            q: head(self.q, h, n * d),
+            k: head(self.k, h, n * d),
+            v: head(self.v, h, n * d),
+            mk: head(self.mk, mh, mem * d),
+            mv: head(self.mv, mh, mem * d),
+            pe: self.pe,
+            z: (shape.span_heads > 0).then(|| self.z[h % shape.span_heads]),
+        }
+    }
+}
+
+/// One flattened head's operands.
+#[derive(Clone, Copy)]
+struct Head<'a> {
+    h: usize,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    mk: &'a [f32],
+    mv: &'a [f32],
+    pe: &'a [f32],
+    z: Option<f32>,
+}
+
+impl Head<'_> {
+    /// The keys and values a range reads (rows from `first` on).
+    fn source(&self, range: Range, d: usize) -> (&[f32], &[f32]) {
+        let (k, v) = if range.memory {
+            (self.mk, self.mv)
+        } else {
+            (self.k, self.v)
+        };
+        (&k[range.first * d..], &v[range.first * d..])
+    }
+}
+
+/// A run of keys one tile walks: context keys `first..first + len`, or memory slots.
+#[derive(Clone, Copy, Debug)]
+struct Range {
+    first: usize,
+    len: usize,
+    memory: bool,
+}
+
+/// The adaptive-span weight of a context key at distance `delta` from its query, and whether
+/// its gradient in `z` passes (the ratio inside `[0, 1]`, as Burn's `clamp` lets it).
+#[inline(always)]
+fn span_weight(z: f32, ramp: f32, delta: f32) -> (f32, bool) {
+    let ratio = ((z - delta) + ramp) / ramp;
+    (ratio.clamp(0.0, 1.0), (0.0..=1.0).contains(&ratio))
+}
+
+/// Every key range the tile `[start, start + len)` of head `x` walks: its context ranges less
+/// those wholly past the adaptive span, then the memory in runs of [`KEYS`].
+fn tile_ranges(
+    x: &Head,
+    (start, len): (usize, usize),
+    shape: Shape,
+    keys: &KeyLayout,
+) -> Vec<Range> {
+    let mut ranges: Vec<Range> = keys
+        .key_ranges(x.h, start, len, shape.n)
+        .into_iter()
+        .filter(|&(first, count)| match x.z {
+            // The tile's smallest distance to the range's last key.
+            Some(z) => {
+                let nearest = start as f32 - (first + count - 1) as f32;
+                (z - nearest) + shape.ramp >= 0.0
+            }
+            None => true,
+        })
+        .map(|(first, len)| Range {
+            first,
+            len,
+            memory: false,
+        })
+        .collect();
+    ranges.extend((0..shape.mem.div_ceil(KEYS)).map(|b| Range {
+        first: b * KEYS,
+        len: KEYS.min(shape.mem - b * KEYS),
+        memory: true,
+    }));
+    ranges
+}
+
+/// The distances `lo..=hi` between the tile's rows and a context range's keys that causal
+/// pairs span (`None`: no pair is visible).
+fn distances((start, len): (usize, usize), range: Range) -> Option<(usize, usize)> {
+    let hi = (start + len - 1).checked_sub(range.first)?;
+    Some((start.saturating_sub(range.first + range.len - 1), hi))
+}
+
+/// Relative-position scores of a tile against a context range: `rel[i, t] = q_i ·
+/// key_pe[:, lo + t]` for the distances `lo..=hi`; returns `(lo, width)`.
+fn relative_logits(
+    x: &Head,
+    q_tile: &[f32],
+    tile: (usize, usize),
+    range: Range,
+    shape: Shape,
+    rel: &mut Vec<f32>,
+) -> Option<(usize, usize)> {
+    let (lo, hi) = distances(tile, range)?;
+    let (len, width, d) = (tile.1, hi - lo + 1, shape.d);
+    rel.resize(len * width, 0.0);
+    // rel = Q_tile · key_pe[:, lo..=hi]: key_pe[c, δ] at c · span + δ.
+    matmul(
+        (len, width, d),
+        rel,
+        width,
+        false,
+        q_tile,
+        (d, 1),
+        &x.pe[lo..],
+        (shape.pe_span, 1),
+    );
+    Some((lo, width))
 }
 
 /// Head `h`'s part of a `[heads, ...]` array with `size` elements per head.
@@ -190,74 +563,89 @@ fn head(t: &[f32], h: usize, size: usize) -> &[f32] {
     &t[h * size..][..size]
 }
 
-/// The tiles of `n` query rows: `(first row, row count)`.
-fn tiles(n: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..n.div_ceil(TILE)).map(move |t| (t * TILE, TILE.min(n - t * TILE)))
+/// The tiles of `rows` rows each that `n` query rows are cut into: `(first row, row count)`.
+fn tiles(n: usize, rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n.div_ceil(rows)).map(move |t| (t * rows, rows.min(n - t * rows)))
 }
 
-/// The key blocks `[0, end)` is cut into: `(first key, key count)`.
-fn key_blocks(end: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..end.div_ceil(KEYS)).map(move |b| (b * KEYS, KEYS.min(end - b * KEYS)))
+/// The scratch a tile's ranges need: `[len, keys]` for the widest.
+fn scratch(len: usize, ranges: &[Range]) -> Vec<f32> {
+    vec![0.0f32; len * ranges.iter().map(|r| r.len).max().unwrap_or(0)]
 }
 
 /// Forward kernel; see [`AttentionOps::tiled_attention`].
-fn forward(q: &[f32], k: &[f32], v: &[f32], shape: Shape, dropout: Dropout) -> Vec<f32> {
+fn forward(x: Inputs, shape: Shape, keys: &KeyLayout, dropout: Dropout) -> Vec<f32> {
     let Shape { heads, n, d, .. } = shape;
     let width = d + 1;
+    let rows = keys.tile_rows();
     let mut out = vec![0.0f32; heads * n * width];
     if out.is_empty() {
         return out;
     }
     let work: Vec<(usize, (usize, usize))> = (0..heads)
-        .flat_map(|h| tiles(n).map(move |tile| (h, tile)))
+        .flat_map(|h| tiles(n, rows).map(move |tile| (h, tile)))
         .collect();
     // Split by head, then by tile (a head's last tile may be partial).
     let chunks: Vec<&mut [f32]> = out
         .chunks_mut(n * width)
-        .flat_map(|head| head.chunks_mut(TILE * width))
+        .flat_map(|head| head.chunks_mut(rows * width))
         .collect();
     chunks
         .into_par_iter()
         .zip(work)
-        .for_each(|(out, (h, (start, len)))| {
-            let qkv = [q, k, v].map(|t| head(t, h, n * d));
-            forward_tile(qkv, out, (h, start, len), shape, dropout);
+        .for_each(|(out, (h, tile))| {
+            let x = x.head(h, shape);
+            let ranges = tile_ranges(&x, tile, shape, keys);
+            forward_tile(&x, out, tile, &ranges, shape, dropout);
         });
     out
 }
 
-/// One forward tile: `out` is the tile's `[len, d + 1]` output rows, zeroed.
+/// One forward tile over `ranges`: `out` is the tile's `[len, d + 1]` output rows, zeroed.
 fn forward_tile(
-    [q, k, v]: [&[f32]; 3],
+    x: &Head,
     out: &mut [f32],
-    (h, start, len): (usize, usize, usize),
+    (start, len): (usize, usize),
+    ranges: &[Range],
     shape: Shape,
     dropout: Dropout,
 ) {
-    let Shape { n, d, .. } = shape;
+    let Shape { n, d, mem, .. } = shape;
     let width = d + 1;
+    let q_tile = &x.q[start * d..];
     let mut max = vec![f32::NEG_INFINITY; len];
     let mut sum = vec![0.0f32; len];
-    let mut s = vec![0.0f32; len * KEYS];
-    for (block, kl) in key_blocks(shape.key_end(start, len)) {
+    let mut s = scratch(len, ranges);
+    let mut rel = vec![];
+    for &range in ranges {
+        let kl = range.len;
         let s = &mut s[..len * kl];
-        // S = Q_tile · K_blockᵀ: Kᵀ[c, j] = K[block + j, c], row stride 1, column stride d.
-        matmul(
-            (len, kl, d),
-            s,
-            kl,
-            false,
-            &q[start * d..],
-            (d, 1),
-            &k[block * d..],
-            (1, d),
-        );
+        let (k, v) = x.source(range, d);
+        // S = Q_tile · K_rangeᵀ: Kᵀ[c, j] = K[j, c], row stride 1, column stride d.
+        matmul((len, kl, d), s, kl, false, q_tile, (d, 1), k, (1, d));
+        let relative = if range.memory || shape.pe_span == 0 {
+            None
+        } else {
+            relative_logits(x, q_tile, (start, len), range, shape, &mut rel)
+        };
         for (i, row) in s.chunks_exact_mut(kl).enumerate() {
-            let visible = shape.visible(start + i, block, kl);
+            let r = start + i;
+            let visible = if range.memory {
+                kl
+            } else {
+                shape.visible(r, range.first, kl)
+            };
             let (seen, hidden) = row.split_at_mut(visible);
             hidden.fill(0.0);
             if seen.is_empty() {
                 continue;
+            }
+            if let Some((lo, w)) = relative {
+                // Key first + j sits at distance r − first − j.
+                let rel = &rel[i * w..][..w];
+                for (j, s) in seen.iter_mut().enumerate() {
+                    *s += rel[r - range.first - j - lo];
+                }
             }
             let m = lanes(seen, max[i], f32::max);
             if m > max[i] {
@@ -269,23 +657,24 @@ fn forward_tile(
                 }
                 max[i] = m;
             }
-            for x in seen.iter_mut() {
-                *x = exp_nonpositive(*x - m);
+            for s in seen.iter_mut() {
+                *s = exp_nonpositive(*s - m);
+            }
+            if let (Some(z), false) = (x.z, range.memory) {
+                for (j, e) in seen.iter_mut().enumerate() {
+                    *e *= span_weight(z, shape.ramp, r as f32 - (range.first + j) as f32).0;
+                }
             }
             sum[i] += lanes(seen, 0.0, |a, b| a + b);
-            dropout.apply_at(seen, ((h * n + start + i) * n + block) as u64);
+            let key = if range.memory {
+                n + range.first
+            } else {
+                range.first
+            };
+            dropout.apply_at(seen, ((x.h * n + r) * (n + mem) + key) as u64);
         }
-        // O_tile += P · V_block.
-        matmul(
-            (len, d, kl),
-            out,
-            width,
-            true,
-            s,
-            (kl, 1),
-            &v[block * d..],
-            (d, 1),
-        );
+        // O_tile += P · V_range.
+        matmul((len, d, kl), out, width, true, s, (kl, 1), v, (d, 1));
     }
     for (i, row) in out.chunks_exact_mut(width).enumerate() {
         let inv = 1.0 / sum[i];
@@ -296,105 +685,179 @@ fn forward_tile(
     }
 }
 
+/// One group's running sums of the shared gradients: context dK / dV of its head, memory
+/// dK / dV, `d key_pe` and `d z`.
+struct Sums {
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    dmk: Vec<f32>,
+    dmv: Vec<f32>,
+    dpe: Vec<f32>,
+    dz: f32,
+}
+
+impl Sums {
+    fn new(shape: Shape) -> Self {
+        let Shape { n, d, mem, .. } = shape;
+        Self {
+            dk: vec![0.0; n * d],
+            dv: vec![0.0; n * d],
+            dmk: vec![0.0; mem * d],
+            dmv: vec![0.0; mem * d],
+            dpe: vec![0.0; d * shape.pe_span],
+            dz: 0.0,
+        }
+    }
+
+    /// `self += other`, element by element.
+    fn add(&mut self, other: &Self) {
+        let pairs = [
+            (&mut self.dk, &other.dk),
+            (&mut self.dv, &other.dv),
+            (&mut self.dmk, &other.dmk),
+            (&mut self.dmv, &other.dmv),
+            (&mut self.dpe, &other.dpe),
+        ];
+        for (a, b) in pairs {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        }
+        self.dz += other.dz;
+    }
+}
+
+/// One per-head field of `parts` summed into `count` shared slots of `chunk` elements, head
+/// `h` adding to slot `h mod count`, in head order.
+fn add_per_shared(
+    parts: &[Sums],
+    field: impl Fn(&Sums) -> &[f32],
+    count: usize,
+    chunk: usize,
+) -> Vec<f32> {
+    let mut dst = vec![0.0f32; count * chunk];
+    if chunk == 0 {
+        return dst;
+    }
+    for (h, part) in parts.iter().enumerate() {
+        let slot = &mut dst[(h % count) * chunk..][..chunk];
+        slot.iter_mut().zip(field(part)).for_each(|(x, y)| *x += y);
+    }
+    dst
+}
+
 /// Backward kernel; see [`AttentionBackward::tiled_attention_backward`].
 fn backward(
-    [q, k, v]: [&[f32]; 3],
+    x: Inputs,
     out: &[f32],
     grad: &[f32],
     shape: Shape,
+    keys: &KeyLayout,
     dropout: Dropout,
-) -> [Vec<f32>; 3] {
-    let Shape { heads, n, d, .. } = shape;
+) -> [Vec<f32>; 7] {
+    let Shape {
+        heads, n, d, mem, ..
+    } = shape;
     let width = d + 1;
+    let rows = keys.tile_rows();
     let mut dq = vec![0.0f32; heads * n * d];
-    let mut dk = vec![0.0f32; heads * n * d];
-    let mut dv = vec![0.0f32; heads * n * d];
     if dq.is_empty() {
-        return [dq, dk, dv];
+        let empty = |len: usize| vec![0.0f32; len];
+        return [
+            dq,
+            empty(heads * n * d),
+            empty(heads * n * d),
+            empty(x.mk.len()),
+            empty(x.mv.len()),
+            empty(x.pe.len()),
+            empty(x.z.len()),
+        ];
     }
-    let tile_count = n.div_ceil(TILE);
+    let tile_count = n.div_ceil(rows);
     let per_group = tile_count.div_ceil(GROUPS);
-    let per_head = dq
+    let per_head: Vec<Sums> = dq
         .par_chunks_mut(n * d)
-        .zip(dk.par_chunks_mut(n * d))
-        .zip(dv.par_chunks_mut(n * d));
-    per_head.enumerate().for_each(|(h, ((dq, dk), dv))| {
-        let [q, k, v] = [q, k, v].map(|t| head(t, h, n * d));
-        let (out, grad) = (head(out, h, n * width), head(grad, h, n * width));
-        // Δ_i = Σ_c dO[i, c] · O[i, c].
-        let delta: Vec<f32> = out
-            .chunks_exact(width)
-            .zip(grad.chunks_exact(width))
-            .map(|(o, g)| o[..d].iter().zip(&g[..d]).map(|(a, b)| a * b).sum())
-            .collect();
-        let partials: Vec<(Vec<f32>, Vec<f32>)> = dq
-            .par_chunks_mut(per_group * TILE * d)
-            .enumerate()
-            .map(|(g, dq)| {
-                let mut acc = (vec![0.0f32; n * d], vec![0.0f32; n * d]);
-                for (t, dq) in dq.chunks_mut(TILE * d).enumerate() {
-                    let tile = (h, (g * per_group + t) * TILE, dq.len() / d);
-                    backward_tile(
-                        [q, k, v],
-                        out,
-                        grad,
-                        &delta,
-                        dq,
-                        &mut acc,
-                        tile,
-                        shape,
-                        dropout,
-                    );
-                }
-                acc
-            })
-            .collect();
-        let mut partials = partials.into_iter();
-        if let Some((dk_h, dv_h)) = partials.next() {
-            dk.copy_from_slice(&dk_h);
-            dv.copy_from_slice(&dv_h);
+        .enumerate()
+        .map(|(h, dq)| {
+            let x = x.head(h, shape);
+            let (out, grad) = (head(out, h, n * width), head(grad, h, n * width));
+            // Δ_i = Σ_c dO[i, c] · O[i, c].
+            let delta: Vec<f32> = out
+                .chunks_exact(width)
+                .zip(grad.chunks_exact(width))
+                .map(|(o, g)| o[..d].iter().zip(&g[..d]).map(|(a, b)| a * b).sum())
+                .collect();
+            let partials: Vec<Sums> = dq
+                .par_chunks_mut(per_group * rows * d)
+                .enumerate()
+                .map(|(g, dq)| {
+                    let mut sums = Sums::new(shape);
+                    for (t, dq) in dq.chunks_mut(rows * d).enumerate() {
+                        let tile = ((g * per_group + t) * rows, dq.len() / d);
+                        let ranges = tile_ranges(&x, tile, shape, keys);
+                        let saved = [out, grad, &delta];
+                        backward_tile(&x, saved, dq, &mut sums, tile, &ranges, shape, dropout);
+                    }
+                    sums
+                })
+                .collect();
+            let mut partials = partials.into_iter();
+            let mut sums = partials.next().expect("at least one group");
+            for part in partials {
+                sums.add(&part);
+            }
+            sums
+        })
+        .collect();
+    let mut dk = Vec::with_capacity(heads * n * d);
+    let mut dv = Vec::with_capacity(heads * n * d);
+    for sums in &per_head {
+        dk.extend_from_slice(&sums.dk);
+        dv.extend_from_slice(&sums.dv);
+    }
+    // Memory heads and span heads are shared by every batch row: sum in head order.
+    let (dmk, dmv) = if mem == 0 {
+        (vec![0.0; x.mk.len()], vec![0.0; x.mv.len()])
+    } else {
+        (
+            add_per_shared(&per_head, |s| &s.dmk, shape.mem_heads, mem * d),
+            add_per_shared(&per_head, |s| &s.dmv, shape.mem_heads, mem * d),
+        )
+    };
+    let dpe = add_per_shared(&per_head, |s| &s.dpe, 1, d * shape.pe_span);
+    let mut dz = vec![0.0f32; shape.span_heads];
+    for (h, sums) in per_head.iter().enumerate() {
+        if let Some(z) = dz.get_mut(h % shape.span_heads.max(1)) {
+            *z += sums.dz;
         }
-        for (a, b) in partials {
-            dk.iter_mut().zip(&a).for_each(|(x, y)| *x += y);
-            dv.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-        }
-    });
-    [dq, dk, dv]
+    }
+    [dq, dk, dv, dmk, dmv, dpe, dz]
 }
 
-/// One backward tile: writes the tile's `dq` rows and adds its terms to this group's running
-/// `(dK, dV)` of the head.
+/// One backward tile: writes the tile's `dq` rows (zeroed) and adds its terms to this group's
+/// running sums.
 #[allow(clippy::too_many_arguments)]
 fn backward_tile(
-    [q, k, v]: [&[f32]; 3],
-    out: &[f32],
-    grad: &[f32],
-    delta: &[f32],
+    x: &Head,
+    [out, grad, delta]: [&[f32]; 3],
     dq: &mut [f32],
-    (dk, dv): &mut (Vec<f32>, Vec<f32>),
-    (h, start, len): (usize, usize, usize),
+    sums: &mut Sums,
+    (start, len): (usize, usize),
+    ranges: &[Range],
     shape: Shape,
     dropout: Dropout,
 ) {
-    let Shape { n, d, .. } = shape;
+    let Shape { n, d, mem, .. } = shape;
     let width = d + 1;
-    let q_tile = &q[start * d..];
+    let q_tile = &x.q[start * d..];
     let grad_tile = &grad[start * width..];
-    let mut p = vec![0.0f32; len * KEYS];
-    let mut dp = vec![0.0f32; len * KEYS];
-    for (first, (block, kl)) in key_blocks(shape.key_end(start, len)).enumerate() {
+    let mut p = scratch(len, ranges);
+    let mut dp = scratch(len, ranges);
+    let mut rel = vec![];
+    for &range in ranges {
+        let kl = range.len;
         let (p, dp) = (&mut p[..len * kl], &mut dp[..len * kl]);
-        matmul(
-            (len, kl, d),
-            p,
-            kl,
-            false,
-            q_tile,
-            (d, 1),
-            &k[block * d..],
-            (1, d),
-        );
-        // dP = dO_tile · V_blockᵀ.
+        let (k, v) = x.source(range, d);
+        matmul((len, kl, d), p, kl, false, q_tile, (d, 1), k, (1, d));
+        // dP = dO_tile · V_rangeᵀ.
         matmul(
             (len, kl, d),
             dp,
@@ -402,46 +865,90 @@ fn backward_tile(
             false,
             grad_tile,
             (width, 1),
-            &v[block * d..],
+            v,
             (1, d),
         );
+        let relative = if range.memory || shape.pe_span == 0 {
+            None
+        } else {
+            relative_logits(x, q_tile, (start, len), range, shape, &mut rel)
+        };
         for (i, (p, dp)) in p
             .chunks_exact_mut(kl)
             .zip(dp.chunks_exact_mut(kl))
             .enumerate()
         {
-            let row = start + i;
-            let visible = shape.visible(row, block, kl);
-            let lse = out[row * width + d];
-            let base = ((h * n + row) * n + block) as u64;
+            let r = start + i;
+            let visible = if range.memory {
+                kl
+            } else {
+                shape.visible(r, range.first, kl)
+            };
+            let lse = out[r * width + d];
+            let key = if range.memory {
+                n + range.first
+            } else {
+                range.first
+            };
+            let base = ((x.h * n + r) * (n + mem) + key) as u64;
             let (seen, hidden) = p.split_at_mut(visible);
             hidden.fill(0.0);
-            for x in seen.iter_mut() {
-                *x = exp_nonpositive(*x - lse);
+            if let Some((lo, w)) = relative {
+                let rel = &rel[i * w..][..w];
+                for (j, s) in seen.iter_mut().enumerate() {
+                    *s += rel[r - range.first - j - lo];
+                }
             }
-            // dS = P ∘ (dP ∘ mask · scale − Δ); P turns into the dropped weights for dV.
+            if x.z.is_some() && !range.memory {
+                // With the span mask, L normalises the masked weights: a masked-down key can
+                // score above L, beyond `exp_nonpositive`'s domain (capped so that a fully
+                // masked one gives 0 · e, not 0 · ∞).
+                for s in seen.iter_mut() {
+                    *s = (*s - lse).min(80.0).exp();
+                }
+            } else {
+                for s in seen.iter_mut() {
+                    *s = exp_nonpositive(*s - lse);
+                }
+            }
+            // dP ∘ mask · scale; then dS = P ∘ (dP − Δ), with P the masked weights.
             dropout.apply_at(dp, base);
-            for (g, &x) in dp.iter_mut().zip(p.iter()) {
-                *g = x * (*g - delta[row]);
+            match (x.z, range.memory) {
+                (Some(z), false) => {
+                    for (j, (e, g)) in seen.iter_mut().zip(dp.iter_mut()).enumerate() {
+                        let (m, passes) =
+                            span_weight(z, shape.ramp, r as f32 - (range.first + j) as f32);
+                        let diff = *g - delta[r];
+                        if passes {
+                            sums.dz += *e * diff / shape.ramp;
+                        }
+                        *e *= m;
+                        *g = *e * diff;
+                    }
+                    dp[visible..].fill(0.0);
+                }
+                _ => {
+                    for (g, &e) in dp.iter_mut().zip(p.iter()) {
+                        *g = e * (*g - delta[r]);
+                    }
+                }
             }
+            // P turns into the dropped weights for dV.
             dropout.apply_at(p, base);
         }
         let (ds, p) = (&*dp, &*p);
-        // dQ_tile (+)= dS · K_block.
-        matmul(
-            (len, d, kl),
-            dq,
-            d,
-            first > 0,
-            ds,
-            (kl, 1),
-            &k[block * d..],
-            (d, 1),
-        );
-        // dK_block += dSᵀ · Q_tile; dV_block += Pᵀ · dO_tile.
+        // dQ_tile += dS · K_range.
+        matmul((len, d, kl), dq, d, true, ds, (kl, 1), k, (d, 1));
+        // dK_range += dSᵀ · Q_tile; dV_range += Pᵀ · dO_tile.
+        let (dk, dv) = if range.memory {
+            (&mut sums.dmk, &mut sums.dmv)
+        } else {
+            (&mut sums.dk, &mut sums.dv)
+        };
+        let at = range.first * d;
         matmul(
             (kl, d, len),
-            &mut dk[block * d..],
+            &mut dk[at..],
             d,
             true,
             ds,
@@ -451,7 +958,7 @@ fn backward_tile(
         );
         matmul(
             (kl, d, len),
-            &mut dv[block * d..],
+            &mut dv[at..],
             d,
             true,
             p,
@@ -459,6 +966,39 @@ fn backward_tile(
             grad_tile,
             (width, 1),
         );
+        if let Some((lo, w)) = relative {
+            // dRel[i, δ − lo] = dS[i, j] for the key at distance δ; then
+            // dQ_tile += dRel · key_pe[:, lo..]ᵀ and d key_pe[:, lo..] += Q_tileᵀ · dRel.
+            rel.fill(0.0);
+            for i in 0..len {
+                let r = start + i;
+                let visible = shape.visible(r, range.first, kl);
+                for j in 0..visible {
+                    rel[i * w + r - range.first - j - lo] = ds[i * kl + j];
+                }
+            }
+            let span = shape.pe_span;
+            matmul(
+                (len, d, w),
+                dq,
+                d,
+                true,
+                &rel,
+                (w, 1),
+                &x.pe[lo..],
+                (1, span),
+            );
+            matmul(
+                (d, w, len),
+                &mut sums.dpe[lo..],
+                span,
+                true,
+                q_tile,
+                (1, d),
+                &rel,
+                (w, 1),
+            );
+        }
     }
 }
 
@@ -467,34 +1007,32 @@ impl<B: AttentionOps + AttentionBackward, C: CheckpointStrategy> AttentionOps fo
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        causal: bool,
+        memory_keys: FloatTensor<Self>,
+        memory_values: FloatTensor<Self>,
+        key_pe: FloatTensor<Self>,
+        span_z: FloatTensor<Self>,
+        keys: KeyLayout,
+        ramp: f32,
         dropout: f32,
         seed: u32,
     ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct TiledAttention;
 
-        impl<B: AttentionBackward> Backward<B, 3> for TiledAttention {
+        impl<B: AttentionBackward> Backward<B, 7> for TiledAttention {
             /// The inputs, the forward output (for its log-sum-exps) and the settings.
-            type State = (
-                FloatTensor<B>,
-                FloatTensor<B>,
-                FloatTensor<B>,
-                FloatTensor<B>,
-                (bool, f32, u32),
-            );
+            type State = (Operands<B>, FloatTensor<B>, KeyLayout, (f32, f32, u32));
 
             fn backward(
                 self,
-                ops: Ops<Self::State, 3>,
+                ops: Ops<Self::State, 7>,
                 grads: &mut Gradients,
                 _checkpointer: &mut Checkpointer,
             ) {
-                let (q, k, v, out, (causal, dropout, seed)) = ops.state;
+                let (inputs, out, keys, settings) = ops.state;
                 let grad = grads.consume::<B>(&ops.node);
-                let (dq, dk, dv) =
-                    B::tiled_attention_backward(q, k, v, out, grad, causal, dropout, seed);
-                for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
+                let input_grads = B::tiled_attention_backward(inputs, out, grad, &keys, settings);
+                for (parent, grad) in ops.parents.into_iter().zip(input_grads) {
                     if let Some(node) = parent {
                         grads.register::<B>(node.id, grad);
                     }
@@ -502,20 +1040,83 @@ impl<B: AttentionOps + AttentionBackward, C: CheckpointStrategy> AttentionOps fo
             }
         }
 
-        let nodes = [q.node(), k.node(), v.node()];
-        let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-        let out = B::tiled_attention(q.clone(), k.clone(), v.clone(), causal, dropout, seed);
+        let tensors = [q, k, v, memory_keys, memory_values, key_pe, span_z];
+        let nodes = tensors.each_ref().map(|t| t.node());
+        let inputs = tensors.map(|t| t.into_primitive());
+        let [q, k, v, mk, mv, pe, z] = inputs.clone();
+        let out = B::tiled_attention(q, k, v, mk, mv, pe, z, keys.clone(), ramp, dropout, seed);
         match TiledAttention
             .prepare::<C>(nodes)
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                prep.finish((q, k, v, out.clone(), (causal, dropout, seed)), out)
+                prep.finish((inputs, out.clone(), keys, (ramp, dropout, seed)), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
+}
+
+/// All-attention's parts beside the context keys, each optional (see
+/// [`AttentionOps::tiled_attention`]).
+#[derive(Default)]
+pub(crate) struct Extras {
+    /// Persistent keys (scaled as the context keys are) and values, `[n_heads, m, d_head]`.
+    pub memory: Option<(Tensor<3>, Tensor<3>)>,
+    /// Relative-position key embedding `[d_head, span]`, `span ≥ seq` (causal only).
+    pub key_pe: Option<Tensor<2>>,
+    /// Adaptive span `z` in tokens `[n_heads]`, and the ramp width.
+    pub span: Option<(Tensor<1>, f32)>,
+}
+
+/// Attention through [`AttentionOps::tiled_attention`]: heads flattened into
+/// `[batch · n_heads, seq, d_head]`, f32 inside the operation whatever the model's precision.
+/// `q` comes multiplied by the score scale; `dropout` is `(p, seed)`.
+///
+/// # Shapes
+/// - `q`, `k`, `v`: `[batch, n_heads, seq, d_head]`
+/// - output: `[batch, n_heads, seq, d_head]`
+pub(crate) fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    extras: Extras,
+    keys: KeyLayout,
+    (p, seed): (f32, u32),
+) -> Tensor<4> {
+    let [batch, n_heads, seq, d_head] = q.dims();
+    let dtype = q.dtype();
+    let device = q.device();
+    let f32 = |t: Tensor<3>| t.cast(FloatDType::F32).into_dispatch();
+    let flat = |t: Tensor<4>| f32(t.reshape([batch * n_heads, seq, d_head]));
+    let (mk, mv) = extras.memory.unwrap_or_else(|| {
+        let none = Tensor::<3>::zeros([n_heads, 0, d_head], &device);
+        (none.clone(), none)
+    });
+    let pe = extras
+        .key_pe
+        .unwrap_or_else(|| Tensor::<2>::zeros([d_head, 0], &device));
+    let (z, ramp) = extras
+        .span
+        .unwrap_or_else(|| (Tensor::<1>::zeros([0], &device), 1.0));
+    let out =
+        Tensor::<3>::from_dispatch(<burn::backend::Dispatch as AttentionOps>::tiled_attention(
+            flat(q),
+            flat(k),
+            flat(v),
+            f32(mk),
+            f32(mv),
+            pe.cast(FloatDType::F32).into_dispatch(),
+            z.cast(FloatDType::F32).into_dispatch(),
+            keys,
+            ramp,
+            p,
+            seed,
+        )); // [batch · n_heads, seq, d_head + 1]: output | log-sum-exp
+    out.narrow(2, 0, d_head)
+        .reshape([batch, n_heads, seq, d_head])
+        .cast(dtype)
 }
 
 #[cfg(test)]
@@ -534,102 +1135,211 @@ mod tests {
         Tensor::from_data(TensorData::new(mask, [heads, n, n]), device)
     }
 
-    /// The operation (through `Dispatch` and autodiff on flex) against softmax attention built
-    /// from tensor ops with the same dropout mask, in outputs, log-sum-exps and the gradients
-    /// of q, k and v: lengths 1, 7, 100 (a partial tile) and 300 (two key blocks, the second
+    /// Runs the operation (through `Dispatch` and autodiff on flex) and softmax attention
+    /// built from tensor ops over the keys `allowed` (`[heads, n, n]`, row-major) with the same
+    /// dropout mask, and compares outputs, log-sum-exps and the gradients of q, k and v.
+    fn check_against_tensor_ops(
+        [heads, n, d]: [usize; 3],
+        keys: KeyLayout,
+        allowed: Vec<bool>,
+        (p, seed): (f32, u32),
+        name: &str,
+    ) {
+        let device = Device::flex().autodiff();
+        device.seed(n as u64);
+        let r =
+            |shape: [usize; 3]| Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let q = r([heads, n, d]).mul_scalar(0.7).require_grad();
+        let k = r([heads, n, d]).require_grad();
+        let v = r([heads, n, d]).require_grad();
+        let w = r([heads, n, d]);
+        let none = |shape: [usize; 3]| Tensor::<3>::zeros(shape, &device).into_dispatch();
+        let fused =
+            Tensor::<3>::from_dispatch(<burn::backend::Dispatch as AttentionOps>::tiled_attention(
+                q.clone().into_dispatch(),
+                k.clone().into_dispatch(),
+                v.clone().into_dispatch(),
+                none([1, 0, d]),
+                none([1, 0, d]),
+                Tensor::<2>::zeros([d, 0], &device).into_dispatch(),
+                Tensor::<1>::zeros([0], &device).into_dispatch(),
+                keys,
+                1.0,
+                p,
+                seed,
+            ));
+        let hidden = allowed.into_iter().map(|a| !a).collect::<Vec<_>>();
+        let hidden = Tensor::<3, Bool>::from_data(TensorData::new(hidden, [heads, n, n]), &device);
+        let scores = q
+            .clone()
+            .matmul(k.clone().swap_dims(1, 2)) // [heads, n, n]
+            .mask_fill(hidden, f32::NEG_INFINITY);
+        let lse = to_vec(scores.clone().exp().sum_dim(2).log());
+        let weights = activation::softmax(scores, 2) * mask(p, seed, heads, n, &device);
+        let reference = weights.matmul(v.clone());
+        assert_all_close(
+            &to_vec(fused.clone().narrow(2, d, 1)),
+            &lse,
+            1e-5,
+            &format!("{name} lse"),
+        );
+        let mut results = vec![];
+        for out in [fused.narrow(2, 0, d), reference] {
+            let grads = (out.clone() * w.clone()).sum().backward();
+            let mut r = vec![to_vec(out)];
+            for t in [&q, &k, &v] {
+                r.push(to_vec(t.grad(&grads).unwrap()));
+            }
+            results.push(r);
+        }
+        for (what, (a, b)) in ["output", "dq", "dk", "dv"]
+            .iter()
+            .zip(results[0].iter().zip(&results[1]))
+        {
+            // Relative to the inputs' unit scale: at n = 1 dq is zero up to the rounding of
+            // Δ − dP (~1e-7), which a purely relative check would fail.
+            let mut want = b.clone();
+            want.push(1.0);
+            let mut got = a.clone();
+            got.push(1.0);
+            assert_all_close(&got, &want, 1e-5, &format!("{name} {what}"));
+        }
+    }
+
+    /// Dense layouts: lengths 1, 7, 100 (a partial tile) and 300 (two key blocks, the second
     /// partial), causal and bidirectional, dropout 0 and 0.3.
     #[test]
     fn operation_equals_tensor_ops_in_values_and_gradients() {
-        let device = Device::flex().autodiff();
         let (heads, d) = (3, 8);
         for n in [1usize, 7, 100, 300] {
             for causal in [true, false] {
-                for (p, seed) in [(0.0f32, 0u32), (0.3, 11)] {
-                    device.seed(n as u64);
-                    let r = |shape: [usize; 3]| {
-                        Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device)
-                    };
-                    let q = r([heads, n, d]).mul_scalar(0.7).require_grad();
-                    let k = r([heads, n, d]).require_grad();
-                    let v = r([heads, n, d]).require_grad();
-                    let w = r([heads, n, d]);
-                    let fused = Tensor::<3>::from_dispatch(
-                        <burn::backend::Dispatch as AttentionOps>::tiled_attention(
-                            q.clone().into_dispatch(),
-                            k.clone().into_dispatch(),
-                            v.clone().into_dispatch(),
-                            causal,
-                            p,
-                            seed,
-                        ),
-                    );
-                    let mut scores = q.clone().matmul(k.clone().swap_dims(1, 2)); // [heads, n, n]
-                    if causal {
-                        let future = Tensor::<2, Bool>::tril_mask([n, n], 0, &device)
-                            .unsqueeze::<3>()
-                            .expand([heads, n, n]);
-                        scores = scores.mask_fill(future, f32::NEG_INFINITY);
-                    }
-                    let lse = to_vec(scores.clone().exp().sum_dim(2).log());
-                    let weights = activation::softmax(scores, 2) * mask(p, seed, heads, n, &device);
-                    let reference = weights.matmul(v.clone());
-                    let name = format!("n={n} causal={causal} p={p}");
-                    assert_all_close(
-                        &to_vec(fused.clone().narrow(2, d, 1)),
-                        &lse,
-                        1e-5,
-                        &format!("{name} lse"),
-                    );
-                    let mut results = vec![];
-                    for out in [fused.narrow(2, 0, d), reference] {
-                        let grads = (out.clone() * w.clone()).sum().backward();
-                        let mut r = vec![to_vec(out)];
-                        for t in [&q, &k, &v] {
-                            r.push(to_vec(t.grad(&grads).unwrap()));
-                        }
-                        results.push(r);
-                    }
-                    for (what, (a, b)) in ["output", "dq", "dk", "dv"]
-                        .iter()
-                        .zip(results[0].iter().zip(&results[1]))
-                    {
-                        // Relative to the inputs' unit scale: at n = 1 dq is zero up to the
-                        // rounding of Δ − dP (~1e-7), which a purely relative check would fail.
-                        let mut want = b.clone();
-                        want.push(1.0);
-                        let mut got = a.clone();
-                        got.push(1.0);
-                        assert_all_close(&got, &want, 1e-5, &format!("{name} {what}"));
-                    }
+                let allowed: Vec<bool> = (0..heads * n * n)
+                    .map(|i| !causal || i % n <= (i / n) % n)
+                    .collect();
+                for dropout in [(0.0f32, 0u32), (0.3, 11)] {
+                    let name = format!("n={n} causal={causal} p={}", dropout.0);
+                    let keys = KeyLayout::dense(causal);
+                    check_against_tensor_ops([heads, n, d], keys, allowed.clone(), dropout, &name);
                 }
             }
         }
     }
 
-    /// The kernels give the same bits on 1 thread and on 3: the backward sums dK and dV in a
-    /// fixed order whatever the scheduling.
+    /// Block-sparse layouts: every built-in pattern and both combinators, causal and
+    /// bidirectional, ragged last blocks, token-level blocks, blocks of 64 whose consecutive
+    /// key blocks merge into runs (and split at `KEYS`), two batch rows of four heads (the head
+    /// groups repeat per batch row), dropout 0 and 0.3.
+    #[test]
+    fn sparse_layouts_equal_masked_tensor_ops() {
+        let (n_heads, batch, d) = (4, 2, 8);
+        let heads = batch * n_heads;
+        for spec in crate::mixer::sparse::builtin_patterns() {
+            for causal in [true, false] {
+                for (n, block) in [(37usize, 5usize), (13, 1), (300, 64), (7, 16)] {
+                    let pattern = spec.build(n.div_ceil(block), block, causal, 1);
+                    let groups = pattern.groups.len();
+                    let allowed: Vec<bool> = (0..heads)
+                        .flat_map(|h| pattern.token_mask((h % n_heads) / (n_heads / groups), n))
+                        .collect();
+                    let keys = KeyLayout::sparse(&pattern, n_heads);
+                    let dropout = if n == 37 { (0.3, 7) } else { (0.0, 0) };
+                    let name = format!("{} causal={causal} n={n} b={block}", spec.name());
+                    check_against_tensor_ops([heads, n, d], keys, allowed, dropout, &name);
+                }
+            }
+        }
+    }
+
+    /// Runs of consecutive key blocks stop at `KEYS` keys; blocks wider than `KEYS` are runs
+    /// of one.
+    #[test]
+    fn sparse_runs_merge_consecutive_blocks_up_to_keys() {
+        let dense = crate::pattern::PatternSpec::Dense {};
+        let runs = |block: usize, n_blocks: usize| {
+            let keys = KeyLayout::sparse(&dense.build(n_blocks, block, false, 0), 1);
+            keys.sparse.unwrap().runs[0][0].clone()
+        };
+        assert_eq!(runs(64, 10), vec![(0, 4), (4, 4), (8, 2)]);
+        assert_eq!(runs(512, 3), vec![(0, 1), (1, 1), (2, 1)]);
+        let keys = KeyLayout::sparse(&dense.build(3, 100, true, 0), 1);
+        // Row 250 (block 2) of a causal 3-block pattern over 270 tokens: keys 0..270 in runs of
+        // two blocks, clipped at n.
+        assert_eq!(keys.key_ranges(0, 200, 70, 270), vec![(0, 200), (200, 70)]);
+    }
+
+    /// A shape without all-attention's parts.
+    fn plain(heads: usize, n: usize, d: usize, causal: bool) -> Shape {
+        Shape {
+            heads,
+            n,
+            d,
+            causal,
+            mem: 0,
+            mem_heads: 1,
+            pe_span: 0,
+            span_heads: 0,
+            ramp: 1.0,
+        }
+    }
+
+    /// The kernels give the same bits on 1 thread and on 3: the backward sums dK and dV (and
+    /// the shared memory, position and span gradients) in a fixed order whatever the
+    /// scheduling. Dense, sparse, and all-attention with every part.
     #[test]
     fn kernels_are_bit_identical_across_thread_counts() {
         let data = |len: usize, salt: usize| pattern(len, salt, 3.0);
+        let (heads, n, d) = (4, 700, 6);
+        let len = heads * n * d;
+        let (q, k, v) = (data(len, 1), data(len, 2), data(len, 3));
+        let grad = data(heads * n * (d + 1), 4);
+        let (mk, mv, pe) = (data(2 * 300 * d, 5), data(2 * 300 * d, 6), data(d * n, 7));
+        let z = vec![150.0f32, 400.5];
+        let dropout = Dropout::new(0.2, 5);
+        let window = crate::pattern::PatternSpec::Window { width: 3 };
+        let plain_inputs = Inputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            mk: &[],
+            mv: &[],
+            pe: &[],
+            z: &[],
+        };
+        let all_attention = Shape {
+            mem: 300,
+            mem_heads: 2,
+            pe_span: n,
+            span_heads: 2,
+            ramp: 32.0,
+            ..plain(heads, n, d, true)
+        };
+        let all_inputs = Inputs {
+            mk: &mk,
+            mv: &mv,
+            pe: &pe,
+            z: &z,
+            ..plain_inputs
+        };
+        let mut cases = vec![];
         for causal in [true, false] {
-            let shape = Shape {
-                heads: 2,
-                n: 700,
-                d: 6,
-                causal,
-            };
-            let len = shape.heads * shape.n * shape.d;
-            let (q, k, v) = (data(len, 1), data(len, 2), data(len, 3));
-            let grad = data(shape.heads * shape.n * (shape.d + 1), 4);
-            let dropout = Dropout::new(0.2, 5);
+            let shape = plain(heads, n, d, causal);
+            cases.push((shape, plain_inputs, KeyLayout::dense(causal)));
+            let pattern = window.build(n.div_ceil(32), 32, causal, 0);
+            cases.push((shape, plain_inputs, KeyLayout::sparse(&pattern, 2)));
+        }
+        cases.push((all_attention, all_inputs, KeyLayout::dense(true)));
+        for (shape, inputs, keys) in cases {
             let same = same_bits_on_1_and_3_threads(|| {
-                let out = forward(&q, &k, &v, shape, dropout);
-                let [dq, dk, dv] = backward([&q, &k, &v], &out, &grad, shape, dropout);
-                [out, dq, dk, dv]
+                let out = forward(inputs, shape, &keys, dropout);
+                let grads = backward(inputs, &out, &grad, shape, &keys, dropout);
+                let mut all = vec![out];
+                all.extend(grads);
+                <[Vec<f32>; 8]>::try_from(all).expect("eight arrays")
             });
             assert!(
                 same,
-                "causal={causal}: results differ between 1 and 3 threads"
+                "{shape:?} sparse={}: results differ between 1 and 3 threads",
+                keys.sparse.is_some()
             );
         }
     }
@@ -646,13 +1356,18 @@ mod tests {
         for j in 0..n {
             k[j * d] = j as f32 / 10.0; // scores grow along the keys: 0 .. 59.9
         }
-        let shape = Shape {
-            heads: 1,
-            n,
-            d,
-            causal: false,
+        let shape = plain(1, n, d, false);
+        let keys = KeyLayout::dense(false);
+        let inputs = Inputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            mk: &[],
+            mv: &[],
+            pe: &[],
+            z: &[],
         };
-        let out = forward(&q, &k, &v, shape, Dropout::new(0.0, 0));
+        let out = forward(inputs, shape, &keys, Dropout::new(0.0, 0));
         let row = &out[(n - 1) * (d + 1)..][..d + 1];
         let scores: Vec<f64> = (0..n).map(|j| j as f64 / 10.0).collect();
         let m = scores.iter().cloned().fold(f64::MIN, f64::max);

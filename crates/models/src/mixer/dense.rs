@@ -8,7 +8,7 @@
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingConfig};
-use burn::tensor::{Bool, Device, FloatDType, Tensor, activation};
+use burn::tensor::{Bool, Device, Tensor, activation};
 use serde::{Deserialize, Serialize};
 
 use super::MixerContext;
@@ -175,7 +175,7 @@ impl DenseAttention {
     /// and the reference the fused operation is tested against).
     pub fn attend_with(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, fused: bool) -> Tensor<4> {
         if fused {
-            return self.attend_fused(q, k, v);
+            return self.attend_tiled(q, k, v, super::KeyLayout::dense(self.causal));
         }
         let [batch, n_heads, seq, d_head] = q.dims();
         let scale = 1.0 / (d_head as f64).sqrt();
@@ -191,31 +191,19 @@ impl DenseAttention {
         weights.matmul(v)
     }
 
-    /// The fused path: heads flattened into `[batch · n_heads, seq, d_head]`, f32 inside the
-    /// operation whatever the model's precision.
-    fn attend_fused(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-        let [batch, n_heads, seq, d_head] = q.dims();
-        let dtype = q.dtype();
+    /// The fused path over the keys `keys` (dense here; the sparse mixer passes its pattern).
+    pub(crate) fn attend_tiled(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        keys: super::KeyLayout,
+    ) -> Tensor<4> {
+        let [.., d_head] = q.dims();
         let scale = 1.0 / (d_head as f64).sqrt();
-        let (p, seed) = super::fused_dropout(&self.attn_dropout, &q.device());
-        let flat = |t: Tensor<4>| {
-            t.reshape([batch * n_heads, seq, d_head])
-                .cast(FloatDType::F32)
-                .into_dispatch()
-        };
-        let out = Tensor::<3>::from_dispatch(
-            <burn::backend::Dispatch as super::AttentionOps>::tiled_attention(
-                flat(q.mul_scalar(scale)),
-                flat(k),
-                flat(v),
-                self.causal,
-                p,
-                seed,
-            ),
-        ); // [batch · n_heads, seq, d_head + 1]: output | log-sum-exp
-        out.narrow(2, 0, d_head)
-            .reshape([batch, n_heads, seq, d_head])
-            .cast(dtype)
+        let dropout = super::fused_dropout(&self.attn_dropout, &q.device());
+        let extras = super::attention_op::Extras::default();
+        super::attention_op::attention(q.mul_scalar(scale), k, v, extras, keys, dropout)
     }
 }
 

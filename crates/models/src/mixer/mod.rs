@@ -10,17 +10,16 @@ mod attention_op;
 mod dense;
 mod fourier;
 mod fourier_op;
-pub(crate) mod memory_op;
+pub(crate) mod kernel;
 mod persistent;
 mod sparse;
 
-pub use attention_op::AttentionOps;
+pub use attention_op::{AttentionOps, KeyLayout};
 pub use dense::{DenseAttention, DenseAttentionConfig};
 pub use fourier::{
     FourierImpl, FourierMixer, FourierMixerConfig, dft_matrices, dft_mix, fft_mix, fft_mix_composed,
 };
 pub use fourier_op::FourierOps;
-pub use memory_op::MemoryAttentionOps;
 pub use persistent::{PersistentAttention, PersistentAttentionConfig, relative_scores, span_mask};
 pub use sparse::{
     SparseAttention, SparseAttentionConfig, block_sparse_attention, masked_dense_attention,
@@ -34,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::ModelError;
 
 /// Whether `device` is flex (autodiff or not), where the fused mixer operations
-/// (`attention_op.rs`, `fourier_op.rs`, `memory_op.rs`) run. Burn 0.22 has no backend query on
+/// (`attention_op.rs`, `fourier_op.rs`) run. Burn 0.22 has no backend query on
 /// a `Device`; its `Debug` form names the backend.
 pub(crate) fn on_flex(device: &Device) -> bool {
     format!("{device:?}").contains("Flex")

@@ -92,6 +92,16 @@ impl PersistentAttentionConfig {
 
     pub(crate) fn validate(&self, ctx: &MixerContext) -> Result<(), ModelError> {
         self.dense().validate_heads(ctx)?;
+        if ctx.relative_positions && !self.causal {
+            // `key_pe` embeds distances i − j ≥ 0 only: keys after the query have none.
+            return Err(ModelError::invalid(
+                "mixer.causal",
+                false,
+                "relative positions (model.position = \"relative\") embed only distances to \
+                 earlier keys: use causal = true, or position = \"learned\" or \"rope\" for a \
+                 bidirectional model",
+            ));
+        }
         if self.adaptive_span {
             if self.span_ramp == 0 {
                 return Err(ModelError::invalid(
@@ -189,11 +199,10 @@ impl PersistentAttention {
     /// maximum `m` over both parts, and the memory part runs per head over all `batch · seq`
     /// queries at once (`[batch·seq, d_head] x [d_head, N]`) instead of `batch` small GEMMs.
     ///
-    /// On flex the memory part is one fused operation
-    /// ([`MemoryAttentionOps`](super::memory_op::MemoryAttentionOps): tiles of queries whose
-    /// scores stay in cache, exponentials recomputed in the backward, attention dropout from a
-    /// hashed mask it regenerates) instead of materialising `[n_heads, batch·seq, N]` scores
-    /// and their gradients.
+    /// On flex (with `model.attention_impl = "fused"`) the whole layer — context keys with the
+    /// relative-position term and the adaptive span, and the persistent memory — is one call
+    /// of the tiled attention operation ([`AttentionOps`](super::AttentionOps)): no
+    /// `[seq, seq]` or `[batch·seq, N]` scores are materialised, the backward recomputes them.
     ///
     /// # Shapes
     /// - `q`, `k`, `v`: `[batch, n_heads, seq, d_head]`
@@ -209,8 +218,8 @@ impl PersistentAttention {
         self.attend_with(q, k, v, key_pe, fused)
     }
 
-    /// [`attend`](Self::attend) with the memory part fused (flex only) or composed from tensor
-    /// ops (every backend, and the reference the fused operation is tested against).
+    /// [`attend`](Self::attend) as the tiled operation (flex only) or composed from tensor ops
+    /// (every backend, and the reference the operation is tested against).
     pub fn attend_with(
         &self,
         q: Tensor<4>,
@@ -219,6 +228,9 @@ impl PersistentAttention {
         key_pe: Option<&Tensor<2>>,
         fused: bool,
     ) -> Tensor<4> {
+        if fused {
+            return self.attend_tiled(q, k, v, key_pe);
+        }
         let [batch, n_heads, seq, d_head] = q.dims();
         let scale = 1.0 / (d_head as f64).sqrt();
         let context = self.context_scores(q.clone(), k, key_pe).mul_scalar(scale); // [batch, n_heads, seq, seq]
@@ -243,46 +255,15 @@ impl PersistentAttention {
         // The memory part's unnormalised output and weight, [n_heads, batch·seq, d_head | 1].
         let mut memory_part = None;
         if let Some((keys, values)) = memory {
-            if fused {
-                // Dropout as `Dropout::forward` decides it; the mask's seed from Burn's
-                // generator, so a seeded run draws the same masks.
-                let (p, seed) = super::fused_dropout(&self.attn.attn_dropout, &q.device());
-                let dtype = q.dtype();
-                let f32 = |t: Tensor<3>| t.cast(burn::tensor::FloatDType::F32);
-                let out = Tensor::<3>::from_dispatch(
-                    <burn::backend::Dispatch as super::memory_op::MemoryAttentionOps>::memory_attention(
-                        f32(by_head(q, d_head)).into_dispatch(),
-                        f32(keys).into_dispatch(),
-                        f32(values).into_dispatch(),
-                        f32(by_head(max, 1)).into_dispatch(),
-                        p,
-                        seed,
-                    ),
-                ); // f32 [n_heads, batch·seq, d_head + 2]
-                // The shift the kernel used (row maximum over context and memory), as the
-                // context part will see it in the model's precision; the memory part is
-                // rescaled (in f32) to be relative to that same rounded shift.
-                let shift = out.clone().narrow(2, d_head + 1, 1).detach();
-                let mut part = out.narrow(2, 0, d_head + 1); // [Σ e v | Σ e]
-                let shared = shift.clone().cast(dtype);
-                if dtype != burn::tensor::DType::F32 {
-                    part =
-                        part * (shift - shared.clone().cast(burn::tensor::FloatDType::F32)).exp();
-                }
-                let part = part.cast(dtype);
-                max = from_heads(shared, 1);
-                memory_part = Some((part.clone().narrow(2, 0, d_head), part.narrow(2, d_head, 1)));
-            } else {
-                let scores = by_head(q, d_head).matmul(keys.swap_dims(1, 2)); // [n_heads, batch·seq, N]
-                // The softmax is shift-invariant, so the row maximum needs no gradient.
-                max = max
-                    .max_pair(from_heads(scores.clone().max_dim(2), 1))
-                    .detach();
-                let e_memory = (scores - by_head(max.clone(), 1)).exp(); // [n_heads, batch·seq, N]
-                let sum = e_memory.clone().sum_dim(2);
-                let y = self.attn.attn_dropout.forward(e_memory).matmul(values);
-                memory_part = Some((y, sum));
-            }
+            let scores = by_head(q, d_head).matmul(keys.swap_dims(1, 2)); // [n_heads, batch·seq, N]
+            // The softmax is shift-invariant, so the row maximum needs no gradient.
+            max = max
+                .max_pair(from_heads(scores.clone().max_dim(2), 1))
+                .detach();
+            let e_memory = (scores - by_head(max.clone(), 1)).exp(); // [n_heads, batch·seq, N]
+            let sum = e_memory.clone().sum_dim(2);
+            let y = self.attn.attn_dropout.forward(e_memory).matmul(values);
+            memory_part = Some((y, sum));
         }
         let mut e_context = (context - max).exp();
         if let Some(fraction) = &self.span_fraction {
@@ -297,6 +278,41 @@ impl PersistentAttention {
             y = y + from_heads(y_memory, d_head);
         }
         y / norm
+    }
+
+    /// The fused path: the scaled queries, the reparameterised persistent vectors, `key_pe` and
+    /// the span `z = clamp(fraction, 0, 1) · seq` handed to the tiled operation.
+    fn attend_tiled(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        key_pe: Option<&Tensor<2>>,
+    ) -> Tensor<4> {
+        let [_, _, seq, d_head] = q.dims();
+        let scale = 1.0 / (d_head as f64).sqrt();
+        let memory = match (&self.persistent_keys, &self.persistent_values) {
+            (Some(keys), Some(values)) => {
+                let [_, n, _] = values.dims();
+                // Stored / sqrt(d_head), used * sqrt(d_head) (the score scale is on q);
+                // values stored / sqrt(N), used * sqrt(N).
+                let keys = keys.val().mul_scalar((d_head as f64).sqrt());
+                Some((keys, values.val().mul_scalar((n as f64).sqrt())))
+            }
+            _ => None,
+        };
+        let span = self.span_fraction.as_ref().map(|fraction| {
+            let z = fraction.val().clamp(0.0, 1.0).mul_scalar(seq as f64);
+            (z, self.span_ramp as f32)
+        });
+        let extras = super::attention_op::Extras {
+            memory,
+            key_pe: key_pe.cloned(),
+            span,
+        };
+        let keys = super::KeyLayout::dense(self.attn.causal);
+        let dropout = super::fused_dropout(&self.attn.attn_dropout, &q.device());
+        super::attention_op::attention(q.mul_scalar(scale), k, v, extras, keys, dropout)
     }
 
     /// Context scores `q·k (+ relative term)`, future positions at -inf when causal (unscaled).
@@ -623,16 +639,21 @@ mod tests {
         }
     }
 
-    /// The flex memory operation (tiles of 64 query rows, exponentials recomputed in its
+    /// The tiled operation on flex (tiles of 64 query rows, probabilities recomputed in its
     /// backward) against the same attention composed from tensor ops: outputs and the
-    /// gradients of queries, keys, values and the persistent keys and values, with 150 query
-    /// rows per head (two full tiles and a partial one), causal or not, relative positions and
-    /// adaptive span. Scores are scaled up so that the row maximum is sometimes a memory score
-    /// and sometimes a context one.
+    /// gradients of queries, keys, values, the persistent keys and values, `key_pe` and the
+    /// span fractions, with 300 tokens (four full tiles and a partial one, two key blocks, key
+    /// blocks wholly past the span skipped), causal or not, relative positions (causal only)
+    /// and adaptive span. Scores are scaled up so that the row maximum is sometimes a memory
+    /// score and sometimes a context one.
     #[test]
-    fn flex_memory_operation_equals_the_composed_path_in_values_and_gradients() {
+    fn flex_tiled_operation_equals_the_composed_path_in_values_and_gradients() {
         let device = Device::flex().autodiff();
-        for (causal, relative, span) in [(true, false, false), (false, true, true)] {
+        for (causal, relative, span) in [
+            (true, false, false),
+            (false, false, true),
+            (true, true, true),
+        ] {
             device.seed(9);
             let mut cfg = config(37);
             cfg.causal = causal;
@@ -640,15 +661,17 @@ mod tests {
             cfg.span_ramp = 3;
             cfg.span_init = 0.5;
             let mut context = ctx(16, relative);
-            context.max_seq_len = 50;
+            context.max_seq_len = 300;
             let layer = cfg.init(&context, &device);
             let r = |shape: [usize; 4], std: f64| {
                 Tensor::<4>::random(shape, Distribution::Normal(0.0, std), &device).require_grad()
             };
-            let shape = [3, 2, 50, 8];
+            let shape = [2, 2, 300, 8];
             let (q, k, v) = (r(shape, 3.0), r(shape, 1.0), r(shape, 1.0));
-            let pe = relative
-                .then(|| Tensor::<2>::random([8, 50], Distribution::Normal(0.0, 1.0), &device));
+            let pe = relative.then(|| {
+                Tensor::<2>::random([8, 310], Distribution::Normal(0.0, 1.0), &device)
+                    .require_grad()
+            });
             let w = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
             let run = |fused: bool| {
                 let y = layer.attend_with(q.clone(), k.clone(), v.clone(), pe.as_ref(), fused);
@@ -661,6 +684,12 @@ mod tests {
                 }
                 out.push(to_vec(keys.grad(&grads).unwrap()));
                 out.push(to_vec(values.grad(&grads).unwrap()));
+                if let Some(pe) = &pe {
+                    out.push(to_vec(pe.grad(&grads).unwrap()));
+                }
+                if let Some(fraction) = &layer.span_fraction {
+                    out.push(to_vec(fraction.val().grad(&grads).unwrap()));
+                }
                 out
             };
             let (fused, composed) = (run(true), run(false));
@@ -671,6 +700,8 @@ mod tests {
                 "dv",
                 "d persistent keys",
                 "d persistent values",
+                if relative { "d key_pe" } else { "d span" },
+                "d span",
             ];
             for ((name, a), b) in names.iter().zip(&fused).zip(&composed) {
                 let what = format!("causal={causal} relative={relative} span={span} {name}");
@@ -679,7 +710,7 @@ mod tests {
         }
     }
 
-    /// Attention dropout in the flex memory operation: active only when training on an autodiff
+    /// Attention dropout in the tiled operation: active only when training on an autodiff
     /// device (two calls draw different masks; gradients stay finite), off for inference
     /// (then equal to the composed path), as `Dropout::forward` decides.
     #[test]
@@ -952,6 +983,25 @@ mod tests {
             losses[0],
             losses[149]
         );
+    }
+
+    /// `key_pe` embeds distances to earlier keys only, so a bidirectional all-attention layer
+    /// with relative positions is refused (it once scored later keys with the next query's
+    /// shifted position terms).
+    #[test]
+    fn relative_positions_need_a_causal_layer() {
+        let mut cfg = all_attention(4, false);
+        let MixerConfig::Persistent(p) = &mut cfg.mixer else {
+            panic!("all_attention builds a persistent mixer")
+        };
+        p.causal = false;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("mixer.causal") && err.contains("relative"),
+            "{err}"
+        );
+        cfg.position = crate::Position::Learned;
+        cfg.validate().unwrap();
     }
 
     #[test]

@@ -8,6 +8,12 @@
 //! O(n · k_max · block · d_head). Rows shorter than `k_max` are padded with masked slots; the
 //! pattern checker reports the padding fraction of each pattern.
 //!
+//! On flex (with `model.attention_impl = "fused"`, the default) the mixer instead runs the
+//! tiled attention operation ([`KeyLayout::sparse`](super::KeyLayout::sparse)): each query
+//! block walks only its listed key blocks, consecutive ones as one run, with no padding and
+//! nothing gathered; the backward recomputes the probabilities. The gathering kernel below
+//! stays as the path of the other backends and the fused path's test reference.
+//!
 //! The pattern is rebuilt from its spec for each sequence length (cheap: O(n_blocks · k_max)),
 //! so training windows, evaluation tails and a growing sampling context all work; causal
 //! built-in rows depend only on the query block, so a prefix keeps its pattern as `n` grows.
@@ -17,6 +23,7 @@ use burn::nn::Dropout;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData, activation};
 use serde::{Deserialize, Serialize};
 
+use super::attention_op::KeyLayout;
 use super::{DenseAttention, DenseAttentionConfig, MixerContext};
 use crate::ModelError;
 use crate::pattern::{LayerPattern, PatternSpec};
@@ -158,7 +165,13 @@ impl SparseAttention {
         let [batch, seq, d_model] = x.dims();
         let (q, k, v) = self.attention.project(x);
         let layout = self.layer_pattern(seq);
-        let y = block_sparse_attention(q, k, v, &layout, Some(&self.attention.attn_dropout));
+        let y = if self.attention.fused && super::on_flex(&q.device()) {
+            let n_heads = self.attention.n_heads;
+            self.attention
+                .attend_tiled(q, k, v, KeyLayout::sparse(&layout, n_heads))
+        } else {
+            block_sparse_attention(q, k, v, &layout, Some(&self.attention.attn_dropout))
+        };
         let y = y.swap_dims(1, 2).reshape([batch, seq, d_model]);
         self.attention
             .resid_dropout
@@ -388,6 +401,52 @@ pub fn masked_dense_attention(
 }
 
 #[cfg(test)]
+/// Every built-in and both combinators, with sizes in blocks.
+pub(crate) fn builtin_patterns() -> Vec<PatternSpec> {
+    use PatternSpec::*;
+    vec![
+        Window { width: 3 },
+        Strided { stride: 2 },
+        Fixed {
+            stride: 3,
+            summary: 1,
+        },
+        Star { relays: 1 },
+        Global {
+            global: 1,
+            width: 1,
+        },
+        Random {
+            per_row: 2,
+            seed: 4,
+        },
+        Bigbird {
+            width: 3,
+            global: 1,
+            random: 1,
+            seed: 5,
+        },
+        Dilated {
+            width: 2,
+            dilation: 2,
+        },
+        Dense {},
+        Union {
+            of: vec![
+                Window { width: 1 },
+                Dilated {
+                    width: 2,
+                    dilation: 3,
+                },
+            ],
+        },
+        Heads {
+            of: vec![Window { width: 2 }, Strided { stride: 3 }],
+        },
+    ]
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_util::{devices, to_vec};
@@ -406,51 +465,6 @@ mod tests {
         }
     }
 
-    /// Every built-in and both combinators, with sizes in blocks.
-    fn builtins() -> Vec<PatternSpec> {
-        use PatternSpec::*;
-        vec![
-            Window { width: 3 },
-            Strided { stride: 2 },
-            Fixed {
-                stride: 3,
-                summary: 1,
-            },
-            Star { relays: 1 },
-            Global {
-                global: 1,
-                width: 1,
-            },
-            Random {
-                per_row: 2,
-                seed: 4,
-            },
-            Bigbird {
-                width: 3,
-                global: 1,
-                random: 1,
-                seed: 5,
-            },
-            Dilated {
-                width: 2,
-                dilation: 2,
-            },
-            Dense {},
-            Union {
-                of: vec![
-                    Window { width: 1 },
-                    Dilated {
-                        width: 2,
-                        dilation: 3,
-                    },
-                ],
-            },
-            Heads {
-                of: vec![Window { width: 2 }, Strided { stride: 3 }],
-            },
-        ]
-    }
-
     fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
         got.iter()
@@ -465,7 +479,7 @@ mod tests {
         let mut split = 0; // layouts whose long rows got a bucket of their own
         for (name, device) in devices() {
             let ad = device.clone().autodiff();
-            for spec in builtins() {
+            for spec in builtin_patterns() {
                 for causal in [true, false] {
                     // 37 tokens in blocks of 5 (a ragged last block) and token level.
                     for (n, block) in [(37usize, 5usize), (13, 1)] {
@@ -537,6 +551,53 @@ mod tests {
         assert!(split >= 4, "only {split} two-bucket layouts were tested");
     }
 
+    /// The mixer's fused path (the tiled operation over the pattern's key blocks) against its
+    /// composed path (gathered blocks): outputs and the gradients of the input and both
+    /// projections, for every built-in pattern, causal and bidirectional, 30 tokens in blocks
+    /// of 4 (a ragged last block).
+    #[test]
+    fn fused_path_equals_composed_path_in_values_and_gradients() {
+        let device = burn::tensor::Device::flex().autodiff();
+        for spec in builtin_patterns() {
+            for causal in [true, false] {
+                device.seed(3);
+                let cfg = SparseAttentionConfig {
+                    n_heads: 4,
+                    causal,
+                    block: 4,
+                    pattern: vec![spec.clone()],
+                };
+                let fused = cfg.init(&ctx(16, 1), &device);
+                let mut composed = fused.clone();
+                composed.attention.fused = false;
+                let r =
+                    || Tensor::<3>::random([2, 30, 16], Distribution::Normal(0.0, 1.0), &device);
+                let (x, w) = (r().require_grad(), r());
+                let run = |attn: &SparseAttention| {
+                    let y = attn.forward(x.clone());
+                    let grads = (y.clone() * w.clone()).sum().backward();
+                    let a = &attn.attention;
+                    [
+                        to_vec(y),
+                        to_vec(x.grad(&grads).unwrap()),
+                        to_vec(a.qkv.weight.val().grad(&grads).unwrap()),
+                        to_vec(a.proj.weight.val().grad(&grads).unwrap()),
+                    ]
+                };
+                let (got, want) = (run(&fused), run(&composed));
+                for ((part, g), e) in ["output", "dx", "d qkv", "d proj"]
+                    .iter()
+                    .zip(&got)
+                    .zip(&want)
+                {
+                    let d = max_rel_diff(g, e);
+                    let what = format!("{} causal={causal}", spec.name());
+                    assert!(d <= 2e-5, "{what}: {part} differs by {d:e} (relative)");
+                }
+            }
+        }
+    }
+
     #[test]
     fn dense_pattern_equals_the_dense_mixer() {
         for (name, device) in devices() {
@@ -567,7 +628,7 @@ mod tests {
     #[test]
     fn causal_patterns_are_causal() {
         let device = burn::tensor::Device::flex();
-        for spec in builtins() {
+        for spec in builtin_patterns() {
             device.seed(8);
             let cfg = SparseAttentionConfig {
                 n_heads: 4,
