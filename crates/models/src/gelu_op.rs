@@ -43,32 +43,26 @@ pub trait BiasGeluBackward: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
-/// `h` `[rows, d]`, `bias` `[d]` and optionally the gradient `[rows, d]`, checked, contiguous.
-fn operands(
-    h: &FlexTensor,
-    bias: &FlexTensor,
-    grad: Option<&FlexTensor>,
-) -> (usize, usize, [FlexTensor; 3]) {
-    let dims = |t: &FlexTensor| {
-        assert_eq!(t.dtype(), DType::F32, "fused_bias_gelu: f32 only");
-        let shape = t.layout().shape();
-        (0..shape.num_dims()).map(|i| shape[i]).collect::<Vec<_>>()
-    };
+/// A tensor's shape, checked to be f32.
+fn dims(t: &FlexTensor) -> Vec<usize> {
+    assert_eq!(t.dtype(), DType::F32, "fused_bias_gelu: f32 only");
+    let shape = t.layout().shape();
+    (0..shape.num_dims()).map(|i| shape[i]).collect()
+}
+
+/// `h` `[rows, d]` and `bias` `[d]`, checked, contiguous.
+fn operands(h: &FlexTensor, bias: &FlexTensor) -> (usize, usize, [FlexTensor; 2]) {
     let shape = dims(h);
     let [rows, d] = shape[..] else {
         panic!("fused_bias_gelu: h must be [rows, d], got {shape:?}")
     };
     assert_eq!(dims(bias), [d], "fused_bias_gelu: bias must be [d]");
-    if let Some(grad) = grad {
-        assert_eq!(dims(grad), [rows, d], "fused_bias_gelu: gradient shape");
-    }
-    let grad = grad.map_or_else(|| h.clone(), FlexTensor::to_contiguous);
-    (rows, d, [h.to_contiguous(), bias.to_contiguous(), grad])
+    (rows, d, [h.to_contiguous(), bias.to_contiguous()])
 }
 
 impl BiasGeluOps for Flex {
     fn fused_bias_gelu(h: FlexTensor, bias: FlexTensor) -> FlexTensor {
-        let (rows, d, [h, bias, _]) = operands(&h, &bias, None);
+        let (rows, d, [h, bias]) = operands(&h, &bias);
         let y = forward(slice(&h), slice(&bias));
         FlexTensor::from_data(TensorData::new(y, [rows, d]))
     }
@@ -80,7 +74,9 @@ impl BiasGeluBackward for Flex {
         bias: FlexTensor,
         grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor) {
-        let (rows, d, [h, bias, grad]) = operands(&h, &bias, Some(&grad));
+        let (rows, d, [h, bias]) = operands(&h, &bias);
+        assert_eq!(dims(&grad), [rows, d], "fused_bias_gelu: gradient shape");
+        let grad = grad.to_contiguous();
         let (dh, db) = backward(slice(&h), slice(&bias), slice(&grad));
         (
             FlexTensor::from_data(TensorData::new(dh, [rows, d])),

@@ -486,6 +486,29 @@ struct Range {
     memory: bool,
 }
 
+impl Range {
+    /// How many of the range's keys query row `r` sees (memory: all of them).
+    fn visible(&self, r: usize, shape: Shape) -> usize {
+        if self.memory {
+            self.len
+        } else {
+            shape.visible(r, self.first, self.len)
+        }
+    }
+
+    /// The dropout-mask index of row `r`'s weight for the range's first key, in flattened head
+    /// `h` (memory slot `s` is key `n + s`).
+    fn mask_base(&self, h: usize, r: usize, shape: Shape) -> u64 {
+        let Shape { n, mem, .. } = shape;
+        let key = if self.memory {
+            n + self.first
+        } else {
+            self.first
+        };
+        ((h * n + r) * (n + mem) + key) as u64
+    }
+}
+
 /// The adaptive-span weight of a context key at distance `delta` from its query, and whether
 /// its gradient in `z` passes (the ratio inside `[0, 1]`, as Burn's `clamp` lets it).
 #[inline(always)]
@@ -561,6 +584,45 @@ fn relative_logits(
     Some((lo, width))
 }
 
+/// A tile's scores against one key range: `s = Q_tile · K_rangeᵀ` (`[len, range.len]`) and,
+/// for context ranges with relative positions, the relative logits in `rel`; returns their
+/// `(lo, width)` (see [`relative_logits`]).
+fn range_scores(
+    x: &Head,
+    (start, len): (usize, usize),
+    range: Range,
+    shape: Shape,
+    s: &mut [f32],
+    rel: &mut Vec<f32>,
+) -> Option<(usize, usize)> {
+    let d = shape.d;
+    let q_tile = &x.q[start * d..];
+    let (k, _) = x.source(range, d);
+    // S = Q_tile · K_rangeᵀ: Kᵀ[c, j] = K[j, c], row stride 1, column stride d.
+    matmul(
+        (len, range.len, d),
+        s,
+        range.len,
+        false,
+        q_tile,
+        (d, 1),
+        k,
+        (1, d),
+    );
+    if range.memory || shape.pe_span == 0 {
+        return None;
+    }
+    relative_logits(x, q_tile, (start, len), range, shape, rel)
+}
+
+/// `seen[j] += rel_row[nearest − j]`: the relative term of the row's visible keys, key
+/// `first + j` sitting at distance `r − first − j = lo + nearest − j`.
+fn add_relative(seen: &mut [f32], rel_row: &[f32], nearest: usize) {
+    for (j, s) in seen.iter_mut().enumerate() {
+        *s += rel_row[nearest - j];
+    }
+}
+
 /// Head `h`'s part of a `[heads, ...]` array with `size` elements per head.
 fn head(t: &[f32], h: usize, size: usize) -> &[f32] {
     &t[h * size..][..size]
@@ -613,9 +675,8 @@ fn forward_tile(
     shape: Shape,
     dropout: Dropout,
 ) {
-    let Shape { n, d, mem, .. } = shape;
+    let d = shape.d;
     let width = d + 1;
-    let q_tile = &x.q[start * d..];
     let mut max = vec![f32::NEG_INFINITY; len];
     let mut sum = vec![0.0f32; len];
     let mut s = scratch(len, ranges);
@@ -623,32 +684,16 @@ fn forward_tile(
     for &range in ranges {
         let kl = range.len;
         let s = &mut s[..len * kl];
-        let (k, v) = x.source(range, d);
-        // S = Q_tile · K_rangeᵀ: Kᵀ[c, j] = K[j, c], row stride 1, column stride d.
-        matmul((len, kl, d), s, kl, false, q_tile, (d, 1), k, (1, d));
-        let relative = if range.memory || shape.pe_span == 0 {
-            None
-        } else {
-            relative_logits(x, q_tile, (start, len), range, shape, &mut rel)
-        };
+        let relative = range_scores(x, (start, len), range, shape, s, &mut rel);
         for (i, row) in s.chunks_exact_mut(kl).enumerate() {
             let r = start + i;
-            let visible = if range.memory {
-                kl
-            } else {
-                shape.visible(r, range.first, kl)
-            };
-            let (seen, hidden) = row.split_at_mut(visible);
+            let (seen, hidden) = row.split_at_mut(range.visible(r, shape));
             hidden.fill(0.0);
             if seen.is_empty() {
                 continue;
             }
             if let Some((lo, w)) = relative {
-                // Key first + j sits at distance r − first − j.
-                let rel = &rel[i * w..][..w];
-                for (j, s) in seen.iter_mut().enumerate() {
-                    *s += rel[r - range.first - j - lo];
-                }
+                add_relative(seen, &rel[i * w..][..w], r - range.first - lo);
             }
             let m = lanes(seen, max[i], f32::max);
             if m > max[i] {
@@ -669,14 +714,10 @@ fn forward_tile(
                 }
             }
             sum[i] += lanes(seen, 0.0, |a, b| a + b);
-            let key = if range.memory {
-                n + range.first
-            } else {
-                range.first
-            };
-            dropout.apply_at(seen, ((x.h * n + r) * (n + mem) + key) as u64);
+            dropout.apply_at(seen, range.mask_base(x.h, r, shape));
         }
         // O_tile += P · V_range.
+        let (_, v) = x.source(range, d);
         matmul((len, d, kl), out, width, true, s, (kl, 1), v, (d, 1));
     }
     for (i, row) in out.chunks_exact_mut(width).enumerate() {
@@ -848,7 +889,7 @@ fn backward_tile(
     shape: Shape,
     dropout: Dropout,
 ) {
-    let Shape { n, d, mem, .. } = shape;
+    let d = shape.d;
     let width = d + 1;
     let q_tile = &x.q[start * d..];
     let grad_tile = &grad[start * width..];
@@ -858,8 +899,8 @@ fn backward_tile(
     for &range in ranges {
         let kl = range.len;
         let (p, dp) = (&mut p[..len * kl], &mut dp[..len * kl]);
+        let relative = range_scores(x, (start, len), range, shape, p, &mut rel);
         let (k, v) = x.source(range, d);
-        matmul((len, kl, d), p, kl, false, q_tile, (d, 1), k, (1, d));
         // dP = dO_tile · V_rangeᵀ.
         matmul(
             (len, kl, d),
@@ -871,36 +912,19 @@ fn backward_tile(
             v,
             (1, d),
         );
-        let relative = if range.memory || shape.pe_span == 0 {
-            None
-        } else {
-            relative_logits(x, q_tile, (start, len), range, shape, &mut rel)
-        };
         for (i, (p, dp)) in p
             .chunks_exact_mut(kl)
             .zip(dp.chunks_exact_mut(kl))
             .enumerate()
         {
             let r = start + i;
-            let visible = if range.memory {
-                kl
-            } else {
-                shape.visible(r, range.first, kl)
-            };
+            let visible = range.visible(r, shape);
             let lse = out[r * width + d];
-            let key = if range.memory {
-                n + range.first
-            } else {
-                range.first
-            };
-            let base = ((x.h * n + r) * (n + mem) + key) as u64;
+            let base = range.mask_base(x.h, r, shape);
             let (seen, hidden) = p.split_at_mut(visible);
             hidden.fill(0.0);
             if let Some((lo, w)) = relative {
-                let rel = &rel[i * w..][..w];
-                for (j, s) in seen.iter_mut().enumerate() {
-                    *s += rel[r - range.first - j - lo];
-                }
+                add_relative(seen, &rel[i * w..][..w], r - range.first - lo);
             }
             if x.z.is_some() && !range.memory {
                 // With the span mask, L normalises the masked weights: a masked-down key can

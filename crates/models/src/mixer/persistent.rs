@@ -240,17 +240,7 @@ impl PersistentAttention {
         let from_heads = |t: Tensor<3>, width: usize| {
             t.reshape([n_heads, batch, seq, width]).swap_dims(0, 1) // [batch, n_heads, seq, width]
         };
-        let memory = match (&self.persistent_keys, &self.persistent_values) {
-            (Some(keys), Some(values)) => {
-                let [_, n, _] = values.dims();
-                // Reparameterised: stored / sqrt(d_head), used * sqrt(d_head); the score scale
-                // folded in. Values: stored / sqrt(N), used * sqrt(N).
-                let keys = keys.val().mul_scalar((d_head as f64).sqrt() * scale); // [n_heads, N, d_head]
-                let values = values.val().mul_scalar((n as f64).sqrt()); // [n_heads, N, d_head]
-                Some((keys, values))
-            }
-            _ => None,
-        };
+        let memory = self.memory(scale); // [n_heads, N, d_head] each
         let mut max = context.clone().max_dim(3).detach(); // [batch, n_heads, seq, 1]
         // The memory part's unnormalised output and weight, [n_heads, batch·seq, d_head | 1].
         let mut memory_part = None;
@@ -280,6 +270,21 @@ impl PersistentAttention {
         y / norm
     }
 
+    /// The persistent keys and values as used, `[n_heads, N, d_head]` each: reparameterised
+    /// (keys stored / sqrt(d_head) and used * sqrt(d_head), values stored / sqrt(N) and used *
+    /// sqrt(N)), the keys also times `key_scale` (the score scale, when q is unscaled).
+    fn memory(&self, key_scale: f64) -> Option<(Tensor<3>, Tensor<3>)> {
+        let (keys, values) = (
+            self.persistent_keys.as_ref()?,
+            self.persistent_values.as_ref()?,
+        );
+        let [_, n, d_head] = values.dims();
+        Some((
+            keys.val().mul_scalar((d_head as f64).sqrt() * key_scale),
+            values.val().mul_scalar((n as f64).sqrt()),
+        ))
+    }
+
     /// The fused path: the scaled queries, the reparameterised persistent vectors, `key_pe` and
     /// the span `z = clamp(fraction, 0, 1) · seq` handed to the tiled operation.
     fn attend_tiled(
@@ -291,16 +296,7 @@ impl PersistentAttention {
     ) -> Tensor<4> {
         let [_, _, seq, d_head] = q.dims();
         let scale = 1.0 / (d_head as f64).sqrt();
-        let memory = match (&self.persistent_keys, &self.persistent_values) {
-            (Some(keys), Some(values)) => {
-                let [_, n, _] = values.dims();
-                // Stored / sqrt(d_head), used * sqrt(d_head) (the score scale is on q);
-                // values stored / sqrt(N), used * sqrt(N).
-                let keys = keys.val().mul_scalar((d_head as f64).sqrt());
-                Some((keys, values.val().mul_scalar((n as f64).sqrt())))
-            }
-            _ => None,
-        };
+        let memory = self.memory(1.0); // the score scale is on q
         let span = self.span_fraction.as_ref().map(|fraction| {
             let z = fraction.val().clamp(0.0, 1.0).mul_scalar(seq as f64);
             (z, self.span_ramp as f32)
