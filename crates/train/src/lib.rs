@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod export;
+pub mod malloc;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;

@@ -110,6 +110,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    mixlab_train::malloc::keep_freed_memory();
     if let Some(warning) = mixlab_models::unoptimised_build_warning(mixlab_models::BUILD_OPT_LEVEL)
     {
         eprintln!("{warning}");

@@ -73,5 +73,6 @@ fn run(cli: &Cli) -> Result<serde_json::Value> {
 }
 
 fn main() -> ExitCode {
+    mixlab_train::malloc::keep_freed_memory();
     print_json(run(&Cli::parse()).map(|line| vec![line]))
 }

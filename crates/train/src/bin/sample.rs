@@ -41,6 +41,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    mixlab_train::malloc::keep_freed_memory();
     let cli = Cli::parse();
     if !(cli.top_p > 0.0 && cli.top_p <= 1.0) || cli.temperature < 0.0 {
         eprintln!("error: --top-p must be in (0, 1] and --temperature >= 0");

@@ -44,6 +44,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    mixlab_train::malloc::keep_freed_memory();
     let cli = Cli::parse();
     if let Some(warning) = mixlab_models::unoptimised_build_warning(mixlab_models::BUILD_OPT_LEVEL)
     {
