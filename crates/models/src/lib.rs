@@ -12,6 +12,7 @@
 pub mod block;
 pub mod gelu_op;
 pub mod init;
+pub mod linear;
 pub mod lm;
 pub mod loss;
 pub mod mixer;

@@ -352,15 +352,9 @@ impl Lm {
         }
         let x = crate::norm_op::layer_norm(&self.norm_final, x);
         match &self.head {
-            Some(head) => head.forward(x),
-            // Tied head: logits = x · Eᵀ, `[batch, seq, d_model] x [1, d_model, vocab]`.
-            None => x.matmul(
-                self.token_embedding
-                    .weight
-                    .val()
-                    .transpose()
-                    .unsqueeze::<3>(),
-            ),
+            Some(head) => crate::linear::forward(head, x),
+            // Tied head: logits = x · Eᵀ, `[batch·seq, d_model] x [d_model, vocab]`.
+            None => crate::linear::matmul_rows(x, self.token_embedding.weight.val().transpose()),
         }
     }
 }

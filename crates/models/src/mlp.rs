@@ -55,6 +55,6 @@ impl Mlp {
     /// - output: `[batch, seq, d_model]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let h = crate::gelu_op::linear_gelu(&self.fc, x); // [batch, seq, d_ff]
-        self.dropout.forward(self.proj.forward(h))
+        self.dropout.forward(crate::linear::forward(&self.proj, h))
     }
 }

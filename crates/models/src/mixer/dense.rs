@@ -131,7 +131,8 @@ impl DenseAttention {
         let (q, k, v) = self.project(x);
         let y = self.attend(q, k, v); // [batch, n_heads, seq, d_head]
         let y = y.swap_dims(1, 2).reshape([batch, seq, d_model]);
-        self.resid_dropout.forward(self.proj.forward(y))
+        self.resid_dropout
+            .forward(crate::linear::forward(&self.proj, y))
     }
 
     /// Queries, keys and values per head, with RoPE applied when configured.
@@ -146,7 +147,10 @@ impl DenseAttention {
             t.reshape([batch, seq, self.n_heads, d_head])
                 .swap_dims(1, 2) // [batch, n_heads, seq, d_head]
         };
-        let mut qkv = self.qkv.forward(x).chunk(3, 2).into_iter().map(heads);
+        let mut qkv = crate::linear::forward(&self.qkv, x)
+            .chunk(3, 2)
+            .into_iter()
+            .map(heads);
         let (mut q, mut k, v) = (
             qkv.next().unwrap(),
             qkv.next().unwrap(),

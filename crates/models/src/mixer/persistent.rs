@@ -190,7 +190,9 @@ impl PersistentAttention {
         let (q, k, v) = self.attn.project(x);
         let y = self.attend(q, k, v, key_pe); // [batch, n_heads, seq, d_head]
         let y = y.swap_dims(1, 2).reshape([batch, seq, d_model]);
-        self.attn.resid_dropout.forward(self.attn.proj.forward(y))
+        self.attn
+            .resid_dropout
+            .forward(crate::linear::forward(&self.attn.proj, y))
     }
 
     /// The attention kernel: the same function as `combine(weights(q, k), v)` without ever

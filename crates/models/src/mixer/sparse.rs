@@ -175,7 +175,7 @@ impl SparseAttention {
         let y = y.swap_dims(1, 2).reshape([batch, seq, d_model]);
         self.attention
             .resid_dropout
-            .forward(self.attention.proj.forward(y))
+            .forward(crate::linear::forward(&self.attention.proj, y))
     }
 }
 
