@@ -1371,6 +1371,93 @@ mod tests {
         }
     }
 
+    /// Persistent memory slots with attention dropout 0.3, against softmax attention over the
+    /// concatenated keys `[context | memory]` built from tensor ops with the kernel's mask
+    /// (memory slot `s` is key `n + s` of its row): two batch rows of two heads (each flattened
+    /// head uses memory head `h mod 2`), 37 tokens (a partial tile), causal and bidirectional;
+    /// outputs and the gradients of q, k, v and the memory keys and values.
+    #[test]
+    fn memory_slots_with_dropout_equal_masked_tensor_ops() {
+        let (batch, n_heads, n, mem, d) = (2, 2, 37, 5, 8);
+        let heads = batch * n_heads;
+        let (p, seed) = (0.3f32, 23u32);
+        for causal in [true, false] {
+            let device = Device::flex().autodiff();
+            device.seed(5);
+            let r = |shape: [usize; 3]| {
+                Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad()
+            };
+            let (q, k, v) = (r([heads, n, d]), r([heads, n, d]), r([heads, n, d]));
+            let (mk, mv) = (r([n_heads, mem, d]), r([n_heads, mem, d]));
+            let w = Tensor::<3>::random([heads, n, d], Distribution::Normal(0.0, 1.0), &device);
+            let fused = Tensor::<3>::from_dispatch(
+                <burn::backend::Dispatch as AttentionOps>::tiled_attention(
+                    q.clone().into_dispatch(),
+                    k.clone().into_dispatch(),
+                    v.clone().into_dispatch(),
+                    mk.clone().into_dispatch(),
+                    mv.clone().into_dispatch(),
+                    Tensor::<2>::zeros([d, 0], &device).into_dispatch(),
+                    Tensor::<1>::zeros([0], &device).into_dispatch(),
+                    KeyLayout::dense(causal),
+                    1.0,
+                    p,
+                    seed,
+                ),
+            )
+            .narrow(2, 0, d);
+            // Memory head `h mod n_heads` for flattened head `h = b · n_heads + h'`.
+            let per_head = |m: Tensor<3>| {
+                m.unsqueeze_dim::<4>(0)
+                    .repeat_dim(0, batch)
+                    .reshape([heads, mem, d])
+            };
+            let keys = Tensor::cat(vec![k.clone(), per_head(mk.clone())], 1); // [heads, n + mem, d]
+            let values = Tensor::cat(vec![v.clone(), per_head(mv.clone())], 1);
+            let hidden: Vec<bool> = (0..heads * n * (n + mem))
+                .map(|i| {
+                    let (row, key) = ((i / (n + mem)) % n, i % (n + mem));
+                    causal && key < n && key > row
+                })
+                .collect();
+            let hidden =
+                Tensor::<3, Bool>::from_data(TensorData::new(hidden, [heads, n, n + mem]), &device);
+            let scores = q
+                .clone()
+                .matmul(keys.swap_dims(1, 2))
+                .mask_fill(hidden, f32::NEG_INFINITY);
+            let dropout = Dropout::new(p, seed);
+            let mut keep = vec![1.0f32; heads * n * (n + mem)];
+            for (row, weights) in keep.chunks_exact_mut(n + mem).enumerate() {
+                dropout.apply_at(weights, (row * (n + mem)) as u64);
+            }
+            let keep = Tensor::<3>::from_data(TensorData::new(keep, [heads, n, n + mem]), &device);
+            let reference = (activation::softmax(scores, 2) * keep).matmul(values);
+            let mut results = vec![];
+            for out in [fused, reference] {
+                let grads = (out.clone() * w.clone()).sum().backward();
+                let mut r = vec![to_vec(out)];
+                for t in [&q, &k, &v, &mk, &mv] {
+                    r.push(to_vec(t.grad(&grads).unwrap()));
+                }
+                results.push(r);
+            }
+            for (what, (a, b)) in [
+                "output",
+                "dq",
+                "dk",
+                "dv",
+                "d memory keys",
+                "d memory values",
+            ]
+            .iter()
+            .zip(results[0].iter().zip(&results[1]))
+            {
+                assert_all_close(a, b, 1e-5, &format!("causal={causal} p={p} {what}"));
+            }
+        }
+    }
+
     /// Large score ranges (a row whose maximum arrives in a late key block) stay exact: the
     /// online softmax rescales what it accumulated before.
     #[test]
