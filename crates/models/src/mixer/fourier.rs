@@ -32,6 +32,7 @@
 use burn::module::Module;
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
 
 use super::MixerContext;
 use crate::ModelError;
@@ -133,29 +134,52 @@ impl FourierMixer {
     /// - output: `[batch, seq, d_model]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [_, seq, d_model] = x.dims();
-        if self.uses_fft(seq, d_model, &x.device()) {
-            fft_mix(x)
-        } else {
-            dft_mix(x, self.causal)
+        match self.path(seq, d_model, &x.device()) {
+            FourierPath::Fft => fft_mix(x),
+            FourierPath::SeqFft => seq_fft_mix(x),
+            FourierPath::Dft => dft_mix(x, self.causal),
         }
     }
 
-    /// Whether the FFT path computes `[.., seq, d_model]` inputs on `device`.
+    /// How `[.., seq, d_model]` inputs are transformed on `device`.
     ///
-    /// `auto` takes it on flex at every length (the fused rustfft kernel plans any length, and
-    /// beat the DFT matrices in whole training steps at batch 16 already at seq 256: 4,271 vs
-    /// 3,688 tokens/s, and at 512: 4,617 vs 3,867, `bench train`) and on CubeCL devices (GPUs)
-    /// when both lengths are powers of two, which burn-signal's FFTs need.
-    pub fn uses_fft(&self, seq: usize, d_model: usize, device: &Device) -> bool {
-        let pow2 = seq.is_power_of_two() && d_model.is_power_of_two();
-        let available = match fft_backend(device) {
-            Some(FftBackend::Cube) => pow2,
-            Some(FftBackend::Flex) => true,
-            None => false,
-        };
+    /// `auto` takes the FFTs on flex at every length (the fused rustfft kernel plans any
+    /// length, and beat the DFT matrices in whole training steps at batch 16 already at seq
+    /// 256: 4,271 vs 3,688 tokens/s, and at 512: 4,617 vs 3,867, `bench train`). On CubeCL
+    /// devices (GPUs) burn-signal's FFTs need powers of two: both lengths → FFTs; only `seq`
+    /// (the `base` preset's d_model 768) → an FFT along the sequence and the DFT matrices along
+    /// the hidden width; otherwise the DFT matrices. The causal variant has no FFT form.
+    pub fn path(&self, seq: usize, d_model: usize, device: &Device) -> FourierPath {
         // `fft` where the backend has none (ndarray) falls back to the DFT matrices.
-        available && (self.force_fft || (self.allow_fft && !self.causal))
+        if self.causal || !(self.allow_fft || self.force_fft) {
+            return FourierPath::Dft;
+        }
+        match fft_backend(device) {
+            Some(FftBackend::Flex) => FourierPath::Fft,
+            Some(FftBackend::Cube) if seq.is_power_of_two() && d_model.is_power_of_two() => {
+                FourierPath::Fft
+            }
+            Some(FftBackend::Cube) if seq.is_power_of_two() => FourierPath::SeqFft,
+            _ => FourierPath::Dft,
+        }
     }
+
+    /// Whether `[.., seq, d_model]` inputs on `device` take an FFT (along both axes or along
+    /// the sequence only), see [`FourierMixer::path`].
+    pub fn uses_fft(&self, seq: usize, d_model: usize, device: &Device) -> bool {
+        self.path(seq, d_model, device) != FourierPath::Dft
+    }
+}
+
+/// The computation [`FourierMixer::forward`] picks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FourierPath {
+    /// FFTs along both axes ([`fft_mix`]).
+    Fft,
+    /// An FFT along the sequence, DFT matrices along the hidden width ([`seq_fft_mix`]).
+    SeqFft,
+    /// DFT matrices along both axes ([`dft_mix`]).
+    Dft,
 }
 
 enum FftBackend {
@@ -228,6 +252,25 @@ pub fn fft_mix_composed(x: Tensor<3>) -> Tensor<3> {
     Tensor::cat(vec![half, upper], 2)
 }
 
+/// `Re(F_s X F_h)` with the hidden transform as DFT matrices and the sequence transform as
+/// one complex FFT: `X F_h = X C_h − i X S_h`, then `Re(F_s (X F_h))`. For backends whose FFT
+/// needs powers of two when only `seq` is one; composed from differentiable ops (the DFT
+/// matrices cached, [`cached_dft_matrices`]).
+///
+/// # Shapes
+/// - `x`: `[batch, seq, d_model]`, `seq` a power of two
+/// - output: `[batch, seq, d_model]`
+pub fn seq_fft_mix(x: Tensor<3>) -> Tensor<3> {
+    let [_, _, d_model] = x.dims();
+    let dtype = x.dtype();
+    let x = x.cast(FloatDType::F32);
+    let (c_h, s_h) = cached_dft_matrices(d_model, false, &x.device());
+    let re = crate::linear::matmul_rows(x.clone(), c_h); // Re(X F_h)
+    let im = crate::linear::matmul_rows(x, s_h).neg(); // Im(X F_h)
+    let (y, _) = burn::signal::cfft(re, im, 1, None);
+    y.cast(dtype)
+}
+
 /// `[n, n]` cosine and sine DFT matrices, `cos(2π jk / n)` and `sin(2π jk / n)`, optionally with
 /// the upper triangle (k > j) zeroed.
 pub fn dft_matrices(n: usize, lower_triangular: bool, device: &Device) -> (Tensor<2>, Tensor<2>) {
@@ -252,6 +295,38 @@ pub fn dft_matrices(n: usize, lower_triangular: bool, device: &Device) -> (Tenso
     )
 }
 
+/// [`dft_matrices`] built once per (length, causality, device) and kept: building them is
+/// `n²` sin/cos pairs in f64 on the CPU and an upload, which every forward paid before (≈ 1.6 M
+/// pairs per layer at d 768, seq 1024). The most recent [`DFT_CACHE_ENTRIES`] are kept (a run
+/// uses two or three: hidden width, training and evaluation lengths).
+pub fn cached_dft_matrices(
+    n: usize,
+    lower_triangular: bool,
+    device: &Device,
+) -> (Tensor<2>, Tensor<2>) {
+    type Entry = ((usize, bool, Device), (Tensor<2>, Tensor<2>));
+    static CACHE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+    let key = (n, lower_triangular, device.clone());
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(i) = cache.iter().position(|(k, _)| *k == key) {
+        let entry = cache.remove(i);
+        let matrices = entry.1.clone();
+        cache.push(entry); // most recently used last
+        return matrices;
+    }
+    let matrices = dft_matrices(n, lower_triangular, device);
+    if cache.len() == DFT_CACHE_ENTRIES {
+        cache.remove(0);
+    }
+    cache.push((key, matrices.clone()));
+    matrices
+}
+
+/// How many (length, causality, device) DFT matrix pairs [`cached_dft_matrices`] keeps.
+pub const DFT_CACHE_ENTRIES: usize = 8;
+
 /// `Re(F_s X F_h) = C_s X C_h − S_s X S_h` (with `M ∘` on the sequence matrices when causal).
 ///
 /// # Shapes
@@ -262,8 +337,8 @@ pub fn dft_mix(x: Tensor<3>, causal: bool) -> Tensor<3> {
     let device = x.device();
     let dtype = x.dtype();
     let x = x.cast(FloatDType::F32);
-    let (c_h, s_h) = dft_matrices(d_model, false, &device);
-    let (c_s, s_s) = dft_matrices(seq, causal, &device);
+    let (c_h, s_h) = cached_dft_matrices(d_model, false, &device);
+    let (c_s, s_s) = cached_dft_matrices(seq, causal, &device);
     let a = x.clone().matmul(c_h.unsqueeze::<3>()); // [batch, seq, d_model]
     let b = x.matmul(s_h.unsqueeze::<3>());
     (c_s.unsqueeze::<3>().matmul(a) - s_s.unsqueeze::<3>().matmul(b)).cast(dtype)
@@ -578,6 +653,55 @@ mod tests {
             relative_positions: false,
             layer: 0,
             fused_attention: true,
+        }
+    }
+
+    /// The sequence-FFT path (what GPUs take at d_model 768) against the DFT matrices, values
+    /// and input gradients, at a hidden width that is not a power of two.
+    #[test]
+    fn sequence_fft_path_equals_dft_path_values_and_gradients() {
+        let device = Device::flex().autodiff();
+        device.seed(8);
+        let x = Tensor::<3>::random([2, 16, 12], Distribution::Normal(0.0, 1.0), &device)
+            .require_grad();
+        let w = Tensor::<3>::random([2, 16, 12], Distribution::Normal(0.0, 1.0), &device);
+        let run = |f: &dyn Fn(Tensor<3>) -> Tensor<3>| {
+            let y = f(x.clone());
+            let grads = (y.clone() * w.clone()).sum().backward();
+            (to_vec(y), to_vec(x.grad(&grads).unwrap()))
+        };
+        let (y, dx) = run(&seq_fft_mix);
+        let (want_y, want_dx) = run(&|x| dft_mix(x, false));
+        for (what, got, want) in [("y", y, want_y), ("dx", dx, want_dx)] {
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{what}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// The cache gives what `dft_matrices` builds, per (length, causality, device), including
+    /// after evicting older entries.
+    #[test]
+    fn cached_dft_matrices_equal_fresh_ones() {
+        let flex = Device::flex();
+        let autodiff = flex.clone().autodiff();
+        for round in 0..2 {
+            for n in 1..=DFT_CACHE_ENTRIES / 2 + 1 {
+                for (causal, device) in [(false, &flex), (true, &autodiff)] {
+                    let (c, s) = cached_dft_matrices(n, causal, device);
+                    let (want_c, want_s) = dft_matrices(n, causal, device);
+                    assert_eq!(
+                        to_vec(c),
+                        to_vec(want_c),
+                        "round {round} n={n} causal={causal}"
+                    );
+                    assert_eq!(
+                        to_vec(s),
+                        to_vec(want_s),
+                        "round {round} n={n} causal={causal}"
+                    );
+                }
+            }
         }
     }
 

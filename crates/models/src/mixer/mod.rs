@@ -17,7 +17,8 @@ mod sparse;
 pub use attention_op::{AttentionOps, KeyLayout};
 pub use dense::{DenseAttention, DenseAttentionConfig};
 pub use fourier::{
-    FourierImpl, FourierMixer, FourierMixerConfig, dft_matrices, dft_mix, fft_mix, fft_mix_composed,
+    FourierImpl, FourierMixer, FourierMixerConfig, FourierPath, cached_dft_matrices, dft_matrices,
+    dft_mix, fft_mix, fft_mix_composed, seq_fft_mix,
 };
 pub use fourier_op::FourierOps;
 pub use persistent::{PersistentAttention, PersistentAttentionConfig, relative_scores, span_mask};
