@@ -7,6 +7,8 @@
 #
 #   scripts/gpu-check.sh                      # on a GPU machine, binaries in target/release
 #   SMOKE=1 scripts/gpu-check.sh              # tiny sizes: runs end to end on lavapipe (CPU)
+#   scripts/gpu-check.sh --dry-run            # every row's model validated and built at full
+#                                             # size, nothing trained (CI runs it; see below)
 #
 # The device machine has no Rust toolchain: `scripts/gpu-bundle.sh` builds `bench` here and
 # packs it (stripped, gzipped) into .gpu/, which a device run carries (docs/BENCHMARKS.md).
@@ -39,19 +41,41 @@ if [ "${SMOKE:-0}" = 1 ]; then
   TORCH_SIZE=(--vocab 256 --d-model 32 --layers 1 --heads 2 --d-ff 64 --seq 64 --batch 2)
 fi
 
+# name | mixlab --set values (';'-separated) | torch arguments
+MODELS=(
+  "dense|model.mixer={kind=\"dense\",n_heads=$HEADS}|--mixer dense"
+  "fnet|model.mixer={kind=\"fourier\",implementation=\"auto\"};train.objective=\"masked\"|--mixer fourier --causal 0"
+  "sparse-strided|model.mixer={kind=\"sparse\",n_heads=$HEADS,block=$BLOCK,pattern=[{kind=\"strided\",stride=4}]}|--mixer sparse-strided --block $BLOCK --stride 4"
+  "allattn|model.mixer={kind=\"persistent\",n_heads=$HEADS};model.d_ff=0|--mixer persistent"
+)
+
+# --dry-run: one line per row, the model built at full size (`bench train --dry-run`: config
+# validation and construction, nothing trained); exit 1 if any row cannot be built. The e2e
+# tests run this, so a row that the GPU check would fail on fails CI first.
+if [ "${1:-}" = --dry-run ]; then
+  for entry in "${MODELS[@]}"; do
+    IFS='|' read -r name sets _ <<<"$entry"
+    args=()
+    IFS=';' read -ra parts <<<"$sets"
+    for s in "${parts[@]}"; do args+=(--set "$s"); done
+    if line=$("$BIN/bench" train --dry-run --config configs/bench-base.toml --backend "$BACKEND" \
+      "${SIZE[@]}" "${args[@]}"); then
+      params=$(sed -n 's/.*"params":\([0-9]*\).*/\1/p' <<<"$line")
+      echo "dry-run $name: ok ($params parameters on $BACKEND)"
+    else
+      echo "dry-run $name: FAILED (the error is above)"
+      status=1
+    fi
+  done
+  exit "$status"
+fi
+
 echo "== parity: flex vs $BACKEND" >&2
 if ! "$BIN/bench" parity --backend "$BACKEND" | tee -a "$JSONL"; then
   echo "gpu-check: PARITY FAILED" >&2
   status=1
 fi
 
-# name | mixlab --set values (';'-separated) | torch arguments
-MODELS=(
-  "dense|model.mixer={kind=\"dense\",n_heads=$HEADS}|--mixer dense"
-  "fnet|model.mixer={kind=\"fourier\",implementation=\"fft\"};train.objective=\"masked\"|--mixer fourier --causal 0"
-  "sparse-strided|model.mixer={kind=\"sparse\",n_heads=$HEADS,block=$BLOCK,pattern=[{kind=\"strided\",stride=4}]}|--mixer sparse-strided --block $BLOCK --stride 4"
-  "allattn|model.mixer={kind=\"persistent\",n_heads=$HEADS};model.d_ff=0|--mixer persistent"
-)
 have_cuda_torch=0
 if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   have_cuda_torch=1

@@ -10,28 +10,66 @@ use mixlab_models::loss::cross_entropy_sum;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
+use crate::Config;
 use crate::device::{self, BackendChoice};
-use crate::optim::{adamw, clip_global_norm, learning_rate};
+use crate::optim::{adamw, clip_global_norm, learning_rate, read_scalars};
 use crate::parallel::{Extras, accumulate_micro_batch, fork_replicas};
 use crate::source::Source;
 use crate::trainer::{TrainOptions, resolve_config};
 
+/// The config `bench train` measures: `opts` resolved, the vocabulary from the corpus when
+/// the config names one, else `model.vocab_size` or 256 (random tokens); and the corpus.
+fn bench_config(opts: &TrainOptions) -> Result<(Config, Option<Source>)> {
+    let mut config = resolve_config(opts)?;
+    let source = Source::build(
+        &config.data,
+        config.model.seq_len,
+        config.train.batch_size,
+        config.train.seed,
+    )
+    .ok();
+    let vocab = match (&source, config.model.vocab_size) {
+        (_, Some(v)) => v,
+        (Some(s), None) => s.model_vocab(config.train.objective),
+        (None, None) => 256,
+    };
+    config.model.vocab_size = Some(vocab);
+    Ok((config, source))
+}
+
+/// `bench train --dry-run`: validate the config and build its model on the selected device at
+/// full size, nothing trained. One JSON line (`kind: "dry-run"`, `params`, `mixer`, `backend`).
+/// What `scripts/gpu-check.sh --dry-run` runs for every row, so that a check waiting for a GPU
+/// cannot rot.
+pub fn build_only(opts: &TrainOptions) -> Result<Value> {
+    let (config, _) = bench_config(opts)?;
+    let selected = device::select_for(&config.train)?;
+    let device = selected[0].device.clone().autodiff();
+    let model = config.model.init(&device).context("invalid [model]")?;
+    Ok(json!({
+        "kind": "dry-run",
+        "config": opts.config.as_ref().map(|p| p.display().to_string()),
+        "backend": selected[0].backend,
+        "mixer": config.model.kind(),
+        "params": model.num_params(),
+        "seq_len": config.model.seq_len,
+        "batch_size": config.train.batch_size,
+    }))
+}
+
 /// Time `steps` training steps (forward, backward, global clipping, AdamW) after `warmup`
 /// untimed ones, on corpus batches when `[data]` can be loaded, else on uniform random tokens.
 pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Value> {
-    let mut config = resolve_config(opts)?;
+    let (config, source) = bench_config(opts)?;
     let seq = config.model.seq_len;
     let batch_size = config.train.batch_size;
-    let source = Source::build(&config.data, seq, batch_size, config.train.seed).ok();
     let objective = config.train.objective;
-    let vocab = match (&source, config.model.vocab_size) {
-        (_, Some(v)) => v,
-        (Some(s), None) => s.model_vocab(objective),
-        (None, None) => 256,
-    };
+    let vocab = config
+        .model
+        .vocab_size
+        .expect("bench_config sets the vocabulary");
     // Random tokens leave room for [MASK] at the top of the vocabulary.
     let data_vocab = vocab - usize::from(objective == crate::config::Objective::Masked);
-    config.model.vocab_size = Some(vocab);
     let all = device::select_for(&config.train)?;
     let selected = all[0].clone();
     let replicas: Vec<_> = all.iter().map(|s| s.device.clone().autodiff()).collect();
@@ -72,7 +110,7 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
         };
         let started = Instant::now();
         let mut accumulator = GradientsAccumulator::new();
-        accumulate_micro_batch(
+        let loss = accumulate_micro_batch(
             &fork_replicas(&model, &replicas),
             &batch,
             &replicas,
@@ -80,7 +118,9 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
             Extras::default(),
             &mut accumulator,
         )?;
-        let (grads, _) = clip_global_norm(&model, accumulator.grads(), config.optim.grad_clip);
+        let (grads, norm) = clip_global_norm(&model, accumulator.grads(), config.optim.grad_clip);
+        // The trainer's one read per step (loss and norm together), timed as it runs.
+        read_scalars(std::iter::once(loss).chain(norm).collect());
         let lr = learning_rate(&config.optim, i, warmup + steps);
         model = optim.step(lr, model, grads);
         for s in &all {

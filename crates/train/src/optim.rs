@@ -63,8 +63,9 @@ pub fn no_decay_params<M: Module>(model: &M) -> Vec<ParamId> {
     c.ids
 }
 
-/// Global L2 norm of all gradients of `model`'s parameters.
-pub fn global_grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
+/// Global L2 norm of all gradients of `model`'s parameters, as a `[1]` f32 tensor on the
+/// gradients' device (nothing is read back); `None` without gradients.
+pub fn global_grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> Option<Tensor<1>> {
     struct SumSquares<'a> {
         grads: &'a GradientsParams,
         total: Option<Tensor<1>>,
@@ -83,20 +84,24 @@ pub fn global_grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
     }
     let mut v = SumSquares { grads, total: None };
     model.visit(&mut v);
-    v.total
-        .map_or(0.0, |t| f64::from(t.into_scalar::<f32>()).sqrt())
+    v.total.map(Tensor::sqrt)
 }
 
-/// Multiply every gradient by `factor`.
-pub fn scale_grads<M: Module>(model: &M, grads: GradientsParams, factor: f64) -> GradientsParams {
-    struct Scale {
+/// Multiply every gradient by the `[1]` tensor `factor` (on the gradients' device).
+pub fn scale_grads<M: Module>(
+    model: &M,
+    grads: GradientsParams,
+    factor: &Tensor<1>,
+) -> GradientsParams {
+    struct Scale<'a> {
         grads: GradientsParams,
-        factor: f64,
+        factor: &'a Tensor<1>,
     }
-    impl ModuleVisitor for Scale {
+    impl ModuleVisitor for Scale<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.remove::<D>(param.id) {
-                self.grads.register(param.id, g.mul_scalar(self.factor));
+                let factor = self.factor.clone().cast(g.dtype()).reshape([1; D]);
+                self.grads.register(param.id, g * factor);
             }
         }
     }
@@ -105,19 +110,51 @@ pub fn scale_grads<M: Module>(model: &M, grads: GradientsParams, factor: f64) ->
     v.grads
 }
 
-/// Clip the global gradient norm to `max_norm` (0 = off). Returns the clipped gradients and the
-/// norm before clipping.
+/// Clip the global gradient norm to `max_norm` (0 = off) without waiting for the device: the
+/// factor `max_norm / (norm + 1e-6)` where `norm > max_norm`, else exactly 1 (gradients keep
+/// their bits), is computed on the device and applied there. Returns the clipped gradients
+/// and the norm before clipping as a `[1]` tensor, for the step's one read
+/// ([`read_scalars`]); `None` without gradients.
 pub fn clip_global_norm<M: Module>(
     model: &M,
     grads: GradientsParams,
     max_norm: f64,
-) -> (GradientsParams, f64) {
-    let norm = global_grad_norm(model, &grads);
-    if max_norm > 0.0 && norm > max_norm {
-        (scale_grads(model, grads, max_norm / (norm + 1e-6)), norm)
-    } else {
-        (grads, norm)
+) -> (GradientsParams, Option<Tensor<1>>) {
+    let Some(norm) = global_grad_norm(model, &grads) else {
+        return (grads, None);
+    };
+    if max_norm <= 0.0 {
+        return (grads, Some(norm));
     }
+    let over = norm.clone().greater_elem(max_norm);
+    let factor = norm.ones_like().mask_where(
+        over,
+        norm.clone().add_scalar(1e-6).recip().mul_scalar(max_norm),
+    );
+    (scale_grads(model, grads, &factor), Some(norm))
+}
+
+/// Values of several `[1]` tensors on one device in one device-to-host read (the step's loss
+/// and gradient norm together, after everything they depend on is queued).
+pub fn read_scalars(values: Vec<Tensor<1>>) -> Vec<f64> {
+    if values.is_empty() {
+        return vec![];
+    }
+    let values = Tensor::cat(
+        values
+            .into_iter()
+            .map(|v| v.cast(burn::tensor::FloatDType::F32))
+            .collect(),
+        0,
+    );
+    values
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 values")
+        .into_iter()
+        .map(f64::from)
+        .collect()
 }
 
 /// Learning rate at optimiser step `step` (0-based) of `total`: linear warmup from 0 to `lr`
@@ -135,6 +172,71 @@ pub fn learning_rate(config: &OptimConfig, step: usize, total: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Global-norm clipping on the device against an f64 reference: the norm of all gradients,
+    /// every gradient scaled by `max_norm / (norm + 1e-6)` when the norm is over, and the very
+    /// same bits when it is not; the loss and norm come back in one read.
+    #[test]
+    fn clipping_scales_by_the_global_norm_on_the_device() {
+        use burn::nn::LinearConfig;
+        use burn::tensor::{Distribution, Tensor};
+
+        let device = burn::tensor::Device::flex().autodiff();
+        device.seed(3);
+        let layer = LinearConfig::new(3, 2).init(&device);
+        let x = Tensor::<2>::random([4, 3], Distribution::Normal(0.0, 1.0), &device);
+        let grads = || {
+            let loss = layer.forward(x.clone()).powi_scalar(2).sum();
+            GradientsParams::from_grads(loss.backward(), &layer)
+        };
+        let flat = |g: &GradientsParams| {
+            let mut v = g
+                .get::<2>(layer.weight.id)
+                .unwrap()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            let bias = layer.bias.as_ref().unwrap();
+            v.extend(
+                g.get::<1>(bias.id)
+                    .unwrap()
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap(),
+            );
+            v
+        };
+        let raw = flat(&grads());
+        let want = raw
+            .iter()
+            .map(|g| f64::from(*g).powi(2))
+            .sum::<f64>()
+            .sqrt();
+
+        let (clipped, norm) = clip_global_norm(&layer, grads(), want / 2.0);
+        let norm = read_scalars(vec![norm.unwrap()])[0];
+        assert!((norm - want).abs() < 1e-5 * want, "norm {norm} vs {want}");
+        let factor = (want / 2.0) / (want + 1e-6);
+        for (got, g) in flat(&clipped).iter().zip(&raw) {
+            let expected = f64::from(*g) * factor;
+            assert!((f64::from(*got) - expected).abs() < 1e-5 * (1.0 + expected.abs()));
+        }
+
+        let (kept, _) = clip_global_norm(&layer, grads(), want * 2.0);
+        assert_eq!(
+            flat(&kept),
+            raw,
+            "under the limit the gradients keep their bits"
+        );
+        let (off, _) = clip_global_norm(&layer, grads(), 0.0);
+        assert_eq!(flat(&off), raw, "max_norm 0 turns clipping off");
+
+        let both = read_scalars(vec![
+            Tensor::<1>::from_floats([1.5], &device),
+            Tensor::<1>::from_floats([-2.0], &device),
+        ]);
+        assert_eq!(both, vec![1.5, -2.0]);
+    }
 
     #[test]
     fn schedule_warms_up_then_decays_to_min() {

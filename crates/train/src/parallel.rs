@@ -18,7 +18,7 @@
 use anyhow::{Result, anyhow};
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use mixlab_data::Batch;
 use mixlab_models::{Lm, loss::cross_entropy_sum};
 
@@ -46,7 +46,8 @@ pub fn fork_replicas(model: &Lm, devices: &[Device]) -> Vec<Lm> {
 /// Forward and backward of `batch` split across `devices`, each shard on its replica
 /// ([`fork_replicas`]), gradients summed into `accumulator` on the main device. Every shard's
 /// loss is divided by `weight` (the loss weight of the whole optimiser step). Returns the
-/// shards' summed loss (without the penalty).
+/// shards' summed loss (without the penalty) as a `[1]` tensor on the main device, not read
+/// back: the step reads it once, with the gradient norm ([`crate::optim::read_scalars`]).
 pub fn accumulate_micro_batch(
     replicas: &[Lm],
     batch: &Batch,
@@ -54,7 +55,7 @@ pub fn accumulate_micro_batch(
     weight: f64,
     extras: Extras,
     accumulator: &mut GradientsAccumulator<Lm>,
-) -> Result<f64> {
+) -> Result<Tensor<1>> {
     let model = &replicas[0];
     let shards = batch.split(devices.len());
     if shards.len() == 1 {
@@ -62,7 +63,7 @@ pub fn accumulate_micro_batch(
         accumulator.accumulate(model, grads);
         return Ok(loss);
     }
-    let results: Vec<Result<(GradientsParams, f64)>> = std::thread::scope(|scope| {
+    let results: Vec<Result<(GradientsParams, Tensor<1>)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = shards
             .into_iter()
             .zip(replicas.iter().cloned().zip(devices.iter().cloned()))
@@ -87,13 +88,19 @@ pub fn accumulate_micro_batch(
             })
             .collect()
     });
-    let mut loss = 0.0;
+    let mut loss: Option<Tensor<1>> = None;
     for result in results {
         let (grads, shard_loss) = result?;
         accumulator.accumulate(model, grads.to_device(&devices[0], model));
-        loss += shard_loss;
+        loss = Some(match loss {
+            Some(sum) => {
+                let device = sum.device();
+                sum + shard_loss.to_device(&device)
+            }
+            None => shard_loss,
+        });
     }
-    Ok(loss)
+    Ok(loss.expect("at least one shard"))
 }
 
 /// One device's forward and backward.
@@ -103,13 +110,13 @@ fn shard_step(
     device: &Device,
     weight: f64,
     extras: Extras,
-) -> Result<(GradientsParams, f64)> {
+) -> Result<(GradientsParams, Tensor<1>)> {
     let (inputs, targets, weights) = to_tensors(shard, device);
     let mut loss = cross_entropy_sum(model.forward(inputs), targets, weights).div_scalar(weight);
     if extras.poison {
         loss = loss.mul_scalar(f64::NAN);
     }
-    let value = f64::from(loss.clone().into_scalar::<f32>());
+    let value = loss.clone().inner(); // the loss without the autodiff graph; not read here
     if let Some(divisor) = extras.penalty_divisor
         && let Some(penalty) = model.regularization()
     {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::GradientsAccumulator;
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use mixlab_models::{Lm, loss::cross_entropy_sum};
 use serde_json::json;
@@ -18,7 +18,7 @@ use crate::checkpoint::{self, Manifest, SchedulerState};
 use crate::config::{Config, NonFinite};
 use crate::device;
 use crate::metrics::MetricsLog;
-use crate::optim::{adamw, clip_global_norm, learning_rate};
+use crate::optim::{adamw, clip_global_norm, learning_rate, read_scalars};
 use crate::parallel::{Extras, accumulate_micro_batch, fork_replicas};
 use crate::source::{Source, to_tensors};
 
@@ -249,7 +249,7 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
             })
             .collect();
         let weight: f64 = batches.iter().map(|b| b.weight_sum()).sum();
-        let mut loss_sum = 0.0;
+        let mut loss_sum: Option<Tensor<1>> = None;
         let models = fork_replicas(&model, &replicas);
         let mut accumulator = GradientsAccumulator::<Lm>::new();
         for batch in &batches {
@@ -258,7 +258,7 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                 penalty_divisor: Some(t.grad_accum as f64),
                 poison: poison_step == Some(step),
             };
-            loss_sum += accumulate_micro_batch(
+            let loss = accumulate_micro_batch(
                 &models,
                 batch,
                 &replicas,
@@ -266,9 +266,19 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                 extras,
                 &mut accumulator,
             )?;
+            loss_sum = Some(match loss_sum {
+                Some(sum) => sum + loss,
+                None => loss,
+            });
         }
         let (grads, grad_norm) =
             clip_global_norm(&model, accumulator.grads(), config.optim.grad_clip);
+        // The step's one device-to-host read: loss and gradient norm together, after the
+        // backward and the clipping are queued.
+        let mut read = vec![loss_sum.expect("grad_accum >= 1")];
+        read.extend(grad_norm);
+        let values = read_scalars(read);
+        let (loss_sum, grad_norm) = (values[0], values.get(1).copied().unwrap_or(0.0));
         step += 1;
         train_loss = Some(loss_sum);
         if loss_sum.is_finite() && grad_norm.is_finite() {

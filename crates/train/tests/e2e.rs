@@ -548,6 +548,43 @@ fn bench_prints_a_json_line_per_backend() {
     }
 }
 
+/// `scripts/gpu-check.sh --dry-run` builds every row of the GPU check at the `base` size
+/// (config validation and model construction through `bench train --dry-run`, on flex here):
+/// a row the GPU check would fail on, such as `implementation = "fft"` at d_model 768, fails
+/// here first. Each row prints its parameter count (GPT-2 small's shape: tens of millions).
+#[test]
+fn gpu_check_rows_all_build_at_full_size() {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_bench"));
+    let dir = scratch("gpu-check-dry-run");
+    let out = run(Command::new("bash")
+        .arg(crate_dir().join("../../scripts/gpu-check.sh"))
+        .arg("--dry-run")
+        .env("MIXLAB_BIN", bench.parent().unwrap())
+        .env("BACKEND", "flex")
+        .env("OUT_DIR", &dir));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("dry-run "))
+        .collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    for row in rows {
+        let params: usize = row
+            .split(" (")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no parameter count in {row:?}"));
+        assert!(row.contains(": ok ("), "{row}");
+        assert!(params > 50_000_000, "{row}: the base size, not a toy");
+    }
+}
+
 /// flex and wgpu compute the same models (dense, Fourier by FFT and by causal DFT,
 /// block-sparse, persistent memory): logits within 1e-4 relative, the same loss before and after one AdamW
 /// step (`bench parity`, what `scripts/gpu-check.sh` runs on a GPU). Skips (with the reason)

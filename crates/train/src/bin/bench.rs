@@ -40,6 +40,10 @@ enum Command {
         /// Untimed warm-up steps.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Validate the config and build its model at full size on the device, train nothing
+        /// (one `"kind": "dry-run"` line); what `scripts/gpu-check.sh --dry-run` runs.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Backend parity: each mixer family's tiny model with the same weights on flex and on
     /// BACKEND (logits, loss before and after one AdamW step); exit 1 when any disagrees.
@@ -115,7 +119,7 @@ fn main() -> ExitCode {
     {
         eprintln!("{warning}");
     }
-    let (config, backend, devices, set, steps, warmup) = match Cli::parse().command {
+    let (config, backend, devices, set, steps, warmup, dry_run) = match Cli::parse().command {
         Command::Train {
             config,
             backend,
@@ -123,7 +127,8 @@ fn main() -> ExitCode {
             set,
             steps,
             warmup,
-        } => (config, backend, devices, set, steps, warmup),
+            dry_run,
+        } => (config, backend, devices, set, steps, warmup, dry_run),
         Command::Mixing {
             backend,
             d_model,
@@ -178,6 +183,9 @@ fn main() -> ExitCode {
         devices,
         overrides: set,
     };
+    if dry_run {
+        return print_json(mixlab_train::bench::build_only(&opts).map(|l| vec![l]));
+    }
     print_json(mixlab_train::bench::train_step(&opts, steps.max(1), warmup).map(|l| vec![l]))
 }
 
