@@ -335,15 +335,30 @@ pub fn scaling_point(
         .map_err(|e| anyhow::anyhow!("{}: {e}", mixer_name(mixer)))?;
     let layer = mixer.init(&ctx, &ad);
     let mut times = vec![];
+    // Burn's pools report bytes in use now, not a peak: sample after the forward (every saved
+    // activation and the output alive) and after the backward (the gradients alive), synced.
+    let mut peak_device_mb: Option<f64> = None;
+    let mut sample = |device: &burn::tensor::Device| {
+        if let Some((in_use, _)) = device_memory_mb(device) {
+            peak_device_mb = Some(peak_device_mb.map_or(in_use, |p: f64| p.max(in_use)));
+        }
+    };
     for r in 0..=repeats {
         let x = Tensor::<3>::random([1, n, d_model], Distribution::Normal(0.0, 1.0), &ad)
             .require_grad();
         let started = Instant::now();
         let y = layer.forward(x.clone(), None);
+        let timed = r > 0;
+        if !timed {
+            ad.sync().ok();
+            sample(&selected.device);
+        }
         let grads = y.sum().backward();
         let _ = x.grad(&grads).map(|g| g.sum().into_scalar::<f32>());
-        if r > 0 {
+        if timed {
             times.push(started.elapsed().as_secs_f64());
+        } else {
+            sample(&selected.device);
         }
     }
     times.sort_by(f64::total_cmp);
@@ -355,6 +370,7 @@ pub fn scaling_point(
         "d_model": d_model,
         "fwd_bwd_s": times[times.len() / 2],
         "peak_rss_mb": peak_rss_mb(),
+        "peak_device_memory_mb": peak_device_mb,
     }))
 }
 

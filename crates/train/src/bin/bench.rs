@@ -72,9 +72,10 @@ enum Command {
         repeats: usize,
     },
     /// One mixer layer (batch 1, forward + backward) over growing lengths: dense attention as
-    /// the baseline and the sparse mixer of each config, each point in a fresh process.
+    /// the baseline and the sparse or persistent mixer of each config, each point in a fresh
+    /// process; on GPU backends with the peak device memory of each point.
     Scaling {
-        /// Configs whose (first) sparse mixer to measure; repeat for several.
+        /// Configs whose first sparse or persistent mixer to measure; repeat for several.
         #[arg(long)]
         config: Vec<PathBuf>,
         /// Sequence lengths.
@@ -263,16 +264,20 @@ fn scaling(
     for path in configs {
         let config = mixlab_train::Config::load(path, &[])?;
         let layers = config.model.layer_mixers()?;
-        let sparse = layers
+        let measured = layers
             .iter()
-            .find(|m| matches!(m, MixerConfig::Sparse(_)))
+            .find(|m| matches!(m, MixerConfig::Sparse(_) | MixerConfig::Persistent(_)))
             .ok_or_else(|| {
-                anyhow::anyhow!("{}: no layer uses kind = \"sparse\"", path.display())
+                anyhow::anyhow!(
+                    "{}: no layer uses kind = \"sparse\" or \"persistent\"",
+                    path.display()
+                )
             })?;
-        mixers.push(sparse.clone());
+        mixers.push(measured.clone());
     }
     let (n_heads, causal) = match mixers.first() {
         Some(MixerConfig::Sparse(c)) => (c.n_heads, c.causal),
+        Some(MixerConfig::Persistent(c)) => (c.n_heads, c.causal),
         _ => (4, true),
     };
     mixers.insert(
@@ -325,10 +330,15 @@ fn scaling(
             };
             if let Some(prev) = &previous {
                 let ratio = |key: &str| Some(line[key].as_f64()? / prev[key].as_f64()?);
-                let (time, rss) = (ratio("fwd_bwd_s"), ratio("peak_rss_mb"));
+                let (time, rss, device_memory) = (
+                    ratio("fwd_bwd_s"),
+                    ratio("peak_rss_mb"),
+                    ratio("peak_device_memory_mb"),
+                );
                 line["n_ratio"] = json!(n as f64 / prev["n"].as_f64().unwrap_or(f64::NAN));
                 line["time_ratio"] = json!(time);
                 line["rss_ratio"] = json!(rss);
+                line["device_memory_ratio"] = json!(device_memory);
             }
             println!("{line}");
             results.push((
