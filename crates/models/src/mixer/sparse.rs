@@ -22,6 +22,7 @@ use burn::module::Module;
 use burn::nn::Dropout;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData, activation};
 use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
 
 use super::attention_op::KeyLayout;
 use super::{DenseAttention, DenseAttentionConfig, MixerContext};
@@ -226,12 +227,7 @@ pub fn block_sparse_attention(
     let flat = |t: Tensor<4>| pad(t).reshape([batch, heads * n_blocks, b * d_head]);
     let (keys, values) = (flat(k), flat(v));
     let queries = pad(q).reshape([batch, heads, n_blocks, b, d_head]);
-    let core = Core {
-        layout,
-        n,
-        n_blocks,
-        dropout,
-    };
+    let core = Core { layout, n, dropout };
     let buckets = layout.buckets();
     let y = if buckets.len() == 1 {
         core.attend(queries, &keys, &values, &buckets[0].0, buckets[0].1)
@@ -270,7 +266,6 @@ pub fn block_sparse_attention(
 struct Core<'a> {
     layout: &'a LayerPattern,
     n: usize,
-    n_blocks: usize,
     dropout: Option<&'a Dropout>,
 }
 
@@ -290,10 +285,95 @@ impl Core<'_> {
         k_max: usize,
     ) -> Tensor<5> {
         let [batch, heads, m, b, d_head] = queries.dims();
-        let (n, n_blocks) = (self.n, self.n_blocks);
-        let device = queries.device();
-        let groups = self.layout.groups.len();
-        let causal = self.layout.groups[0].causal;
+        let slots = k_max * b;
+        let tables =
+            SlotTables::cached(self.layout, heads, self.n, blocks, k_max, &queries.device());
+        let gather = |t: &Tensor<3>| {
+            t.clone()
+                .select(1, tables.index.clone())
+                .reshape([batch, heads, m, slots, d_head])
+        };
+        let scale = 1.0 / (d_head as f64).sqrt();
+        let mut scores = queries
+            .matmul(gather(keys).swap_dims(3, 4))
+            .mul_scalar(scale); // [batch, heads, m, b, slots]
+        if let Some(masked) = &tables.masked {
+            let masked: Tensor<5, Bool> = masked
+                .clone()
+                .unsqueeze::<5>()
+                .expand([batch, heads, m, b, slots]);
+            scores = scores.mask_fill(masked, f32::NEG_INFINITY);
+        }
+        let mut weights = activation::softmax(scores, 4);
+        if let Some(dropout) = self.dropout {
+            weights = dropout.forward(weights);
+        }
+        weights.matmul(gather(values))
+    }
+}
+
+/// The index and mask tensors of one bucket of query blocks: built on the CPU and uploaded
+/// once per (pattern, heads, length, bucket, device), then reused by every forward
+/// ([`SlotTables::cached`]): no CPU work per step on GPUs.
+#[derive(Clone)]
+struct SlotTables {
+    /// Which key block fills each slot, flattened over heads: `[heads · m · k_max]`.
+    index: Tensor<1, Int>,
+    /// Slots a query must not see (causally later keys, padding): `[heads, m, block, slots]`,
+    /// `None` when nothing is masked.
+    masked: Option<Tensor<4, Bool>>,
+}
+
+/// How many bucket tables [`SlotTables::cached`] keeps (a model has a few patterns and
+/// buckets per length; training and evaluation lengths).
+const SLOT_TABLES_KEPT: usize = 64;
+
+impl SlotTables {
+    fn cached(
+        layout: &LayerPattern,
+        heads: usize,
+        n: usize,
+        blocks: &[usize],
+        k_max: usize,
+        device: &Device,
+    ) -> Self {
+        type Key = (LayerPattern, usize, usize, Vec<usize>, usize, Device);
+        static CACHE: Mutex<Vec<(Key, SlotTables)>> = Mutex::new(Vec::new());
+        let key = (
+            layout.clone(),
+            heads,
+            n,
+            blocks.to_vec(),
+            k_max,
+            device.clone(),
+        );
+        let mut cache = CACHE
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, tables)) = cache.iter().find(|(k, _)| *k == key) {
+            return tables.clone();
+        }
+        let tables = Self::build(layout, heads, n, blocks, k_max, device);
+        if cache.len() == SLOT_TABLES_KEPT {
+            cache.remove(0);
+        }
+        cache.push((key, tables.clone()));
+        tables
+    }
+
+    fn build(
+        layout: &LayerPattern,
+        heads: usize,
+        n: usize,
+        blocks: &[usize],
+        k_max: usize,
+        device: &Device,
+    ) -> Self {
+        let b = layout.block;
+        let n_blocks = n.div_ceil(b);
+        let m = blocks.len();
+        let groups = layout.groups.len();
+        let causal = layout.groups[0].causal;
         let slots = k_max * b;
         // Which block fills each slot (flattened over heads), and the key position of every
         // slot column; padding gets a position past every query so that masks drop it.
@@ -302,7 +382,7 @@ impl Core<'_> {
         let mut key_pos = Vec::with_capacity(heads * m * slots);
         let mut any_padding = false;
         for h in 0..heads {
-            let group = &self.layout.groups[h / (heads / groups)];
+            let group = &layout.groups[h / (heads / groups)];
             for &i in blocks {
                 let row = &group.rows[i];
                 for s in 0..k_max {
@@ -324,44 +404,26 @@ impl Core<'_> {
             }
         }
         let index =
-            Tensor::<1, Int>::from_data(TensorData::new(index, [heads * m * k_max]), &device);
-        let gather = |t: &Tensor<3>| {
-            t.clone()
-                .select(1, index.clone())
-                .reshape([batch, heads, m, slots, d_head])
-        };
-        let scale = 1.0 / (d_head as f64).sqrt();
-        let mut scores = queries
-            .matmul(gather(keys).swap_dims(3, 4))
-            .mul_scalar(scale); // [batch, heads, m, b, slots]
-        if causal || any_padding {
+            Tensor::<1, Int>::from_data(TensorData::new(index, [heads * m * k_max]), device);
+        let masked = (causal || any_padding).then(|| {
             let shape = [heads, m, b, slots];
-            let key_pos = Tensor::<4, Int>::from_data(
-                TensorData::new(key_pos, [heads, m, 1, slots]),
-                &device,
-            )
-            .expand(shape);
-            let masked = if causal {
+            let key_pos =
+                Tensor::<4, Int>::from_data(TensorData::new(key_pos, [heads, m, 1, slots]), device)
+                    .expand(shape);
+            if causal {
                 let query_pos: Vec<i64> = blocks
                     .iter()
                     .flat_map(|&i| (i * b..(i + 1) * b).map(|p| p as i64))
                     .collect();
                 let query_pos =
-                    Tensor::<4, Int>::from_data(TensorData::new(query_pos, [1, m, b, 1]), &device)
+                    Tensor::<4, Int>::from_data(TensorData::new(query_pos, [1, m, b, 1]), device)
                         .expand(shape);
                 key_pos.greater(query_pos)
             } else {
                 key_pos.greater_equal_elem(n as i64)
-            };
-            let masked: Tensor<5, Bool> =
-                masked.unsqueeze::<5>().expand([batch, heads, m, b, slots]);
-            scores = scores.mask_fill(masked, f32::NEG_INFINITY);
-        }
-        let mut weights = activation::softmax(scores, 4);
-        if let Some(dropout) = self.dropout {
-            weights = dropout.forward(weights);
-        }
-        weights.matmul(gather(values))
+            }
+        });
+        Self { index, masked }
     }
 }
 
@@ -471,6 +533,36 @@ mod tests {
             .zip(want)
             .fold(0f32, |m, (g, w)| m.max((g - w).abs()))
             / scale
+    }
+
+    /// The index and mask tables are cached per (pattern, heads, length, bucket, device):
+    /// repeated calls, alternating devices and lengths, keep matching the masked reference
+    /// (a table served to the wrong device or length would fail or differ).
+    #[test]
+    fn cached_slot_tables_serve_repeated_calls_on_every_device() {
+        let spec = builtin_patterns().remove(0);
+        for round in 0..2 {
+            for (name, device) in devices() {
+                for n in [23usize, 40] {
+                    let layout = spec.build(n.div_ceil(4), 4, true, 1);
+                    device.seed(round);
+                    let r = || {
+                        Tensor::<4>::random([1, 2, n, 8], Distribution::Normal(0.0, 1.0), &device)
+                    };
+                    let (q, k, v) = (r(), r(), r());
+                    let got = to_vec(block_sparse_attention(
+                        q.clone(),
+                        k.clone(),
+                        v.clone(),
+                        &layout,
+                        None,
+                    ));
+                    let want = to_vec(masked_dense_attention(q, k, v, &layout));
+                    let diff = max_rel_diff(&got, &want);
+                    assert!(diff < 1e-5, "{name} round {round} n={n}: {diff}");
+                }
+            }
+        }
     }
 
     #[test]
