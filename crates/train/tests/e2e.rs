@@ -548,6 +548,68 @@ fn bench_prints_a_json_line_per_backend() {
     }
 }
 
+/// Every binary's `--help` opens with what that tool does (not the crate's description) and
+/// ends with an example that uses the tool's own name.
+#[test]
+fn every_tool_introduces_itself_with_an_example() {
+    let tools = [
+        (
+            "train",
+            env!("CARGO_BIN_EXE_train"),
+            "Train a Mixlab language model",
+        ),
+        (
+            "eval",
+            env!("CARGO_BIN_EXE_eval"),
+            "Evaluate a trained Mixlab model",
+        ),
+        (
+            "export",
+            env!("CARGO_BIN_EXE_export"),
+            "Export a trained Mixlab model",
+        ),
+        (
+            "fetch",
+            env!("CARGO_BIN_EXE_fetch"),
+            "Download Mixlab's named corpora",
+        ),
+        (
+            "pattern",
+            env!("CARGO_BIN_EXE_pattern"),
+            "Check and draw the sparse attention",
+        ),
+        (
+            "report",
+            env!("CARGO_BIN_EXE_report"),
+            "Compare Mixlab runs",
+        ),
+        (
+            "sample",
+            env!("CARGO_BIN_EXE_sample"),
+            "Generate text from a trained Mixlab model",
+        ),
+        ("bench", env!("CARGO_BIN_EXE_bench"), "Mixlab benchmarks"),
+    ];
+    for (name, exe, purpose) in tools {
+        let out = run(Command::new(exe).arg("--help"));
+        assert!(out.status.success(), "{name} --help failed");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.starts_with(purpose), "{name} --help starts: {help}");
+        assert!(
+            !help.contains("command-line tools (train, bench)"),
+            "{name}: crate description"
+        );
+        let example = help
+            .split("Example:")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{name}: no example"));
+        assert!(
+            example.contains(name),
+            "{name}: the example does not run {name}: {example}"
+        );
+    }
+}
+
 /// `scripts/gpu-check.sh --dry-run` builds every row of the GPU check at the `base` size
 /// (config validation and model construction through `bench train --dry-run`, on flex here):
 /// a row the GPU check would fail on, such as `implementation = "fft"` at d_model 768, fails

@@ -10,9 +10,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mixlab_train::{TrainOptions, print_json};
 
-/// Mixlab benchmarks.
+/// Mixlab benchmarks: training throughput, mixer scaling, backend parity, data loading.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    after_help = "Example:\n  bench train --config configs/bench-small.toml --backend flex --steps 10\n  bench scaling --config configs/sparse-window.toml --n 1024,2048,4096"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

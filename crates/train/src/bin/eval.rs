@@ -19,9 +19,12 @@ use mixlab_train::trainer::{evaluate, for_evaluation};
 use mixlab_train::{Config, print_json};
 use serde_json::json;
 
-/// Evaluate a trained Mixlab model.
+/// Evaluate a trained Mixlab model on a split of its corpus (loss, bpc or perplexity).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    after_help = "Example:\n  eval --run runs/quickstart --split test"
+)]
 struct Cli {
     /// The run directory.
     #[arg(long)]

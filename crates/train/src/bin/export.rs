@@ -11,9 +11,12 @@ use anyhow::Result;
 use clap::Parser;
 use mixlab_train::{Config, checkpoint, exit_with, export};
 
-/// Export a trained Mixlab model's weights as safetensors.
+/// Export a trained Mixlab model's weights as safetensors (GPT-2 names for dense models).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    after_help = "Example:\n  export --run runs/quickstart --out model.safetensors"
+)]
 struct Cli {
     /// The run directory.
     #[arg(long)]

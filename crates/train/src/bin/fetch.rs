@@ -16,9 +16,12 @@ use mixlab_data::{Corpus, corpus_dir, downloads};
 use mixlab_train::exit_with;
 use mixlab_train::source::{fetch_corpus, set_offline};
 
-/// Download Mixlab's named corpora.
+/// Download Mixlab's named corpora into datasets/ (checksummed, resumable).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    after_help = "Example:\n  fetch --list\n  fetch wikitext-2 ptb"
+)]
 struct Cli {
     /// Corpora to fetch: enwik8, text8, wikitext-2, wikitext-103, wikitext-2-raw,
     /// wikitext-103-raw, ptb, tinyshakespeare.

@@ -17,7 +17,10 @@ use mixlab_train::patterns::{sparse_layers, write_png};
 
 /// Check and draw the sparse attention patterns of a Mixlab config.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    after_help = "Example:\n  pattern --config configs/sparse-bigbird.toml --png runs/patterns"
+)]
 struct Cli {
     /// The TOML config.
     #[arg(long)]

@@ -14,9 +14,12 @@ use clap::Parser;
 use mixlab_train::exit_with;
 use mixlab_train::report::write_report;
 
-/// Compare Mixlab runs.
+/// Compare Mixlab runs: one table (markdown and CSV) and plots of their metrics.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    after_help = "Example:\n  report runs/dense runs/fnet --out runs/report"
+)]
 struct Cli {
     /// Run directories.
     runs: Vec<PathBuf>,

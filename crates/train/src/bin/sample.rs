@@ -12,7 +12,10 @@ use mixlab_train::sample::{SampleOptions, sample};
 
 /// Generate text from a trained Mixlab model.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    after_help = "Example:\n  sample --run runs/dense-shakespeare --prompt \"ROMEO:\" --tokens 200"
+)]
 struct Cli {
     /// The run directory (holds config.toml, tokenizer.json and checkpoints/).
     #[arg(long)]

@@ -14,9 +14,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::Parser;
 use mixlab_train::{TrainOptions, train};
 
-/// Train a Mixlab language model.
+/// Train a Mixlab language model from a TOML config (resume, checkpoints, metrics, plots).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    after_help = "Example:\n  cargo run --release --bin train -- --config configs/fnet.toml\n  train --config configs/quickstart.toml --backend flex --set train.steps=200\n  train --resume runs/quickstart"
+)]
 struct Cli {
     /// TOML config file (sections [model], [data], [optim], [train]).
     #[arg(long)]
