@@ -2,9 +2,12 @@
 //! the run reports them, else nats), learning rate and throughput against the step. Written at
 //! the end of every run, and on demand by `train --plot RUN_DIR`.
 
+use std::f64::consts::LN_2;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
+use plotters::coord::ranged1d::{Ranged, ValueFormatter};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde_json::Value;
 
@@ -30,8 +33,24 @@ pub const PALETTE: [RGBColor; 8] = [
     RGBColor(23, 190, 207),
 ];
 
+/// How a chart is labelled.
+pub struct Axes {
+    /// Title above the plot (the run and its mixer, or the report's name).
+    pub title: String,
+    /// x-axis description.
+    pub x_label: String,
+    /// y-axis description.
+    pub y_label: String,
+    /// x is a step count: only integer ticks are labelled, without a fraction.
+    pub integer_x: bool,
+    /// Tick label of a y value (e.g. nats with bpc beside them); `None`: the plain number.
+    pub y_ticks: Option<fn(f64) -> String>,
+}
+
 /// Read `metrics.jsonl` and write `loss.svg`, `lr.svg` and `throughput.svg` into `run_dir`.
-/// Returns the files written.
+/// The loss chart is in nats with bpc or perplexity beside each tick where the run reports
+/// them, on a log scale when the loss spans a decade or more (the copy task falls to ~0);
+/// every chart's title names the run and its mixer. Returns the files written.
 pub fn write_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
     let path = run_dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&path)
@@ -42,10 +61,9 @@ pub fn write_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     let metric = ["bpc", "ppl"]
         .into_iter()
-        .find(|m| lines.iter().any(|l| l.get(*m).is_some()))
-        .unwrap_or("loss");
+        .find(|m| lines.iter().any(|l| l.get(*m).is_some()));
     let series = |split: &str, key: &str, color: RGBColor| Series {
-        label: format!("{split} {key}"),
+        label: format!("{split} {}", if key == "loss" { "loss" } else { key }),
         points: lines
             .iter()
             .filter(|l| l["split"] == split)
@@ -54,21 +72,41 @@ pub fn write_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
             .collect(),
         color,
     };
+    let run = run_title(run_dir);
+    let loss_ticks: Option<fn(f64) -> String> = match metric {
+        Some("bpc") => Some(|nats| format!("{} ({} bpc)", number(nats), number(nats / LN_2))),
+        Some("ppl") => Some(|nats| format!("{} (ppl {})", number(nats), number(nats.exp()))),
+        _ => None,
+    };
+    let loss_label = match metric {
+        Some(m) => format!("loss, nats ({m} in brackets)"),
+        None => "loss, nats".to_string(),
+    };
     let charts = [
         (
             "loss.svg",
-            metric,
-            vec![series("train", metric, BLUE), series("valid", metric, RED)],
+            "loss",
+            loss_label,
+            loss_ticks,
+            vec![series("train", "loss", BLUE), series("valid", "loss", RED)],
         ),
-        ("lr.svg", "learning rate", vec![series("train", "lr", BLUE)]),
+        (
+            "lr.svg",
+            "learning rate",
+            "learning rate".to_string(),
+            None,
+            vec![series("train", "lr", BLUE)],
+        ),
         (
             "throughput.svg",
-            "tokens/s",
+            "throughput",
+            "tokens/s".to_string(),
+            None,
             vec![series("train", "tokens_per_s", BLUE)],
         ),
     ];
     let mut written = vec![];
-    for (file, y_label, series) in charts {
+    for (file, what, y_label, y_ticks, series) in charts {
         let series: Vec<Series> = series
             .into_iter()
             .filter(|s| !s.points.is_empty())
@@ -77,20 +115,56 @@ pub fn write_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
             continue;
         }
         let out = run_dir.join(file);
-        chart(&out, "step", y_label, &series)
-            .map_err(|e| anyhow!("cannot draw {}: {e}", out.display()))?;
+        let axes = Axes {
+            title: format!("{run}: {what}"),
+            x_label: "step".into(),
+            y_label,
+            integer_x: true,
+            y_ticks,
+        };
+        chart(&out, &axes, &series).map_err(|e| anyhow!("cannot draw {}: {e}", out.display()))?;
         written.push(out);
     }
     Ok(written)
 }
 
-/// Draw `series` as lines into the SVG file `out`.
-pub fn chart(
-    out: &Path,
-    x_label: &str,
-    y_label: &str,
-    series: &[Series],
-) -> Result<(), Box<dyn std::error::Error>> {
+/// A tick value: three decimals, or three significant digits in scientific notation below
+/// 0.01 (a log-scale loss axis reaches 1e-5).
+fn number(v: f64) -> String {
+    if v != 0.0 && v.abs() < 0.01 {
+        format!("{v:.2e}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// "`<run directory name>` (`<mixer>`)": the mixer kind from the run's `config.toml`
+/// (`hybrid` when layers choose their own), or the name alone without a readable config.
+fn run_title(run_dir: &Path) -> String {
+    let name = run_dir.file_name().map_or_else(
+        || run_dir.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let mixer = std::fs::read_to_string(run_dir.join("config.toml"))
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|config| {
+            let model = config.get("model")?.as_table()?;
+            if model.get("layers").is_some() {
+                return Some("hybrid".to_string());
+            }
+            let kind = model.get("mixer")?.as_table()?.get("kind")?.as_str()?;
+            Some(kind.to_string())
+        });
+    match mixer {
+        Some(mixer) => format!("{name} ({mixer})"),
+        None => name,
+    }
+}
+
+/// Draw `series` as lines into the SVG file `out`, labelled by `axes`. The y axis is
+/// logarithmic when every value is positive and they span a factor of ten or more.
+pub fn chart(out: &Path, axes: &Axes, series: &[Series]) -> Result<(), Box<dyn std::error::Error>> {
     let all = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in all {
@@ -99,25 +173,61 @@ pub fn chart(
     if x1 <= x0 {
         x1 = x0 + 1.0;
     }
-    let pad = ((y1 - y0) * 0.05).max(1e-9);
     let root = SVGBackend::new(out, (800, 480)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
+    let mut builder = ChartBuilder::on(&root);
+    builder
+        .caption(&axes.title, ("sans-serif", 20))
         .margin(16)
         .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .y_desc(y_label)
-        .draw()?;
+        .y_label_area_size(if axes.y_ticks.is_some() { 130 } else { 70 });
+    if y0 > 0.0 && y1 >= 10.0 * y0 {
+        let chart = builder.build_cartesian_2d(x0..x1, (y0 * 0.9..y1 * 1.1).log_scale())?;
+        draw(chart, axes, series)?;
+    } else {
+        let pad = ((y1 - y0) * 0.05).max(1e-9);
+        let chart = builder.build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
+        draw(chart, axes, series)?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Mesh, lines and legend of [`chart`], whatever the y coordinate (linear or log).
+fn draw<'a, Y>(
+    mut chart: ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
+    axes: &Axes,
+    series: &[Series],
+) -> Result<(), String>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let x_ticks = |x: &f64| {
+        if (x - x.round()).abs() < 1e-9 {
+            format!("{}", x.round() as i64)
+        } else {
+            String::new()
+        }
+    };
+    let y_ticks = |y: &f64| match axes.y_ticks {
+        Some(f) => f(*y),
+        None => Y::format(y),
+    };
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(&axes.x_label)
+        .y_desc(&axes.y_label)
+        .y_label_formatter(&y_ticks);
+    if axes.integer_x {
+        mesh.x_label_formatter(&x_ticks);
+    }
+    mesh.draw().map_err(|e| e.to_string())?;
     for s in series {
         let color = s.color;
         if s.points.len() == 1 {
             // A lone point (one run in a scatter) would be an invisible line.
             chart
-                .draw_series(s.points.iter().map(|&p| Circle::new(p, 5, color.filled())))?
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 5, color.filled())))
+                .map_err(|e| e.to_string())?
                 .label(s.label.clone())
                 .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
             continue;
@@ -126,7 +236,8 @@ pub fn chart(
             .draw_series(LineSeries::new(
                 s.points.iter().copied(),
                 color.stroke_width(2),
-            ))?
+            ))
+            .map_err(|e| e.to_string())?
             .label(s.label.clone())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
@@ -136,8 +247,8 @@ pub fn chart(
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .draw()?;
-    root.present()?;
+        .draw()
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -145,14 +256,13 @@ pub fn chart(
 mod tests {
     use super::*;
 
-    #[test]
-    fn plots_are_svg_with_the_runs_series() {
-        let dir = std::env::temp_dir().join(format!("mixlab-plot-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+    /// `metrics.jsonl` of `steps` steps whose loss falls as `start / step^power`.
+    fn metrics(dir: &Path, steps: u32, start: f64, power: f64) {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
         let mut text = String::new();
-        for step in 1..=20 {
-            let loss = 3.0 / f64::from(step);
+        for step in 1..=steps {
+            let loss = start / f64::from(step).powf(power);
             text += &format!(
                 "{{\"step\":{step},\"split\":\"train\",\"loss\":{loss},\"bpc\":{},\"lr\":0.001,\"tokens_per_s\":1000}}\n",
                 loss / 2f64.ln()
@@ -165,12 +275,92 @@ mod tests {
             }
         }
         std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
+    }
+
+    /// Tick and legend texts of an SVG file (the contents of its `<text>` elements).
+    fn texts(svg: &str) -> Vec<String> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| {
+                Some(
+                    t.split_once(">")?
+                        .1
+                        .split_once("</text>")?
+                        .0
+                        .trim()
+                        .to_string(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plots_are_titled_in_nats_with_bpc_and_integer_steps() {
+        let dir = std::env::temp_dir().join(format!("mixlab-plot-{}", std::process::id()));
+        metrics(&dir, 12, 3.0, 0.2);
+        std::fs::write(
+            dir.join("config.toml"),
+            "[model.mixer]\nkind = \"fourier\"\n",
+        )
+        .unwrap();
         let files = write_plots(&dir).unwrap();
         assert_eq!(files.len(), 3);
         let svg = std::fs::read_to_string(dir.join("loss.svg")).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..40.min(svg.len())]);
+        assert!(svg.contains("<polyline"));
+        let texts = texts(&svg);
+        let name = dir.file_name().unwrap().to_string_lossy();
         assert!(
-            svg.contains("train bpc") && svg.contains("valid bpc") && svg.contains("<polyline")
+            texts.contains(&format!("{name} (fourier): loss")),
+            "{texts:?}"
         );
+        assert!(texts.iter().any(|t| t == "train loss") && texts.iter().any(|t| t == "valid loss"));
+        assert!(
+            texts.iter().any(|t| t.starts_with("loss, nats")),
+            "{texts:?}"
+        );
+        assert!(
+            texts.iter().any(|t| t.ends_with(" bpc)")),
+            "bpc beside the nats: {texts:?}"
+        );
+        // Step ticks: integers only (1..=12 would otherwise be labelled 1.0, 1.5, ...).
+        let steps: Vec<&String> = texts.iter().filter(|t| t.parse::<f64>().is_ok()).collect();
+        assert!(!steps.is_empty(), "{texts:?}");
+        assert!(steps.iter().all(|t| t.parse::<i64>().is_ok()), "{steps:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_loss_spanning_decades_is_drawn_on_a_log_scale() {
+        let dir = std::env::temp_dir().join(format!("mixlab-plot-log-{}", std::process::id()));
+        let y_ticks = |start: f64, power: f64| {
+            metrics(&dir, 40, start, power);
+            write_plots(&dir).unwrap();
+            let svg = std::fs::read_to_string(dir.join("loss.svg")).unwrap();
+            texts(&svg)
+                .iter()
+                .filter_map(|t| {
+                    t.strip_suffix(" bpc)")?
+                        .split(' ')
+                        .next()?
+                        .parse::<f64>()
+                        .ok()
+                })
+                .collect::<Vec<f64>>()
+        };
+        // 3 nats falling to 3/40³ ≈ 5e-5: log scale, ticks spread over several decades.
+        let log = y_ticks(3.0, 3.0);
+        let (lo, hi) = log
+            .iter()
+            .fold((f64::MAX, 0f64), |(a, b), &t| (a.min(t), b.max(t)));
+        assert!(lo > 0.0 && hi / lo >= 100.0, "log-scale ticks {log:?}");
+        // 3 → 2.3 nats: linear, evenly spaced ticks.
+        let linear = y_ticks(3.0, 0.07);
+        let steps: Vec<f64> = linear.windows(2).map(|w| (w[1] - w[0]).abs()).collect();
+        assert!(
+            steps.windows(2).all(|w| (w[0] - w[1]).abs() < 1e-2),
+            "linear ticks {linear:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -9,7 +9,7 @@ use mixlab_models::MixerConfig;
 use serde_json::Value;
 
 use crate::Config;
-use crate::plot::{PALETTE, Series, chart};
+use crate::plot::{Axes, PALETTE, Series, chart};
 
 /// What the report says about one run.
 #[derive(Debug, Clone)]
@@ -195,11 +195,22 @@ pub fn write_report(runs: &[PathBuf], out_dir: &Path, name: &str) -> Result<Vec<
             })
         })
         .collect();
-    for (file, x, series) in [
-        (format!("{name}-valid-vs-step.svg"), "step", curves(false)),
-        (format!("{name}-valid-vs-time.svg"), "seconds", curves(true)),
+    for (file, what, x, series) in [
+        (
+            format!("{name}-valid-vs-step.svg"),
+            "validation loss by step",
+            "step",
+            curves(false),
+        ),
+        (
+            format!("{name}-valid-vs-time.svg"),
+            "validation loss by time",
+            "seconds",
+            curves(true),
+        ),
         (
             format!("{name}-quality-vs-density.svg"),
+            "best validation loss by attention density",
             "attention density",
             best,
         ),
@@ -208,8 +219,14 @@ pub fn write_report(runs: &[PathBuf], out_dir: &Path, name: &str) -> Result<Vec<
             continue;
         }
         let out = out_dir.join(file);
-        chart(&out, x, "valid loss (nats)", &series)
-            .map_err(|e| anyhow!("cannot draw {}: {e}", out.display()))?;
+        let axes = Axes {
+            title: format!("{name}: {what}"),
+            x_label: x.into(),
+            y_label: "valid loss, nats".into(),
+            integer_x: x == "step",
+            y_ticks: None,
+        };
+        chart(&out, &axes, &series).map_err(|e| anyhow!("cannot draw {}: {e}", out.display()))?;
         written.push(out);
     }
     Ok(written)
