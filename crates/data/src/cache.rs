@@ -18,8 +18,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
 
-use crate::catalogue::Splits;
-use crate::text::Tokenizer;
+use crate::text::{Splits, Tokenizer};
 
 const MAGIC: &[u8; 8] = b"MIXLABTK";
 const VERSION: u32 = 2;

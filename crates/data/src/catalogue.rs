@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::DataError;
-use crate::text::{Level, Tokenizer, WordVocab};
+use crate::text::{Level, Splits, Tokenizer, WordVocab};
 
 /// The corpora `[data] corpus = ...` accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,19 +170,6 @@ impl Corpus {
         // its tokens are characters: report bits per character.
         self.level(configured) == Level::Word && self != Corpus::PtbChar
     }
-}
-
-/// A tokenised corpus with its splits.
-#[derive(Debug, Clone)]
-pub struct Splits {
-    /// How the text was tokenised.
-    pub tokenizer: Tokenizer,
-    /// Training tokens.
-    pub train: Vec<u32>,
-    /// Validation tokens.
-    pub valid: Vec<u32>,
-    /// Test tokens (`None` when the corpus has no test split, e.g. tiny-shakespeare).
-    pub test: Option<Vec<u32>>,
 }
 
 /// What [`load`] needs to know.

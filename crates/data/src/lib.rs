@@ -16,10 +16,10 @@ mod fuzz;
 pub mod text;
 
 pub use batch::{Batch, Sampler, eval_windows, stream_batch};
-pub use catalogue::{Corpus, LoadRequest, Splits, corpus_dir, load, load_cached, sources};
+pub use catalogue::{Corpus, LoadRequest, corpus_dir, load, load_cached, sources};
 pub use copy::CopyTask;
 pub use fetch::{Download, FetchEvent, downloads, fetch};
-pub use text::{Level, Tokenizer, WordVocab};
+pub use text::{Level, Splits, Tokenizer, WordVocab};
 
 use std::path::PathBuf;
 

@@ -7,6 +7,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::DataError;
 
+/// A tokenised corpus with its splits (what `catalogue::load` returns and `cache` stores).
+#[derive(Debug, Clone)]
+pub struct Splits {
+    /// How the text was tokenised.
+    pub tokenizer: Tokenizer,
+    /// Training tokens.
+    pub train: Vec<u32>,
+    /// Validation tokens.
+    pub valid: Vec<u32>,
+    /// Test tokens (`None` when the corpus has no test split, e.g. tiny-shakespeare).
+    pub test: Option<Vec<u32>>,
+}
+
 /// Tokenisation level of a text corpus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -15,6 +15,7 @@ use crate::device::{self, BackendChoice};
 use crate::optim::{adamw, clip_global_norm, learning_rate, read_scalars};
 use crate::parallel::{Extras, accumulate_micro_batch, fork_replicas};
 use crate::source::Source;
+use crate::telemetry::{device_memory_mb, peak_rss_mb, rss_mb};
 use crate::trainer::{TrainOptions, resolve_config};
 
 /// The config `bench train` measures: `opts` resolved, the vocabulary from the corpus when
@@ -43,7 +44,7 @@ fn bench_config(opts: &TrainOptions) -> Result<(Config, Option<Source>)> {
 /// cannot rot.
 pub fn build_only(opts: &TrainOptions) -> Result<Value> {
     let (config, _) = bench_config(opts)?;
-    let selected = device::select_for(&config.train)?;
+    let selected = config.train.select_devices()?;
     let device = selected[0].device.clone().autodiff();
     let model = config.model.init(&device).context("invalid [model]")?;
     Ok(json!({
@@ -70,7 +71,7 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
         .expect("bench_config sets the vocabulary");
     // Random tokens leave room for [MASK] at the top of the vocabulary.
     let data_vocab = vocab - usize::from(objective == crate::config::Objective::Masked);
-    let all = device::select_for(&config.train)?;
+    let all = config.train.select_devices()?;
     let selected = all[0].clone();
     let replicas: Vec<_> = all.iter().map(|s| s.device.clone().autodiff()).collect();
     let ad = replicas[0].clone();
@@ -374,14 +375,6 @@ pub fn scaling_point(
     }))
 }
 
-/// Memory this machine can still give, in GB (Linux `MemAvailable`), if known.
-pub fn available_gb() -> Option<f64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1e6)
-}
-
 /// Tokenisation and cache throughput on a synthetic word-level corpus of `size_mb` MB shaped
 /// like WikiText-103 (267,735 word types with Zipf-distributed frequencies, ~20-word lines, one
 /// blank line in three): time to tokenise from text, to build the cache, and to load from it.
@@ -447,31 +440,6 @@ pub fn data_load(size_mb: usize, dir: &std::path::Path) -> Result<Value> {
         "cache_load_s": cache_load_s,
         "peak_rss_mb_tokenize": peak_tokenize,
     }))
-}
-
-/// Peak resident set size of this process in MiB (Linux `VmHWM`), or null elsewhere.
-pub fn peak_rss_mb() -> Option<f64> {
-    proc_status_mb("VmHWM:")
-}
-
-/// Resident memory of this process now, in MiB (Linux; `None` elsewhere).
-pub fn rss_mb() -> Option<f64> {
-    proc_status_mb("VmRSS:")
-}
-
-fn proc_status_mb(key: &str) -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(key))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-/// What the device's allocator holds now (GPU memory on wgpu / CUDA), in MiB: `(in use,
-/// reserved)`. `None` on the CPU backends, which do not report it.
-pub fn device_memory_mb(device: &burn::tensor::Device) -> Option<(f64, f64)> {
-    let usage = device.memory_pool_usage()?;
-    let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
-    Some((mb(usage.bytes_in_use), mb(usage.bytes_reserved)))
 }
 
 /// The mixer families on a tiny model, for [`parity`]: (name, `[model]` TOML). Both Fourier

@@ -14,6 +14,9 @@ use mixlab_models::LmConfig;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use crate::device::Precision;
+use crate::device::{BackendChoice, Selected, select_many, set_precision};
+
 /// A whole run's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -115,6 +118,18 @@ pub struct TrainConfig {
     pub run_dir: Option<PathBuf>,
 }
 
+impl TrainConfig {
+    /// The devices of the run, as `backend` and `devices` ask (`device::select_many`), each
+    /// set to `precision` (`device::set_precision`). The first is the main device.
+    pub fn select_devices(&self) -> Result<Vec<Selected>> {
+        let mut all = select_many(BackendChoice::parse(&self.backend)?, &self.devices)?;
+        for selected in &mut all {
+            set_precision(selected, self.precision)?;
+        }
+        Ok(all)
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
@@ -136,18 +151,6 @@ impl Default for TrainConfig {
             run_dir: None,
         }
     }
-}
-
-/// Float precision of a run (`train.precision`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// 32-bit floats everywhere (the default).
-    F32,
-    /// IEEE half precision for parameters, activations and optimizer state.
-    F16,
-    /// bfloat16 (f32's range, 8 bits of mantissa).
-    Bf16,
 }
 
 /// The training objective.

@@ -4,8 +4,6 @@
 use anyhow::{Result, bail};
 use burn::tensor::{Device, DeviceConfig, DeviceKind, FloatDType};
 
-use crate::config::Precision;
-
 /// A backend named in `train.backend` or `--backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendChoice {
@@ -94,14 +92,16 @@ pub fn select_many(backend: BackendChoice, devices: &[String]) -> Result<Vec<Sel
     Ok(out)
 }
 
-/// The devices of a run, as `[train]` asks: [`select_many`] of `backend` and `devices`, each
-/// set to `precision` ([`set_precision`]). The first is the main device.
-pub fn select_for(train: &crate::config::TrainConfig) -> Result<Vec<Selected>> {
-    let mut all = select_many(BackendChoice::parse(&train.backend)?, &train.devices)?;
-    for selected in &mut all {
-        set_precision(selected, train.precision)?;
-    }
-    Ok(all)
+/// Float precision of a run (`train.precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats everywhere (the default).
+    F32,
+    /// IEEE half precision for parameters, activations and optimizer state.
+    F16,
+    /// bfloat16 (f32's range, 8 bits of mantissa).
+    Bf16,
 }
 
 /// Parse one `train.devices` entry (see [`select_many`]).

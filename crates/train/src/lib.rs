@@ -16,6 +16,7 @@ pub mod plot;
 pub mod report;
 pub mod sample;
 pub mod source;
+pub mod telemetry;
 pub mod trainer;
 
 pub use config::Config;

@@ -16,7 +16,6 @@ use serde_json::json;
 
 use crate::checkpoint::{self, Manifest, SchedulerState};
 use crate::config::{Config, NonFinite};
-use crate::device;
 use crate::metrics::MetricsLog;
 use crate::optim::{adamw, clip_global_norm, learning_rate, read_scalars};
 use crate::parallel::{Extras, accumulate_micro_batch, fork_replicas};
@@ -144,7 +143,7 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         }
     };
 
-    let all = device::select_for(&config.train)?;
+    let all = config.train.select_devices()?;
     let selected = all[0].clone();
     let device = selected.device.clone();
     // Data-parallel devices with autodiff; the first, `ad`, holds the model.
@@ -316,9 +315,9 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                 ("tokens_per_s", json!(tokens_per_s)),
                 ("elapsed_s", json!(started.elapsed().as_secs_f64())),
                 ("skipped_steps", json!(skipped)),
-                ("rss_mb", json!(crate::bench::rss_mb())),
+                ("rss_mb", json!(crate::telemetry::rss_mb())),
             ];
-            if let Some((in_use, reserved)) = crate::bench::device_memory_mb(&device) {
+            if let Some((in_use, reserved)) = crate::telemetry::device_memory_mb(&device) {
                 extra.push(("device_mem_in_use_mb", json!(in_use)));
                 extra.push(("device_mem_reserved_mb", json!(reserved)));
             }
@@ -405,7 +404,7 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         "steps_this_session": step - start,
         "seconds_this_session": seconds,
         "tokens_per_s": tokens_per_step * (step - start) as f64 / seconds.max(1e-9),
-        "peak_rss_mb": crate::bench::peak_rss_mb(),
+        "peak_rss_mb": crate::telemetry::peak_rss_mb(),
         "skipped_steps": skipped,
         "interrupted": interrupted,
     });

@@ -261,7 +261,8 @@ fn scaling(
 ) -> anyhow::Result<()> {
     use mixlab_models::MixerConfig;
     use mixlab_models::mixer::DenseAttentionConfig;
-    use mixlab_train::bench::{available_gb, mixer_name};
+    use mixlab_train::bench::mixer_name;
+    use mixlab_train::telemetry::available_gb;
     use serde_json::{Value, json};
     let mut mixers = vec![];
     for path in configs {
