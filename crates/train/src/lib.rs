@@ -14,8 +14,10 @@ pub mod parallel;
 pub mod patterns;
 pub mod plot;
 pub mod report;
+pub mod resume;
 pub mod sample;
 pub mod source;
+pub mod summary;
 pub mod telemetry;
 pub mod trainer;
 

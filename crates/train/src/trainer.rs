@@ -8,18 +8,22 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::optim::GradientsAccumulator;
+use burn::optim::{GradientsAccumulator, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
+use mixlab_data::Batch;
 use mixlab_models::{Lm, loss::cross_entropy_sum};
 use serde_json::json;
 
-use crate::checkpoint::{self, Manifest, SchedulerState};
+use crate::checkpoint;
 use crate::config::{Config, NonFinite};
+use crate::device::Selected;
 use crate::metrics::MetricsLog;
 use crate::optim::{adamw, clip_global_norm, learning_rate, read_scalars};
 use crate::parallel::{Extras, accumulate_micro_batch, fork_replicas};
-use crate::source::{Source, to_tensors};
+use crate::resume::{report_changes, resume_point, write_checkpoint};
+use crate::source::{Source, Unit, to_tensors};
+use crate::summary::run_summary;
 
 /// What the `train` command was asked to do.
 #[derive(Debug, Clone, Default)]
@@ -81,104 +85,401 @@ fn stem(path: &Path) -> Option<String> {
 }
 
 /// Train as `opts` says; `stop` set (by Ctrl-C) ends the run at the next step boundary with a
-/// checkpoint.
+/// checkpoint. The loop: one optimiser step, its log line, evaluation and checkpoint when due.
 pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
-    let mut config = resolve_config(opts)?;
-    let run_dir = config.train.run_dir.clone().expect("resolved");
-    let seq = config.model.seq_len;
-    let t = config.train.clone();
-
-    // Data first: it fixes the vocabulary.
-    let source = Source::build(&config.data, seq, t.batch_size, t.seed)?;
-    let unit = source.unit(&config.data);
-    let needed = source.model_vocab(t.objective);
-    match config.model.vocab_size {
-        None => config.model.vocab_size = Some(needed),
-        Some(v) if v < needed => bail!(
-            "model.vocab_size = {v} but the data needs {needed} token ids (objective {:?}); \
-             remove the key to take it from the data",
-            t.objective
-        ),
-        Some(_) => {}
+    let mut run = Trainer::start(opts)?;
+    let steps = run.config.train.steps;
+    let mut interrupted = false;
+    while run.step < steps && !interrupted {
+        let outcome = run.train_step()?;
+        run.log(&outcome)?;
+        let last = run.step == steps;
+        let every = run.config.train.eval_every;
+        if (every > 0 && run.step % every == 0) || last {
+            run.evaluate(last)?;
+        }
+        // A signal (Ctrl-C, SIGTERM) ends the run here, at a step boundary, with a checkpoint.
+        interrupted = stop.load(Ordering::SeqCst) && !last;
+        let every = run.config.train.checkpoint_every;
+        if (every > 0 && run.step % every == 0) || last || interrupted {
+            run.checkpoint()?;
+        }
     }
-    config.model.validate().context("invalid [model]")?;
+    run.finish(interrupted)
+}
 
-    // Where we resume from, checked before anything is written.
-    let resume_from = match &opts.resume {
-        Some(dir) => {
-            let newest = checkpoint::latest_valid(dir, &mut |ckpt, why| {
-                eprintln!(
-                    "mixlab: skipping checkpoint {} ({why:#}); trying an older one",
-                    ckpt.display()
-                )
-            })?;
-            let Some((ckpt, manifest)) = newest else {
-                bail!(
-                    "{} has no complete checkpoint to resume from (looked for \
-                     checkpoints/step-N/manifest.json whose files match their checksums)",
-                    dir.display()
-                );
+/// A run in progress: what the loop's phases share.
+struct Trainer {
+    config: Config,
+    run_dir: PathBuf,
+    source: Source,
+    unit: Unit,
+    /// The main device (it holds the model) and the data-parallel replicas, with autodiff.
+    selected: Selected,
+    replicas: Vec<Device>,
+    model: Lm,
+    optim: ModuleOptimizer,
+    metrics: MetricsLog,
+    /// The validation batches of every evaluation but the last (which takes the whole split).
+    valid_batches: Vec<Batch>,
+    progress: ProgressBar,
+    /// The step this session started at, and the steps done so far.
+    start: usize,
+    step: usize,
+    train_loss: Option<f64>,
+    valid_loss: Option<f64>,
+    skipped: usize,
+    /// Fault injection for the tests (`MIXLAB_FAULT_NAN_STEP`): this 0-based step's loss is NaN.
+    poison_step: Option<usize>,
+    started: Instant,
+    /// Start and step count of the current throughput window (reset at every log line).
+    window: (Instant, usize),
+}
+
+/// What one optimiser step gives the log.
+struct StepOutcome {
+    lr: f64,
+    loss: f64,
+    grad_norm: f64,
+}
+
+impl Trainer {
+    /// Set up a run: config, data (it fixes the vocabulary), the resume point (checked before
+    /// anything is written), devices, the run directory, model and optimiser (restored when
+    /// resuming), metrics, and the opening lines.
+    fn start(opts: &TrainOptions) -> Result<Self> {
+        let mut config = resolve_config(opts)?;
+        let run_dir = config.train.run_dir.clone().expect("resolved");
+        let t = config.train.clone();
+        let source = Source::build(&config.data, config.model.seq_len, t.batch_size, t.seed)?;
+        let needed = source.model_vocab(t.objective);
+        match config.model.vocab_size {
+            None => config.model.vocab_size = Some(needed),
+            Some(v) if v < needed => bail!(
+                "model.vocab_size = {v} but the data needs {needed} token ids (objective {:?}); \
+                 remove the key to take it from the data",
+                t.objective
+            ),
+            Some(_) => {}
+        }
+        config.model.validate().context("invalid [model]")?;
+        let resume_from = resume_point(opts.resume.as_deref(), &config, &run_dir)?;
+
+        let all = config.train.select_devices()?;
+        // Data-parallel devices with autodiff; the first holds the model.
+        let replicas: Vec<Device> = all.iter().map(|s| s.device.clone().autodiff()).collect();
+        open_run_dir(&run_dir, &config, &source, resume_from.is_some())?;
+
+        replicas[0].seed(t.seed);
+        let mut model: Lm = config.model.init(&replicas[0]).context("invalid [model]")?;
+        if let Some((ckpt, _)) = &resume_from {
+            model = checkpoint::load_model(ckpt, model)?;
+        }
+        // Built after loading: weight-decay groups are keyed by the (restored) parameter ids.
+        let mut optim = adamw(&config.optim, &model);
+        let (mut start, mut valid_loss) = (0, None);
+        if let Some((ckpt, manifest)) = &resume_from {
+            optim = checkpoint::load_optim(ckpt, optim)?;
+            start = manifest.step;
+            valid_loss = manifest.valid_loss;
+        }
+        let metrics = MetricsLog::open(&run_dir, resume_from.as_ref().map(|(_, m)| m.step))?;
+        announce(&config, &all, &model, &source, &run_dir, start)?;
+
+        let valid_batches = for_evaluation(
+            &source,
+            &config,
+            source.valid_batches(
+                t.batch_size,
+                config.model.seq_len,
+                (t.eval_batches > 0).then_some(t.eval_batches),
+            ),
+        );
+        Ok(Self {
+            unit: source.unit(&config.data),
+            selected: all[0].clone(),
+            progress: progress_bar(t.steps as u64, start as u64),
+            config,
+            run_dir,
+            source,
+            replicas,
+            model,
+            optim,
+            metrics,
+            valid_batches,
+            start,
+            step: start,
+            train_loss: None,
+            valid_loss,
+            skipped: 0,
+            poison_step: std::env::var("MIXLAB_FAULT_NAN_STEP")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok()),
+            started: Instant::now(),
+            window: (Instant::now(), 0),
+        })
+    }
+
+    /// One optimiser step: the step's micro-batches forward and backward (split across the
+    /// devices), global-norm clipping, one read of loss and gradient norm, then AdamW — or,
+    /// for a non-finite loss or norm, stop or skip as `train.on_nonfinite` says.
+    fn train_step(&mut self) -> Result<StepOutcome> {
+        let t = &self.config.train;
+        let seq = self.config.model.seq_len;
+        // Per-step randomness (dropout) comes from (seed, step), so a resumed run repeats it.
+        for (i, replica) in self.replicas.iter().enumerate() {
+            replica.seed(mix(t.seed, self.step as u64) ^ i as u64);
+        }
+        let lr = learning_rate(&self.config.optim, self.step, t.steps);
+        let batches: Vec<_> = (0..t.grad_accum)
+            .map(|m| {
+                let index = (self.step * t.grad_accum + m) as u64;
+                let batch = self.source.train_batch(t.batch_size, seq, index);
+                self.source
+                    .for_objective(batch, t.objective, t.mask_rate, t.seed, index)
+            })
+            .collect();
+        let weight: f64 = batches.iter().map(|b| b.weight_sum()).sum();
+        let mut loss_sum: Option<Tensor<1>> = None;
+        let models = fork_replicas(&self.model, &self.replicas);
+        let mut accumulator = GradientsAccumulator::<Lm>::new();
+        for batch in &batches {
+            let extras = Extras {
+                // The penalty once per optimiser step in total, spread over the micro-batches.
+                penalty_divisor: Some(t.grad_accum as f64),
+                poison: self.poison_step == Some(self.step),
             };
-            if manifest.architecture_hash != config.architecture_hash() {
-                bail!(
-                    "checkpoint {} was written by a different architecture:\n{}\nhint: resume \
-                     without --config to use the run's own config.toml, or start a new run \
-                     with --set train.run_dir=runs/NEW",
-                    ckpt.display(),
-                    diff_models(&manifest.model_toml, &config)
+            let loss = accumulate_micro_batch(
+                &models,
+                batch,
+                &self.replicas,
+                weight,
+                extras,
+                &mut accumulator,
+            )?;
+            loss_sum = Some(match loss_sum {
+                Some(sum) => sum + loss,
+                None => loss,
+            });
+        }
+        drop(models); // the replicas' references to the parameters, before AdamW updates them
+        let (grads, grad_norm) = clip_global_norm(
+            &self.model,
+            accumulator.grads(),
+            self.config.optim.grad_clip,
+        );
+        // The step's one device-to-host read: loss and gradient norm together, after the
+        // backward and the clipping are queued.
+        let mut read = vec![loss_sum.expect("grad_accum >= 1")];
+        read.extend(grad_norm);
+        let values = read_scalars(read);
+        let (loss, grad_norm) = (values[0], values.get(1).copied().unwrap_or(0.0));
+        self.step += 1;
+        self.train_loss = Some(loss);
+        if loss.is_finite() && grad_norm.is_finite() {
+            self.model = self.optim.step(lr, self.model.clone(), grads);
+            return Ok(StepOutcome {
+                lr,
+                loss,
+                grad_norm,
+            });
+        }
+        let step = self.step;
+        match t.on_nonfinite {
+            NonFinite::Stop => bail!(
+                "the loss ({loss}) or gradient norm ({grad_norm}) is not finite at step \
+                 {step}; nothing was written for it and the last checkpoint is kept. Lower \
+                 optim.lr, raise optim.warmup_steps, or set train.on_nonfinite = \"skip\""
+            ),
+            NonFinite::Skip => {
+                self.skipped += 1;
+                say(
+                    &self.progress,
+                    format!(
+                        "warning: step {step} skipped (loss {loss}, gradient norm \
+                     {grad_norm}); {} skipped so far",
+                        self.skipped
+                    ),
                 );
             }
-            Some((ckpt, manifest))
         }
-        None => {
-            if let Some((step, _)) = checkpoint::list(&run_dir)?.pop() {
-                bail!(
-                    "{} already holds a run (checkpoint at step {step}); continue it with \
-                     --resume {}, or start a new one with --set train.run_dir=runs/NEW",
-                    run_dir.display(),
-                    run_dir.display()
-                );
+        Ok(StepOutcome {
+            lr,
+            loss,
+            grad_norm,
+        })
+    }
+
+    /// The progress bar, and a `train` line of `metrics.jsonl` every `log_every` steps.
+    fn log(&mut self, o: &StepOutcome) -> Result<()> {
+        let t = &self.config.train;
+        let tokens_per_step = (t.batch_size * t.grad_accum * self.config.model.seq_len) as f64;
+        self.window.1 += 1;
+        let tokens_per_s =
+            tokens_per_step * self.window.1 as f64 / self.window.0.elapsed().as_secs_f64();
+        self.progress.set_position(self.step as u64);
+        self.progress.set_message(format!(
+            "loss {:.4} | lr {:.2e} | {tokens_per_s:.0} tok/s",
+            o.loss, o.lr
+        ));
+        if !self.step.is_multiple_of(t.log_every) && self.step != t.steps {
+            return Ok(());
+        }
+        let mut extra = vec![
+            ("lr", json!(o.lr)),
+            ("grad_norm", json!(o.grad_norm)),
+            ("tokens_per_s", json!(tokens_per_s)),
+            ("elapsed_s", json!(self.started.elapsed().as_secs_f64())),
+            ("skipped_steps", json!(self.skipped)),
+            ("rss_mb", json!(crate::telemetry::rss_mb())),
+        ];
+        if let Some((in_use, reserved)) = crate::telemetry::device_memory_mb(&self.selected.device)
+        {
+            extra.push(("device_mem_in_use_mb", json!(in_use)));
+            extra.push(("device_mem_reserved_mb", json!(reserved)));
+        }
+        if let Some((name, value)) = self.unit.metric(o.loss) {
+            extra.push((name, json!(value)));
+        }
+        self.metrics.write(self.step, "train", o.loss, &extra)?;
+        self.window = (Instant::now(), 0);
+        Ok(())
+    }
+
+    /// Validation loss (the whole split and then the test split at the `last` step), logged.
+    fn evaluate(&mut self, last: bool) -> Result<()> {
+        let t = &self.config.train;
+        let seq = self.config.model.seq_len;
+        let device = &self.selected.device;
+        let for_eval = |batches| for_evaluation(&self.source, &self.config, batches);
+        let full;
+        let batches = if last && t.eval_batches > 0 {
+            full = for_eval(self.source.valid_batches(t.batch_size, seq, None));
+            &full
+        } else {
+            &self.valid_batches
+        };
+        let mut splits = vec![("valid", evaluate(&self.model, batches, device))];
+        if last && let Some(test) = self.source.test_batches(t.batch_size, seq) {
+            splits.push(("test", evaluate(&self.model, &for_eval(test), device)));
+        }
+        for (split, (loss, tokens)) in splits {
+            if split == "valid" {
+                self.valid_loss = Some(loss);
             }
-            None
+            let mut extra = vec![("tokens", json!(tokens))];
+            let shown = match self.unit.metric(loss) {
+                Some((name, value)) => {
+                    extra.push((name, json!(value)));
+                    format!("{name} {value:.4}")
+                }
+                None => String::new(),
+            };
+            self.metrics.write(self.step, split, loss, &extra)?;
+            say(
+                &self.progress,
+                format!(
+                    "step {}: {split} loss {loss:.4} {shown} ({tokens} tokens)",
+                    self.step
+                ),
+            );
         }
-    };
+        Ok(())
+    }
 
-    let all = config.train.select_devices()?;
-    let selected = all[0].clone();
-    let device = selected.device.clone();
-    // Data-parallel devices with autodiff; the first, `ad`, holds the model.
-    let replicas: Vec<Device> = all.iter().map(|s| s.device.clone().autodiff()).collect();
-    let ad = replicas[0].clone();
+    /// A checkpoint of the current step.
+    fn checkpoint(&self) -> Result<()> {
+        write_checkpoint(
+            &self.config,
+            &self.run_dir,
+            &self.model,
+            &self.optim,
+            self.step,
+            self.valid_loss,
+            self.selected.backend,
+        )
+    }
 
-    std::fs::create_dir_all(&run_dir)
+    /// Close the progress bar, draw the plots, write and print the run summary.
+    fn finish(self, interrupted: bool) -> Result<Summary> {
+        if interrupted {
+            say(
+                &self.progress,
+                format!("interrupted: checkpoint written at step {}", self.step),
+            );
+        }
+        self.progress.finish_and_clear();
+        match crate::plot::write_plots(&self.run_dir) {
+            Ok(files) if !files.is_empty() => eprintln!(
+                "mixlab: plots: {}",
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Ok(_) => {}
+            Err(e) => eprintln!("mixlab: warning: no plots ({e:#})"),
+        }
+        let t = &self.config.train;
+        let tokens_per_step = (t.batch_size * t.grad_accum * self.config.model.seq_len) as f64;
+        let seconds = self.started.elapsed().as_secs_f64();
+        let report = json!({
+            "kind": "summary",
+            "model": self.config.model.kind(),
+            "params": self.model.num_params(),
+            "backend": self.selected.backend,
+            "step": self.step,
+            "steps_this_session": self.step - self.start,
+            "seconds_this_session": seconds,
+            "tokens_per_s": tokens_per_step * (self.step - self.start) as f64 / seconds.max(1e-9),
+            "peak_rss_mb": crate::telemetry::peak_rss_mb(),
+            "skipped_steps": self.skipped,
+            "interrupted": interrupted,
+        });
+        match run_summary(&self.run_dir, report, self.unit) {
+            Ok(text) => eprintln!("{text}"),
+            Err(e) => eprintln!("mixlab: warning: no run summary ({e:#})"),
+        }
+        Ok(Summary {
+            run_dir: self.run_dir,
+            step: self.step,
+            interrupted,
+            train_loss: self.train_loss,
+            valid_loss: self.valid_loss,
+        })
+    }
+}
+
+/// Create the run directory (clearing a crashed checkpoint's partial files), then write its
+/// `config.toml` (saying what a resume changes) and the tokenizer.
+fn open_run_dir(run_dir: &Path, config: &Config, source: &Source, resuming: bool) -> Result<()> {
+    std::fs::create_dir_all(run_dir)
         .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
-    checkpoint::clean_partial(&run_dir)?;
-    if resume_from.is_some() {
-        report_changes(&run_dir.join("config.toml"), &config);
+    checkpoint::clean_partial(run_dir)?;
+    if resuming {
+        report_changes(&run_dir.join("config.toml"), config);
     }
     std::fs::write(run_dir.join("config.toml"), config.to_toml())?;
     if let Some(tok) = source.tokenizer() {
         std::fs::write(run_dir.join("tokenizer.json"), serde_json::to_string(tok)?)?;
     }
+    Ok(())
+}
 
-    ad.seed(t.seed);
-    let mut model: Lm = config.model.init(&ad).context("invalid [model]")?;
-    if let Some((ckpt, _)) = &resume_from {
-        model = checkpoint::load_model(ckpt, model)?;
-    }
-    // Built after loading: weight-decay groups are keyed by the (restored) parameter ids.
-    let mut optim = adamw(&config.optim, &model);
-    let (mut start, mut valid_loss) = (0, None);
-    if let Some((ckpt, manifest)) = &resume_from {
-        optim = checkpoint::load_optim(ckpt, optim)?;
-        start = manifest.step;
-        valid_loss = manifest.valid_loss;
-    }
-    let mut metrics = MetricsLog::open(&run_dir, resume_from.as_ref().map(|(_, m)| m.step))?;
-
+/// The run's opening lines: device, size, mixer, vocabulary, run directory; data-parallel
+/// notes; the resume step; each sparse layer's pattern.
+fn announce(
+    config: &Config,
+    all: &[Selected],
+    model: &Lm,
+    source: &Source,
+    run_dir: &Path,
+    start: usize,
+) -> Result<()> {
     eprintln!(
         "mixlab: {} | {} parameters | {} | vocab {} ({} occur in train) | run dir {}",
-        selected.description,
+        all[0].description,
         model.num_params(),
         config.model.kind(),
         config.model.vocab_size.unwrap_or(0),
@@ -194,7 +495,7 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                 .map(|s| s.description.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
-            t.batch_size
+            config.train.batch_size
         );
         let mut backends: Vec<&str> = all.iter().map(|s| s.backend).collect();
         backends.sort_unstable();
@@ -211,283 +512,10 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     if start > 0 {
         eprintln!("mixlab: resumed at step {start}");
     }
-    for sparse in crate::patterns::sparse_layers(&config.model, seq)? {
+    for sparse in crate::patterns::sparse_layers(&config.model, config.model.seq_len)? {
         eprintln!("mixlab: {}", sparse.describe());
     }
-
-    let for_eval = |batches| for_evaluation(&source, &config, batches);
-    let valid_batches = for_eval(source.valid_batches(
-        t.batch_size,
-        seq,
-        (t.eval_batches > 0).then_some(t.eval_batches),
-    ));
-    let progress = progress_bar(t.steps as u64, start as u64);
-    let tokens_per_step = (t.batch_size * t.grad_accum * seq) as f64;
-    let started = Instant::now();
-    let mut window = (Instant::now(), 0usize);
-    let mut train_loss = None;
-    let mut step = start;
-    let mut skipped = 0usize;
-    // Fault injection for the tests: make the loss of this (0-based) step NaN.
-    let poison_step = std::env::var("MIXLAB_FAULT_NAN_STEP")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok());
-    let mut interrupted = false;
-
-    while step < t.steps && !interrupted {
-        // Per-step randomness (dropout) comes from (seed, step), so a resumed run repeats it.
-        for (i, replica) in replicas.iter().enumerate() {
-            replica.seed(mix(t.seed, step as u64) ^ i as u64);
-        }
-        let lr = learning_rate(&config.optim, step, t.steps);
-        let batches: Vec<_> = (0..t.grad_accum)
-            .map(|m| {
-                let index = (step * t.grad_accum + m) as u64;
-                let batch = source.train_batch(t.batch_size, seq, index);
-                source.for_objective(batch, t.objective, t.mask_rate, t.seed, index)
-            })
-            .collect();
-        let weight: f64 = batches.iter().map(|b| b.weight_sum()).sum();
-        let mut loss_sum: Option<Tensor<1>> = None;
-        let models = fork_replicas(&model, &replicas);
-        let mut accumulator = GradientsAccumulator::<Lm>::new();
-        for batch in &batches {
-            let extras = Extras {
-                // The penalty once per optimiser step in total, spread over the micro-batches.
-                penalty_divisor: Some(t.grad_accum as f64),
-                poison: poison_step == Some(step),
-            };
-            let loss = accumulate_micro_batch(
-                &models,
-                batch,
-                &replicas,
-                weight,
-                extras,
-                &mut accumulator,
-            )?;
-            loss_sum = Some(match loss_sum {
-                Some(sum) => sum + loss,
-                None => loss,
-            });
-        }
-        let (grads, grad_norm) =
-            clip_global_norm(&model, accumulator.grads(), config.optim.grad_clip);
-        // The step's one device-to-host read: loss and gradient norm together, after the
-        // backward and the clipping are queued.
-        let mut read = vec![loss_sum.expect("grad_accum >= 1")];
-        read.extend(grad_norm);
-        let values = read_scalars(read);
-        let (loss_sum, grad_norm) = (values[0], values.get(1).copied().unwrap_or(0.0));
-        step += 1;
-        train_loss = Some(loss_sum);
-        if loss_sum.is_finite() && grad_norm.is_finite() {
-            model = optim.step(lr, model, grads);
-        } else {
-            match t.on_nonfinite {
-                NonFinite::Stop => bail!(
-                    "the loss ({loss_sum}) or gradient norm ({grad_norm}) is not finite at step \
-                     {step}; nothing was written for it and the last checkpoint is kept. Lower \
-                     optim.lr, raise optim.warmup_steps, or set train.on_nonfinite = \"skip\""
-                ),
-                NonFinite::Skip => {
-                    skipped += 1;
-                    say(
-                        &progress,
-                        format!(
-                            "warning: step {step} skipped (loss {loss_sum}, gradient norm \
-                         {grad_norm}); {skipped} skipped so far"
-                        ),
-                    );
-                }
-            }
-        }
-
-        window.1 += 1;
-        let tokens_per_s = tokens_per_step * window.1 as f64 / window.0.elapsed().as_secs_f64();
-        progress.set_position(step as u64);
-        progress.set_message(format!(
-            "loss {loss_sum:.4} | lr {lr:.2e} | {tokens_per_s:.0} tok/s"
-        ));
-        if step % t.log_every == 0 || step == t.steps {
-            let mut extra = vec![
-                ("lr", json!(lr)),
-                ("grad_norm", json!(grad_norm)),
-                ("tokens_per_s", json!(tokens_per_s)),
-                ("elapsed_s", json!(started.elapsed().as_secs_f64())),
-                ("skipped_steps", json!(skipped)),
-                ("rss_mb", json!(crate::telemetry::rss_mb())),
-            ];
-            if let Some((in_use, reserved)) = crate::telemetry::device_memory_mb(&device) {
-                extra.push(("device_mem_in_use_mb", json!(in_use)));
-                extra.push(("device_mem_reserved_mb", json!(reserved)));
-            }
-            if let Some((name, value)) = unit.metric(loss_sum) {
-                extra.push((name, json!(value)));
-            }
-            metrics.write(step, "train", loss_sum, &extra)?;
-            window = (Instant::now(), 0);
-        }
-        let last = step == t.steps;
-        if (t.eval_every > 0 && step % t.eval_every == 0) || last {
-            // The final evaluation covers the whole valid split, then the test split.
-            let full;
-            let batches = if last && t.eval_batches > 0 {
-                full = for_eval(source.valid_batches(t.batch_size, seq, None));
-                &full
-            } else {
-                &valid_batches
-            };
-            let mut splits = vec![("valid", evaluate(&model, batches, &device))];
-            if last && let Some(test) = source.test_batches(t.batch_size, seq) {
-                splits.push(("test", evaluate(&model, &for_eval(test), &device)));
-            }
-            for (split, (loss, tokens)) in splits {
-                if split == "valid" {
-                    valid_loss = Some(loss);
-                }
-                let mut extra = vec![("tokens", json!(tokens))];
-                let shown = match unit.metric(loss) {
-                    Some((name, value)) => {
-                        extra.push((name, json!(value)));
-                        format!("{name} {value:.4}")
-                    }
-                    None => String::new(),
-                };
-                metrics.write(step, split, loss, &extra)?;
-                say(
-                    &progress,
-                    format!("step {step}: {split} loss {loss:.4} {shown} ({tokens} tokens)"),
-                );
-            }
-        }
-        // A signal (Ctrl-C, SIGTERM) ends the run here, at a step boundary, with a checkpoint.
-        interrupted = stop.load(Ordering::SeqCst) && step < t.steps;
-        let periodic = t.checkpoint_every > 0 && step % t.checkpoint_every == 0;
-        if periodic || step == t.steps || interrupted {
-            save(
-                &config,
-                &run_dir,
-                &model,
-                &optim,
-                step,
-                valid_loss,
-                selected.backend,
-            )?;
-        }
-    }
-    if interrupted {
-        say(
-            &progress,
-            format!("interrupted: checkpoint written at step {step}"),
-        );
-    }
-    progress.finish_and_clear();
-    match crate::plot::write_plots(&run_dir) {
-        Ok(files) if !files.is_empty() => eprintln!(
-            "mixlab: plots: {}",
-            files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        Ok(_) => {}
-        Err(e) => eprintln!("mixlab: warning: no plots ({e:#})"),
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let report = json!({
-        "kind": "summary",
-        "model": config.model.kind(),
-        "params": model.num_params(),
-        "backend": selected.backend,
-        "step": step,
-        "steps_this_session": step - start,
-        "seconds_this_session": seconds,
-        "tokens_per_s": tokens_per_step * (step - start) as f64 / seconds.max(1e-9),
-        "peak_rss_mb": crate::telemetry::peak_rss_mb(),
-        "skipped_steps": skipped,
-        "interrupted": interrupted,
-    });
-    match run_summary(&run_dir, report, unit) {
-        Ok(text) => eprintln!("{text}"),
-        Err(e) => eprintln!("mixlab: warning: no run summary ({e:#})"),
-    }
-    Ok(Summary {
-        run_dir,
-        step,
-        interrupted,
-        train_loss,
-        valid_loss,
-    })
-}
-
-/// Complete `report` with the best validation and the final test loss from the run's whole
-/// `metrics.jsonl` (every session), write it to `summary.json`, and return the one-screen text.
-fn run_summary(
-    run_dir: &Path,
-    mut report: serde_json::Value,
-    unit: crate::source::Unit,
-) -> Result<String> {
-    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?;
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let loss = |l: &serde_json::Value| l["loss"].as_f64();
-    let best = lines
-        .iter()
-        .filter(|l| l["split"] == "valid")
-        .filter_map(|l| Some((loss(l)?, l["step"].as_u64()?)))
-        .min_by(|a, b| a.0.total_cmp(&b.0));
-    let test = lines
-        .iter()
-        .rfind(|l| l["split"] == "test")
-        .and_then(|l| Some((loss(l)?, l["step"].as_u64()?)));
-    let shown = |nats: f64| match unit.metric(nats) {
-        Some((name, value)) => format!("{nats:.4} nats ({name} {value:.4})"),
-        None => format!("{nats:.4} nats"),
-    };
-    report["best_valid"] = json!(best.map(|(l, s)| json!({"loss": l, "step": s})));
-    report["final_test"] = json!(test.map(|(l, s)| json!({"loss": l, "step": s})));
-    std::fs::write(run_dir.join("summary.json"), format!("{report}\n"))?;
-    let r = &report;
-    let mut out = String::from("── run summary ──────────────────────────────────────────\n");
-    out += &format!(
-        "  model       {} · {} parameters · {}\n",
-        r["model"].as_str().unwrap_or("?"),
-        r["params"],
-        r["backend"].as_str().unwrap_or("?")
-    );
-    out += &format!(
-        "  steps       {} ({} this session, {:.1} s{})\n",
-        r["step"],
-        r["steps_this_session"],
-        r["seconds_this_session"].as_f64().unwrap_or(0.0),
-        if r["interrupted"] == true {
-            ", interrupted"
-        } else {
-            ""
-        }
-    );
-    out += &format!(
-        "  throughput  {:.0} tokens/s\n",
-        r["tokens_per_s"].as_f64().unwrap_or(0.0)
-    );
-    match best {
-        Some((l, s)) => out += &format!("  best valid  {} at step {s}\n", shown(l)),
-        None => out += "  best valid  - (no evaluation yet)\n",
-    }
-    if let Some((l, s)) = test {
-        out += &format!("  final test  {} at step {s}\n", shown(l));
-    }
-    if let Some(mb) = r["peak_rss_mb"].as_f64() {
-        out += &format!("  peak memory {mb:.0} MB (resident)\n");
-    }
-    if r["skipped_steps"].as_u64().unwrap_or(0) > 0 {
-        out += &format!("  skipped     {} non-finite steps\n", r["skipped_steps"]);
-    }
-    out += &format!("  run dir     {} (summary.json)", run_dir.display());
-    Ok(out)
+    Ok(())
 }
 
 /// Shape evaluation batches for the run's objective. They are fixed for the run: the masked
@@ -519,104 +547,6 @@ pub fn evaluate(model: &Lm, batches: &[mixlab_data::Batch], device: &Device) -> 
         weight += batch.weight_sum();
     }
     (sum / weight.max(1.0), weight as u64)
-}
-
-fn save(
-    config: &Config,
-    run_dir: &Path,
-    model: &Lm,
-    optim: &burn::optim::ModuleOptimizer,
-    step: usize,
-    valid_loss: Option<f64>,
-    backend: &str,
-) -> Result<()> {
-    let manifest = Manifest {
-        format: checkpoint::FORMAT,
-        step,
-        next_batch: (step * config.train.grad_accum) as u64,
-        seed: config.train.seed,
-        config_hash: config.hash(),
-        architecture_hash: config.architecture_hash(),
-        model_toml: toml::to_string(&config.model)?,
-        backend: backend.into(),
-        valid_loss,
-        files: Default::default(),
-    };
-    let scheduler = SchedulerState {
-        step,
-        total_steps: config.train.steps,
-        optim: config.optim.clone(),
-    };
-    checkpoint::save(
-        run_dir,
-        model,
-        optim,
-        &scheduler,
-        &manifest,
-        config.train.keep_checkpoints,
-    )?;
-    Ok(())
-}
-
-/// Say which settings a resume changes (the architecture cannot change: that is refused
-/// earlier), e.g. `train.steps: 1000 -> 2000`.
-fn report_changes(saved: &Path, now: &Config) {
-    let Ok(text) = std::fs::read_to_string(saved) else {
-        return;
-    };
-    let Ok(before) = Config::parse(&text, &saved.display().to_string(), &[]) else {
-        return;
-    };
-    let flatten = |c: &Config| -> Vec<(String, String)> {
-        let mut out = vec![];
-        let value = toml::Value::try_from(c).expect("a config serialises");
-        fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
-            match v {
-                toml::Value::Table(t) => {
-                    for (k, v) in t {
-                        let key = if prefix.is_empty() {
-                            k.clone()
-                        } else {
-                            format!("{prefix}.{k}")
-                        };
-                        walk(&key, v, out);
-                    }
-                }
-                other => out.push((prefix.to_string(), other.to_string())),
-            }
-        }
-        walk("", &value, &mut out);
-        out
-    };
-    let (old, new) = (flatten(&before), flatten(now));
-    for (key, value) in &new {
-        let previous = old.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
-        if previous != Some(value.as_str()) {
-            eprintln!(
-                "mixlab: resume changes {key}: {} -> {value}",
-                previous.unwrap_or("(unset)")
-            );
-        }
-    }
-}
-
-/// Lines of the `[model]` sections that differ: `key: checkpoint -> now`.
-fn diff_models(saved_toml: &str, now: &Config) -> String {
-    let now_toml = toml::to_string(&now.model).unwrap_or_default();
-    let saved: Vec<&str> = saved_toml.lines().collect();
-    let current: Vec<&str> = now_toml.lines().collect();
-    let mut out: Vec<String> = saved
-        .iter()
-        .filter(|l| !current.contains(l))
-        .map(|l| format!("  checkpoint: {l}"))
-        .collect();
-    out.extend(
-        current
-            .iter()
-            .filter(|l| !saved.contains(l))
-            .map(|l| format!("  config now: {l}")),
-    );
-    out.join("\n")
 }
 
 /// A step's seed from the run seed (SplitMix64 finaliser of `seed + step`).
