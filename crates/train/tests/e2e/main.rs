@@ -1,0 +1,9 @@
+//! End-to-end tests of Mixlab's binaries, one test binary for the crate, one module per
+//! topic; `common` holds the helpers they share.
+
+mod common;
+mod errors;
+mod mixers;
+mod resume;
+mod runs;
+mod tools;

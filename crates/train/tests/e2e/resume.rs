@@ -1,0 +1,342 @@
+//! Resume: bit-exact after a clean stop, Ctrl-C / SIGTERM, kill -9 anywhere, a corrupt or
+//! half-written checkpoint, another architecture.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::*;
+
+/// Dense, and all-attention on flex (its fused memory operation, with TINY's dropout 0.1 drawn
+/// from Burn's generator): a resumed run repeats the uninterrupted losses bit for bit.
+#[test]
+fn resumed_run_repeats_the_uninterrupted_losses_bit_for_bit() {
+    let persistent = [
+        "--set",
+        "model.mixer={kind=\"persistent\",n_heads=4,n_persistent=16}",
+        "--set",
+        "model.d_ff=0",
+    ];
+    for (name, extra) in [("dense", &[][..]), ("persistent", &persistent[..])] {
+        resumed_run_repeats(name, extra);
+    }
+}
+
+fn resumed_run_repeats(name: &str, extra: &[&str]) {
+    let dir = scratch(&format!("resume-{name}"));
+    let config = write_config(&dir, TINY);
+    let train = |run_dir: &Path| {
+        let dir = format!("train.run_dir=\"{}\"", run_dir.display());
+        ok(&run(train_bin()
+            .arg("--config")
+            .arg(&config)
+            .args(extra)
+            .args(["--set", &dir])));
+    };
+    let full = dir.join("full");
+    train(&full);
+    // The same run, interrupted after step 4: only the step-4 checkpoint survives.
+    let cut = dir.join("cut");
+    train(&cut);
+    std::fs::remove_dir_all(cut.join("checkpoints/step-8")).unwrap();
+
+    let out = run(train_bin().arg("--resume").arg(&cut));
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resumed at step 4"));
+    let (a, b) = (metrics(&full), metrics(&cut));
+    let (ta, tb) = (losses(&a, "train"), losses(&b, "train"));
+    assert_eq!(ta.len(), 8);
+    for ((sa, la), (sb, lb)) in ta.iter().zip(&tb) {
+        assert_eq!(sa, sb);
+        assert_eq!(la.to_bits(), lb.to_bits(), "{name} step {sa}: {la} vs {lb}");
+    }
+    assert_eq!(tb.len(), 8, "metrics.jsonl reads as one run");
+    // metrics.csv: a header, then the same rows (8 train + 2 valid), step, split and loss
+    // identical to the uninterrupted run's (timings differ).
+    let key = |r: &str| r.split(',').take(3).collect::<Vec<_>>().join(",");
+    let csv_full: Vec<String> = std::fs::read_to_string(full.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .map(key)
+        .collect();
+    let csv_cut: Vec<String> = std::fs::read_to_string(cut.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .map(key)
+        .collect();
+    assert_eq!(csv_cut[0], "step,split,loss");
+    assert_eq!(csv_cut.len(), 1 + 8 + 2);
+    assert_eq!(csv_cut, csv_full);
+    assert_eq!(losses(&a, "valid"), losses(&b, "valid"));
+}
+
+#[test]
+fn sigint_checkpoints_at_a_step_boundary_and_exits_zero() {
+    interrupt_checkpoints_and_resumes("-INT");
+}
+
+#[test]
+fn sigterm_checkpoints_at_a_step_boundary_and_exits_zero() {
+    interrupt_checkpoints_and_resumes("-TERM");
+}
+
+fn interrupt_checkpoints_and_resumes(signal: &str) {
+    let dir = scratch(&format!("signal{signal}"));
+    let config = write_config(&dir, &TINY.replace("steps = 8", "steps = 100000"));
+    let run_dir = dir.join("run");
+    let child = train_bin()
+        .arg("--config")
+        .arg(&config)
+        .args(["--set", &format!("train.run_dir=\"{}\"", run_dir.display())])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (a few metric lines), then interrupt.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let n =
+            std::fs::read_to_string(run_dir.join("metrics.jsonl")).map_or(0, |s| s.lines().count());
+        if n >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("stopped at step"), "{stdout}");
+    assert!(stdout.contains("resume with: train --resume"), "{stdout}");
+    let steps: Vec<u64> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("step-")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let last = *steps.iter().max().expect("a checkpoint was written");
+    assert!(last >= 3, "{steps:?}");
+    // ... and the run continues from it.
+    let out = run(train_bin()
+        .arg("--resume")
+        .arg(&run_dir)
+        .args(["--set", &format!("train.steps={}", last + 2)]));
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("resumed at step {last}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "resume changes train.steps: 100000 -> {}",
+            last + 2
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn resuming_with_another_architecture_is_refused() {
+    let dir = scratch("arch");
+    let config = write_config(&dir, &TINY.replace("steps = 8", "steps = 4"));
+    let run_dir = dir.join("run");
+    ok(&run(train_bin().arg("--config").arg(&config).args([
+        "--set",
+        &format!("train.run_dir=\"{}\"", run_dir.display()),
+    ])));
+    let out = run(train_bin()
+        .arg("--config")
+        .arg(&config)
+        .arg("--resume")
+        .arg(&run_dir)
+        .args(["--set", "model.d_model=64"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("different architecture") && stderr.contains("d_model"),
+        "{stderr}"
+    );
+}
+
+/// kill -9 at several points (mid-step, mid-checkpoint), resume, finish: the losses after the
+/// resume point and the final weights are bit-identical to an uninterrupted run.
+#[test]
+fn kill_9_anywhere_then_resume_is_bit_identical_on_flex() {
+    kill_9_trials("flex");
+}
+
+#[test]
+fn kill_9_anywhere_then_resume_is_bit_identical_on_ndarray() {
+    kill_9_trials("ndarray");
+}
+
+fn kill_9_trials(backend: &str) {
+    let dir = scratch(&format!("kill9-{backend}"));
+    let text = TINY
+        .replace("backend = \"flex\"", &format!("backend = \"{backend}\""))
+        .replace("steps = 8", "steps = 12")
+        .replace("checkpoint_every = 4", "checkpoint_every = 2")
+        .replace("keep_checkpoints = 2", "keep_checkpoints = 3");
+    let config = write_config(&dir, &text);
+    let straight = dir.join("straight");
+    ok(&train_with(&config, &straight, &[]));
+    let reference = losses(&metrics(&straight), "train");
+    let reference_weights = checkpoint_weights(&straight, 12);
+    // (metrics lines to wait for, slow checkpoint writes?) — later kills land mid-write.
+    let trials = [
+        (3, false),
+        (6, false),
+        (9, false),
+        (4, true),
+        (8, true),
+        (11, true),
+    ];
+    let (mut killed, mut mid_write) = (0, 0);
+    for (trial, (after_lines, slow)) in trials.into_iter().enumerate() {
+        let run_dir = dir.join(format!("trial{trial}"));
+        let mut cmd = train_bin();
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--set", &format!("train.run_dir=\"{}\"", run_dir.display())])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if slow {
+            cmd.env("MIXLAB_FAULT_SLOW_CHECKPOINT_MS", "300");
+        }
+        let mut child = cmd.spawn().unwrap();
+        if !wait_for_lines(&run_dir, after_lines, &mut child) {
+            eprintln!("trial {trial}: the run finished before the kill");
+            continue;
+        }
+        killed += 1;
+        if slow {
+            // Land inside the widened write window of the next checkpoint.
+            std::thread::sleep(std::time::Duration::from_millis(150));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let partial = std::fs::read_dir(run_dir.join("checkpoints")).is_ok_and(|mut d| {
+            d.any(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".partial")
+            })
+        });
+        mid_write += usize::from(partial);
+        let out = run(train_bin().arg("--resume").arg(&run_dir));
+        if !out.status.success() {
+            // Killed before the first checkpoint completed: nothing to resume; start over.
+            assert!(String::from_utf8_lossy(&out.stderr).contains("no complete checkpoint"));
+            std::fs::remove_dir_all(&run_dir).unwrap();
+            ok(&train_with(&config, &run_dir, &[]));
+        }
+        assert!(
+            std::fs::read_dir(run_dir.join("checkpoints"))
+                .unwrap()
+                .all(|e| !e
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".partial")),
+            "trial {trial}: a partial checkpoint was left behind"
+        );
+        let got = losses(&metrics(&run_dir), "train");
+        assert_eq!(
+            got.len(),
+            reference.len(),
+            "trial {trial}: one line per step"
+        );
+        for ((s, a), (_, b)) in reference.iter().zip(&got) {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "trial {trial}, step {s}: {a} vs {b}"
+            );
+        }
+        assert!(
+            checkpoint_weights(&run_dir, 12) == reference_weights,
+            "trial {trial}: final weights differ"
+        );
+    }
+    eprintln!(
+        "{backend}: kill -9 trials: {killed} of {}, of which {mid_write} landed mid-checkpoint",
+        trials.len()
+    );
+    assert!(killed >= 4, "too few runs were killed");
+    assert!(mid_write >= 1, "no kill landed inside a checkpoint write");
+}
+
+#[test]
+fn a_corrupt_newest_checkpoint_is_reported_and_skipped() {
+    let dir = scratch("corrupt");
+    let config = write_config(&dir, TINY);
+    let run_dir = dir.join("run");
+    ok(&train_with(&config, &run_dir, &[]));
+    // Flip one byte of the newest checkpoint's weights.
+    let model = run_dir.join("checkpoints/step-8/model.bpk");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&model, bytes).unwrap();
+    let out = run(train_bin()
+        .arg("--resume")
+        .arg(&run_dir)
+        .args(["--set", "train.steps=10"]));
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("skipping checkpoint")
+            && stderr.contains("step-8")
+            && stderr.contains("model.bpk"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("resumed at step 4"), "{stderr}");
+}
+
+/// The disk fills up while a checkpoint is written: the run exits 1 saying so, the partial
+/// files are gone, the earlier checkpoint verifies, and `--resume` finishes the run from it.
+#[test]
+fn a_full_disk_mid_checkpoint_keeps_the_previous_one_and_says_how_to_go_on() {
+    let dir = scratch("disk-full");
+    let config = write_config(&dir, TINY);
+    let run_dir = dir.join("run");
+    let mut cmd = train_bin();
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["--set", &format!("train.run_dir=\"{}\"", run_dir.display())])
+        .env("MIXLAB_FAULT_DISK_FULL_STEP", "8");
+    let out = run(&mut cmd);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("No space left on device")
+            && stderr.contains("checkpoint of step 8 was not written")
+            && stderr.contains("step-4")
+            && stderr.contains("--resume")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    let ckpts: Vec<String> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ckpts, ["step-4"], "no partial left behind");
+    let out = run(train_bin().arg("--resume").arg(&run_dir));
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resumed at step 4"));
+    assert!(run_dir.join("checkpoints/step-8/manifest.json").is_file());
+}

@@ -1,0 +1,362 @@
+//! The other tools: bench (train, scaling, parity, dry-run), sample, pattern, report, and
+//! every tool's --help.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+#[test]
+fn bench_prints_a_json_line_per_backend() {
+    let dir = scratch("bench");
+    let config = write_config(&dir, TINY);
+    let out = run(Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["train", "--config"])
+        .arg(&config)
+        .args([
+            "--backend",
+            "flex",
+            "--backend",
+            "ndarray",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ]));
+    ok(&out);
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "one line per backend, then the comparison");
+    assert_eq!(lines[2]["kind"], "compare");
+    assert_eq!(lines[2]["tokens_per_s_ratio"]["flex"], 1.0);
+    assert!(lines[2]["tokens_per_s_ratio"]["ndarray"].as_f64().unwrap() > 0.0);
+    for (line, backend) in lines.iter().zip(["flex", "ndarray"]) {
+        assert_eq!(line["kind"], "train");
+        assert_eq!(line["backend"], backend);
+        assert!(line["tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(line["params"].as_u64().unwrap() > 1000);
+        assert!(line["peak_rss_mb"].as_f64().unwrap() > 1.0);
+        let series = line["memory_series"].as_array().unwrap();
+        assert!(!series.is_empty() && series[0]["step"] == 1, "{series:?}");
+        assert!(series.iter().all(|m| m["rss_mb"].as_f64().unwrap() > 1.0));
+        // TINY: 6 x non-position params + 12 d n per layer (2 layers), 8 x 16 tokens a step.
+        let params = line["params"].as_f64().unwrap();
+        let per_token = 6.0 * (params - 16.0 * 32.0) + 2.0 * 12.0 * 32.0 * 16.0;
+        let gflop = line["model_gflop_per_step"].as_f64().unwrap();
+        assert!((gflop - per_token * 128.0 / 1e9).abs() < 1e-9, "{gflop}");
+        assert!(line["gemm_ceiling_gflops"].as_f64().unwrap() > 0.1);
+        assert!(line["achieved_gflops"].as_f64().unwrap() > 0.0);
+    }
+}
+
+/// Every binary's `--help` opens with what that tool does (not the crate's description) and
+/// ends with an example that uses the tool's own name.
+#[test]
+fn every_tool_introduces_itself_with_an_example() {
+    let tools = [
+        (
+            "train",
+            env!("CARGO_BIN_EXE_train"),
+            "Train a Mixlab language model",
+        ),
+        (
+            "eval",
+            env!("CARGO_BIN_EXE_eval"),
+            "Evaluate a trained Mixlab model",
+        ),
+        (
+            "export",
+            env!("CARGO_BIN_EXE_export"),
+            "Export a trained Mixlab model",
+        ),
+        (
+            "fetch",
+            env!("CARGO_BIN_EXE_fetch"),
+            "Download Mixlab's named corpora",
+        ),
+        (
+            "pattern",
+            env!("CARGO_BIN_EXE_pattern"),
+            "Check and draw the sparse attention",
+        ),
+        (
+            "report",
+            env!("CARGO_BIN_EXE_report"),
+            "Compare Mixlab runs",
+        ),
+        (
+            "sample",
+            env!("CARGO_BIN_EXE_sample"),
+            "Generate text from a trained Mixlab model",
+        ),
+        ("bench", env!("CARGO_BIN_EXE_bench"), "Mixlab benchmarks"),
+    ];
+    for (name, exe, purpose) in tools {
+        let out = run(Command::new(exe).arg("--help"));
+        assert!(out.status.success(), "{name} --help failed");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.starts_with(purpose), "{name} --help starts: {help}");
+        assert!(
+            !help.contains("command-line tools (train, bench)"),
+            "{name}: crate description"
+        );
+        let example = help
+            .split("Example:")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{name}: no example"));
+        assert!(
+            example.contains(name),
+            "{name}: the example does not run {name}: {example}"
+        );
+    }
+}
+
+/// `scripts/gpu-check.sh --dry-run` builds every row of the GPU check at the `base` size
+/// (config validation and model construction through `bench train --dry-run`, on flex here):
+/// a row the GPU check would fail on, such as `implementation = "fft"` at d_model 768, fails
+/// here first. Each row prints its parameter count (GPT-2 small's shape: tens of millions).
+#[test]
+fn gpu_check_rows_all_build_at_full_size() {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_bench"));
+    let dir = scratch("gpu-check-dry-run");
+    let out = run(Command::new("bash")
+        .arg(crate_dir().join("../../scripts/gpu-check.sh"))
+        .arg("--dry-run")
+        .env("MIXLAB_BIN", bench.parent().unwrap())
+        .env("BACKEND", "flex")
+        .env("OUT_DIR", &dir));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("dry-run "))
+        .collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    for row in rows {
+        let params: usize = row
+            .split(" (")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no parameter count in {row:?}"));
+        assert!(row.contains(": ok ("), "{row}");
+        assert!(params > 50_000_000, "{row}: the base size, not a toy");
+    }
+}
+
+/// flex and wgpu compute the same models (dense, Fourier by FFT and by causal DFT,
+/// block-sparse, persistent memory): logits within 1e-4 relative, the same loss before and after one AdamW
+/// step (`bench parity`, what `scripts/gpu-check.sh` runs on a GPU). Skips (with the reason)
+/// when no wgpu adapter exists, unless `MIXLAB_REQUIRE_WGPU=1` (CI installs Mesa's llvmpipe
+/// Vulkan driver and sets it).
+#[test]
+fn wgpu_matches_flex_for_every_mixer_family() {
+    use burn::tensor::DeviceKind;
+
+    let wgpu = match mixlab_train::device::wgpu(DeviceKind::DefaultDevice) {
+        Ok(s) => s,
+        Err(e) => {
+            assert!(
+                std::env::var_os("MIXLAB_REQUIRE_WGPU").is_none(),
+                "MIXLAB_REQUIRE_WGPU is set but wgpu has no adapter: {e}"
+            );
+            eprintln!("skipped: no wgpu adapter ({e})");
+            return;
+        }
+    };
+    eprintln!("wgpu parity on {}", wgpu.description);
+    let lines = mixlab_train::bench::parity(&wgpu).unwrap();
+    assert_eq!(lines.len(), 5);
+    for line in &lines {
+        eprintln!("{line}");
+        assert_eq!(line["ok"], true, "{line}");
+        let after = &line["loss_after_step"];
+        assert!(after["other"].as_f64() < line["loss_before"]["other"].as_f64());
+    }
+}
+
+#[test]
+fn sample_continues_a_prompt_reproducibly() {
+    let dir = scratch("sample");
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(
+        &corpus,
+        "the quick brown fox jumps over the lazy dog. ".repeat(100),
+    )
+    .unwrap();
+    let config = write_config(&dir, &TINY.replace("steps = 8", "steps = 30"));
+    let run_dir = dir.join("run");
+    let path = format!("data.path=\"{}\"", corpus.display());
+    ok(&train_with(
+        &config,
+        &run_dir,
+        &[
+            "data.corpus=\"text\"",
+            "data.level=\"char\"",
+            "data.cache_dir=\"\"",
+            &path,
+            "optim.lr=1e-2",
+        ],
+    ));
+    let sample = |seed: &str, extra: &[&str]| {
+        let out = run(Command::new(env!("CARGO_BIN_EXE_sample"))
+            .arg("--run")
+            .arg(&run_dir)
+            .args([
+                "--prompt",
+                "the ",
+                "--tokens",
+                "40",
+                "--backend",
+                "flex",
+                "--seed",
+                seed,
+            ])
+            .args(extra));
+        ok(&out);
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let a = sample("1", &[]);
+    assert!(a.starts_with("the "), "{a}");
+    assert_eq!(a.trim_end_matches('\n').chars().count(), 4 + 40, "{a:?}");
+    assert!(
+        a.chars()
+            .all(|c| "the quickbrownfxjmpsvlazydg. \n".contains(c)),
+        "only the corpus's characters: {a:?}"
+    );
+    assert_eq!(a, sample("1", &[]), "same seed, same text");
+    // Greedy decoding ignores the seed.
+    assert_eq!(
+        sample("1", &["--temperature", "0"]),
+        sample("2", &["--temperature", "0"])
+    );
+    // A copy-task run has no tokenizer: a clear error.
+    let copy_dir = dir.join("copy");
+    ok(&train_with(&config, &copy_dir, &[]));
+    let out = run(Command::new(env!("CARGO_BIN_EXE_sample"))
+        .arg("--run")
+        .arg(&copy_dir));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tokenizer.json"));
+}
+
+#[test]
+fn the_pattern_command_checks_and_draws_every_sparse_layer() {
+    let dir = scratch("pattern");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_pattern"))
+        .arg("--config")
+        .arg(repo_config("sparse-bigbird"))
+        .args(["--n", "1024", "--png"])
+        .arg(dir.join("png")));
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("(1) every token attends to itself: yes")
+            && stdout.contains("(2) Hamiltonian path in the union graph: yes"),
+        "{stdout}"
+    );
+    for layer in 0..6 {
+        let png = std::fs::read(dir.join(format!("png/layer-{layer}.png"))).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    }
+    // JSON, with a pattern that cannot connect everything: blocks that see only themselves.
+    let out = run(Command::new(env!("CARGO_BIN_EXE_pattern"))
+        .arg("--config")
+        .arg(repo_config("sparse-strided"))
+        .args(["--n", "256", "--json"])
+        .args(["--set", "model.mixer.pattern=[{kind=\"window\",width=1}]"]));
+    ok(&out);
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["report"]["reach_layers"], Value::Null);
+    assert_eq!(line["report"]["self_attention"], true);
+    // A config without sparse layers is an error that says so.
+    let out = run(Command::new(env!("CARGO_BIN_EXE_pattern"))
+        .arg("--config")
+        .arg(repo_config("dense")));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no layer uses kind = \"sparse\""));
+}
+
+#[test]
+fn bench_scaling_measures_dense_and_sparse_in_fresh_processes() {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["scaling", "--config"])
+        .arg(repo_config("sparse-bigbird"))
+        .args(["--n", "128,256", "--d-model", "32", "--repeats", "1"]));
+    ok(&out);
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let points: Vec<&Value> = lines.iter().filter(|l| l["kind"] == "scaling").collect();
+    assert_eq!(points.len(), 4, "{lines:?}");
+    for p in &points {
+        assert!(p["fwd_bwd_s"].as_f64().unwrap() > 0.0);
+        assert!(p["peak_rss_mb"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(points[0]["mixer"], "dense");
+    assert_eq!(points[2]["mixer"], "sparse:bigbird/b64");
+    assert_eq!(points[3]["n_ratio"], 2.0);
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["kind"], "scaling_summary");
+    assert!(summary["mixers"]["sparse:bigbird/b64"]["dense_over_this"]["256"].is_number());
+}
+
+/// `report` over two runs: a markdown row per run (params, best valid at its step, density)
+/// and the loss plots.
+#[test]
+fn report_compares_runs_in_a_table_and_plots() {
+    let dir = scratch("report");
+    let config = write_config(&dir, TINY);
+    let (dense, sparse) = (dir.join("dense"), dir.join("sparse"));
+    ok(&train_with(&config, &dense, &[]));
+    ok(&train_with(
+        &config,
+        &sparse,
+        &[
+            "model.mixer={ kind = \"sparse\", n_heads = 4, block = 2, pattern = [{ kind = \"window\", width = 2 }] }",
+        ],
+    ));
+    let out = run(Command::new(env!("CARGO_BIN_EXE_report"))
+        .arg(&dense)
+        .arg(&sparse)
+        .arg("--out")
+        .arg(dir.join("docs"))
+        .args(["--name", "cmp"]));
+    ok(&out);
+    let table = std::fs::read_to_string(dir.join("docs/cmp.md")).unwrap();
+    let rows: Vec<&str> = table.lines().skip(2).collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(
+        rows[0].starts_with("| dense | dense |") && rows[0].contains("| 1.000 |"),
+        "{table}"
+    );
+    assert!(
+        rows[1].starts_with("| sparse | sparse: window |"),
+        "{table}"
+    );
+    let best = losses(&metrics(&dense), "valid")
+        .into_iter()
+        .map(|(_, l)| l)
+        .fold(f64::INFINITY, f64::min);
+    assert!(rows[0].contains(&format!("{best:.4}")), "{table}");
+    for svg in [
+        "cmp-valid-vs-step.svg",
+        "cmp-valid-vs-time.svg",
+        "cmp-quality-vs-density.svg",
+    ] {
+        let text = std::fs::read_to_string(dir.join("docs").join(svg)).unwrap();
+        assert!(text.starts_with("<svg") && text.contains("sparse"), "{svg}");
+    }
+    let out = run(Command::new(env!("CARGO_BIN_EXE_report")).arg(dir.join("nope")));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a run directory"));
+}
