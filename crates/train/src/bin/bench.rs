@@ -248,6 +248,68 @@ fn compare(backends: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The first sparse or persistent mixer of each config (what `bench scaling` measures).
+fn measured_mixers(configs: &[PathBuf]) -> anyhow::Result<Vec<mixlab_models::MixerConfig>> {
+    use mixlab_models::MixerConfig;
+    let mut mixers = vec![];
+    for path in configs {
+        let config = mixlab_train::Config::load(path, &[])?;
+        let layers = config.model.layer_mixers()?;
+        let measured = layers
+            .iter()
+            .find(|m| matches!(m, MixerConfig::Sparse(_) | MixerConfig::Persistent(_)))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: no layer uses kind = \"sparse\" or \"persistent\"",
+                    path.display()
+                )
+            })?;
+        mixers.push(measured.clone());
+    }
+    Ok(mixers)
+}
+
+/// Per mixer: the least-squares exponent of time in n over the points from 2048 up, and
+/// dense's time over the mixer's at every n both measured.
+fn scaling_summary(
+    mixers: &[mixlab_models::MixerConfig],
+    results: &[(String, usize, f64)],
+) -> serde_json::Map<String, serde_json::Value> {
+    use mixlab_train::bench::mixer_name;
+    use serde_json::{Value, json};
+    let mut summary = serde_json::Map::new();
+    for mixer in mixers {
+        let name = mixer_name(mixer);
+        let points: Vec<(f64, f64)> = results
+            .iter()
+            .filter(|(m, n, _)| *m == name && *n >= 2048)
+            .map(|(_, n, t)| ((*n as f64).ln(), t.ln()))
+            .collect();
+        let exponent = (points.len() >= 2).then(|| {
+            let k = points.len() as f64;
+            let (mx, my) = (
+                points.iter().map(|p| p.0).sum::<f64>() / k,
+                points.iter().map(|p| p.1).sum::<f64>() / k,
+            );
+            points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>()
+                / points.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>()
+        });
+        let dense_over: serde_json::Map<String, Value> = results
+            .iter()
+            .filter(|(m, _, _)| *m == name)
+            .filter_map(|(_, n, t)| {
+                let dense = results.iter().find(|(m, dn, _)| m == "dense" && dn == n)?;
+                Some((n.to_string(), json!(dense.2 / t)))
+            })
+            .collect();
+        summary.insert(
+            name,
+            json!({"time_exponent_from_2048": exponent, "dense_over_this": dense_over}),
+        );
+    }
+    summary
+}
+
 /// `bench scaling`: every (mixer, n) point in its own process; lines as they finish, each with
 /// its time and memory ratio to the previous length, then a summary with the fitted exponent
 /// of time in n (from 2048 up) and dense/sparse time ratios.
@@ -264,21 +326,7 @@ fn scaling(
     use mixlab_train::bench::mixer_name;
     use mixlab_train::telemetry::available_gb;
     use serde_json::{Value, json};
-    let mut mixers = vec![];
-    for path in configs {
-        let config = mixlab_train::Config::load(path, &[])?;
-        let layers = config.model.layer_mixers()?;
-        let measured = layers
-            .iter()
-            .find(|m| matches!(m, MixerConfig::Sparse(_) | MixerConfig::Persistent(_)))
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{}: no layer uses kind = \"sparse\" or \"persistent\"",
-                    path.display()
-                )
-            })?;
-        mixers.push(measured.clone());
-    }
+    let mut mixers = measured_mixers(configs)?;
     let (n_heads, causal) = match mixers.first() {
         Some(MixerConfig::Sparse(c)) => (c.n_heads, c.causal),
         Some(MixerConfig::Persistent(c)) => (c.n_heads, c.causal),
@@ -353,37 +401,7 @@ fn scaling(
             previous = Some(line);
         }
     }
-    // Least-squares exponent of time in n over the points from 2048 up.
-    let mut summary = serde_json::Map::new();
-    for mixer in &mixers {
-        let name = mixer_name(mixer);
-        let points: Vec<(f64, f64)> = results
-            .iter()
-            .filter(|(m, n, _)| *m == name && *n >= 2048)
-            .map(|(_, n, t)| ((*n as f64).ln(), t.ln()))
-            .collect();
-        let exponent = (points.len() >= 2).then(|| {
-            let k = points.len() as f64;
-            let (mx, my) = (
-                points.iter().map(|p| p.0).sum::<f64>() / k,
-                points.iter().map(|p| p.1).sum::<f64>() / k,
-            );
-            points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>()
-                / points.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>()
-        });
-        let dense_over: serde_json::Map<String, Value> = results
-            .iter()
-            .filter(|(m, _, _)| *m == name)
-            .filter_map(|(_, n, t)| {
-                let dense = results.iter().find(|(m, dn, _)| m == "dense" && dn == n)?;
-                Some((n.to_string(), json!(dense.2 / t)))
-            })
-            .collect();
-        summary.insert(
-            name,
-            json!({"time_exponent_from_2048": exponent, "dense_over_this": dense_over}),
-        );
-    }
+    let summary = scaling_summary(&mixers, &results);
     println!(
         "{}",
         json!({"kind": "scaling_summary", "backend": backend, "d_model": d_model, "mixers": summary})
