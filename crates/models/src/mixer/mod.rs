@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::ModelError;
 
 /// Whether `device` is flex (autodiff or not), where the fused mixer operations
-/// (`attention_op.rs`, `fourier_op.rs`) run. Burn 0.22 has no backend query on
+/// (`attention_op/`, `fourier_op.rs`) run. Burn 0.22 has no backend query on
 /// a `Device`; its `Debug` form names the backend.
 pub(crate) fn on_flex(device: &Device) -> bool {
     format!("{device:?}").contains("Flex")
