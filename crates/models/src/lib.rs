@@ -15,6 +15,7 @@ pub mod init;
 pub mod linear;
 pub mod lm;
 pub mod loss;
+pub mod loss_op;
 pub mod mixer;
 pub mod mlp;
 pub mod norm_op;
