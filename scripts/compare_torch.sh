@@ -8,7 +8,9 @@
 # Install a CPU PyTorch as ../shared/PYTORCH-CPU.md describes (a venv outside the repo), e.g.
 #   scripts/compare_torch.sh /tmp/torch-venv/bin/python
 # Both sides use 2 threads / the 2 cores, random tokens, AdamW, global-norm clipping, median of
-# STEPS (default 8) timed steps after one warm-up step. COMPOSED=1 also times Mixlab with
+# STEPS (default 8) timed steps after one warm-up step; ROUNDS=N (default 1) alternates N runs
+# of each side per row and reports the median of each side (this machine drifts ±15% between
+# runs: ROUNDS=3 gives figures to trust, at three times the time). COMPOSED=1 also times Mixlab with
 # model.attention_impl = "composed" (the tensor-op attention, the pre-kernel baseline) in the
 # same run. OUT (default runs/compare-torch) receives results.jsonl and table.md.
 # Not part of the test suite.
@@ -16,6 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-python3}"
 STEPS="${STEPS:-8}"
+ROUNDS="${ROUNDS:-1}"
 OUT="${OUT:-runs/compare-torch}"
 mkdir -p "$OUT"
 cargo build --release --bin bench >&2
@@ -32,16 +35,25 @@ mixlab() { # --set args...
     "${sets[@]}" 2>/dev/null | tps
 }
 
+median() { "$PY" -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+
 row() { # name, torch args, mixlab --set args...
   local name="$1" targs="$2"; shift 2
-  local m t c=null
-  m=$(mixlab "$@")
-  if [ "${COMPOSED:-0}" = 1 ]; then c=$(mixlab "$@" 'model.attention_impl="composed"'); fi
-  # shellcheck disable=SC2086
-  t=$("$PY" scripts/torch_reference.py $targs --steps "$STEPS" --warmup 1 --threads 2 | tps)
+  local m t c=null ms=() ts=() cs=()
+  # ROUNDS alternating runs of each side (the machine's speed drifts between runs); each
+  # side's figure is the median over the rounds of its per-run medians.
+  for _ in $(seq "$ROUNDS"); do
+    ms+=("$(mixlab "$@")")
+    if [ "${COMPOSED:-0}" = 1 ]; then cs+=("$(mixlab "$@" 'model.attention_impl="composed"')"); fi
+    # shellcheck disable=SC2086
+    ts+=("$("$PY" scripts/torch_reference.py $targs --steps "$STEPS" --warmup 1 --threads 2 | tps)")
+  done
+  m=$(median "${ms[@]}")
+  t=$(median "${ts[@]}")
+  if [ "${COMPOSED:-0}" = 1 ]; then c=$(median "${cs[@]}"); fi
   "$PY" -c "import json; print(json.dumps({'workload': '$name', 'mixlab_tokens_per_s': round($m), \
 'torch_tokens_per_s': round($t), 'ratio': round($m / $t, 3), \
-'mixlab_composed_tokens_per_s': None if '$c' == 'null' else round($c)}))" | tee -a "$OUT/results.jsonl"
+'mixlab_composed_tokens_per_s': None if '$c' == 'null' else round($c), 'rounds': $ROUNDS}))" | tee -a "$OUT/results.jsonl"
 }
 
 row "dense causal, seq 256, batch 16" "--mixer dense"

@@ -24,10 +24,8 @@ PY="${PYTHON:-python3}"
 STEPS="${STEPS:-200}"
 MEM_STEPS="${MEM_STEPS:-1000}"
 WARMUP=5
-mkdir -p "$OUT_DIR"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 JSONL="$OUT_DIR/gpu-check.jsonl"
-: >"$JSONL"
 status=0
 
 # Sizes: the base workload, or (SMOKE=1) a tiny one that a software rasteriser finishes.
@@ -69,6 +67,10 @@ if [ "${1:-}" = --dry-run ]; then
   done
   exit "$status"
 fi
+
+# A real run: results go to OUT_DIR (after the dry-run branch, which writes nothing there).
+mkdir -p "$OUT_DIR"
+: >"$JSONL"
 
 echo "== parity: flex vs $BACKEND" >&2
 if ! "$BIN/bench" parity --backend "$BACKEND" | tee -a "$JSONL"; then

@@ -444,30 +444,42 @@ pub fn data_load(size_mb: usize, dir: &std::path::Path) -> Result<Value> {
 
 /// The mixer families on a tiny model, for [`parity`]: (name, `[model]` TOML). Both Fourier
 /// paths: burn-signal's FFTs (bidirectional) and the DFT matrices (causal).
-const PARITY_MODELS: [(&str, &str); 5] = [
+const PARITY_MODELS: [(&str, usize, &str); 6] = [
     (
         "dense",
+        32,
         "d_ff = 64\n[mixer]\nkind = \"dense\"\nn_heads = 4\n",
     ),
     (
         "fourier-fft",
+        32,
         "d_ff = 64\n[mixer]\nkind = \"fourier\"\ncausal = false\nimplementation = \"fft\"\n",
     ),
     (
+        // d_model 24 is not a power of two: on GPUs `auto` takes the sequence FFT with DFT
+        // matrices along the hidden width (`FourierPath::SeqFft`), on flex the fused FFT.
+        "fourier-seq-fft",
+        24,
+        "d_ff = 64\n[mixer]\nkind = \"fourier\"\ncausal = false\nimplementation = \"auto\"\n",
+    ),
+    (
         "fourier-causal-dft",
+        32,
         "d_ff = 64\n[mixer]\nkind = \"fourier\"\ncausal = true\nimplementation = \"dft\"\n",
     ),
     (
         "sparse-strided",
+        32,
         "d_ff = 64\n[mixer]\nkind = \"sparse\"\nn_heads = 4\nblock = 4\npattern = [{ kind = \"strided\", stride = 2 }]\n",
     ),
     (
         "persistent",
+        32,
         "d_ff = 0\nposition = \"relative\"\n[mixer]\nkind = \"persistent\"\nn_heads = 4\nn_persistent = 8\n",
     ),
 ];
 
-/// Backend parity: each mixer family's tiny LM (vocab 13, d 32, 2 layers, seq 16,
+/// Backend parity: each mixer family's tiny LM (vocab 13, d 32 (24 for the sequence-FFT row), 2 layers, seq 16,
 /// batch 2) with the same weights on flex and on `other`: the largest logit difference
 /// relative to the largest logit, and the loss before and after one AdamW step on both.
 /// `ok` when logits agree within 1e-4 relative, the loss before within 1e-4 and after within
@@ -489,7 +501,7 @@ pub fn parity(other: &device::Selected) -> Result<Vec<Value>> {
     let flex = Device::flex().autodiff();
     let gpu = other.device.clone().autodiff();
     let mut lines = vec![];
-    for (name, mixer) in PARITY_MODELS {
+    for (name, d_model, mixer) in PARITY_MODELS {
         if name == "fourier-fft" && other.backend == "ndarray" {
             lines.push(
                 json!({"kind": "parity", "mixer": name, "device": other.description,
@@ -497,7 +509,8 @@ pub fn parity(other: &device::Selected) -> Result<Vec<Value>> {
             );
             continue;
         }
-        let text = format!("vocab_size = 13\nd_model = 32\nn_layers = 2\nseq_len = 16\n{mixer}");
+        let text =
+            format!("vocab_size = 13\nd_model = {d_model}\nn_layers = 2\nseq_len = 16\n{mixer}");
         let cfg: mixlab_models::LmConfig =
             toml::from_str(&text).with_context(|| format!("parity model {name}"))?;
         flex.seed(9);

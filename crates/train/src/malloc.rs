@@ -21,8 +21,9 @@ const TRIM_THRESHOLD: i32 = 1 << 30;
 /// Extra bytes asked of the kernel whenever the heap grows, so it grows seldom.
 const TOP_PAD: i32 = 64 << 20;
 
-/// The glibc tunables a user may set instead (`MALLOC_*_` environment variables); when any is
-/// set, the user's choice stands and nothing is changed.
+/// The glibc tunables a user may set instead (`MALLOC_*_` environment variables, or any
+/// `GLIBC_TUNABLES`, which may hold the same settings); when one is set, the user's choice
+/// stands and nothing is changed.
 const USER_SETTINGS: [&str; 4] = [
     "MALLOC_MMAP_THRESHOLD_",
     "MALLOC_TRIM_THRESHOLD_",
@@ -40,18 +41,23 @@ pub fn keep_freed_memory() -> bool {
     apply()
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
 fn apply() -> bool {
+    let settings = [
+        (libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        (libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        (libc::M_TOP_PAD, TOP_PAD),
+    ];
+    // Each setting on its own: one glibc refuses must not keep the others from applying.
     // SAFETY: `mallopt` only changes allocator parameters; it is called before other threads
-    // allocate and with values glibc documents as valid for these parameters.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-            && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-            && libc::mallopt(libc::M_TOP_PAD, TOP_PAD) == 1
-    }
+    // allocate and with values glibc documents as valid for these parameters on 64-bit targets.
+    settings
+        .map(|(param, value)| unsafe { libc::mallopt(param, value) } == 1)
+        .iter()
+        .all(|&applied| applied)
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+#[cfg(not(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64")))]
 fn apply() -> bool {
     false
 }
@@ -59,7 +65,7 @@ fn apply() -> bool {
 #[cfg(test)]
 mod tests {
     #[test]
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
     fn glibc_accepts_every_setting() {
         // mallopt returns 0 for a value it refuses (e.g. an mmap threshold above 32 MiB), so a
         // refused setting would silently leave the defaults in place.

@@ -117,7 +117,9 @@ struct Trainer {
     /// The main device (it holds the model) and the data-parallel replicas, with autodiff.
     selected: Selected,
     replicas: Vec<Device>,
-    model: Lm,
+    /// The model; `None` only while AdamW holds it (it takes the model by value, and with no
+    /// other reference to the parameters it may update them in place).
+    model: Option<Lm>,
     optim: ModuleOptimizer,
     metrics: MetricsLog,
     /// The validation batches of every evaluation but the last (which takes the whole split).
@@ -144,6 +146,11 @@ struct StepOutcome {
 }
 
 impl Trainer {
+    /// The model (between optimiser steps it is always there).
+    fn model(&self) -> &Lm {
+        self.model.as_ref().expect("the model between steps")
+    }
+
     /// Set up a run: config, data (it fixes the vocabulary), the resume point (checked before
     /// anything is written), devices, the run directory, model and optimiser (restored when
     /// resuming), metrics, and the opening lines.
@@ -203,7 +210,7 @@ impl Trainer {
             run_dir,
             source,
             replicas,
-            model,
+            model: Some(model),
             optim,
             metrics,
             valid_batches,
@@ -241,7 +248,7 @@ impl Trainer {
             .collect();
         let weight: f64 = batches.iter().map(|b| b.weight_sum()).sum();
         let mut loss_sum: Option<Tensor<1>> = None;
-        let models = fork_replicas(&self.model, &self.replicas);
+        let models = fork_replicas(self.model(), &self.replicas);
         let mut accumulator = GradientsAccumulator::<Lm>::new();
         for batch in &batches {
             let extras = Extras {
@@ -264,7 +271,7 @@ impl Trainer {
         }
         drop(models); // the replicas' references to the parameters, before AdamW updates them
         let (grads, grad_norm) = clip_global_norm(
-            &self.model,
+            self.model(),
             accumulator.grads(),
             self.config.optim.grad_clip,
         );
@@ -277,7 +284,8 @@ impl Trainer {
         self.step += 1;
         self.train_loss = Some(loss);
         if loss.is_finite() && grad_norm.is_finite() {
-            self.model = self.optim.step(lr, self.model.clone(), grads);
+            let model = self.model.take().expect("the model");
+            self.model = Some(self.optim.step(lr, model, grads));
             return Ok(StepOutcome {
                 lr,
                 loss,
@@ -359,9 +367,9 @@ impl Trainer {
         } else {
             &self.valid_batches
         };
-        let mut splits = vec![("valid", evaluate(&self.model, batches, device))];
+        let mut splits = vec![("valid", evaluate(self.model(), batches, device))];
         if last && let Some(test) = self.source.test_batches(t.batch_size, seq) {
-            splits.push(("test", evaluate(&self.model, &for_eval(test), device)));
+            splits.push(("test", evaluate(self.model(), &for_eval(test), device)));
         }
         for (split, (loss, tokens)) in splits {
             if split == "valid" {
@@ -392,7 +400,7 @@ impl Trainer {
         write_checkpoint(
             &self.config,
             &self.run_dir,
-            &self.model,
+            self.model(),
             &self.optim,
             self.step,
             self.valid_loss,
@@ -427,7 +435,7 @@ impl Trainer {
         let report = json!({
             "kind": "summary",
             "model": self.config.model.kind(),
-            "params": self.model.num_params(),
+            "params": self.model().num_params(),
             "backend": self.selected.backend,
             "step": self.step,
             "steps_this_session": self.step - self.start,

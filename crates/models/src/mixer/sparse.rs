@@ -233,25 +233,18 @@ pub fn block_sparse_attention(
         core.attend(queries, &keys, &values, &buckets[0].0, buckets[0].1)
     } else {
         // Each bucket's query blocks, attended apart, then put back in block order.
+        let order = BucketOrder::cached(layout, n, &buckets, &device);
         let mut outputs = vec![];
-        let mut order = vec![];
-        for (blocks, k_max) in &buckets {
-            let ids: Vec<i64> = blocks.iter().map(|&i| i as i64).collect();
-            let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [blocks.len()]), &device);
+        for ((blocks, k_max), ids) in buckets.iter().zip(&order.ids) {
             outputs.push(core.attend(
-                queries.clone().select(2, ids),
+                queries.clone().select(2, ids.clone()),
                 &keys,
                 &values,
                 blocks,
                 *k_max,
             ));
-            order.extend(blocks.iter().copied());
         }
-        let mut inverse = vec![0i64; n_blocks];
-        for (at, &i) in order.iter().enumerate() {
-            inverse[i] = at as i64;
-        }
-        let inverse = Tensor::<1, Int>::from_data(TensorData::new(inverse, [n_blocks]), &device);
+        let inverse = order.inverse.clone();
         Tensor::cat(outputs, 2).select(2, inverse)
     };
     let y = y.reshape([batch, heads, padded, d_head]);
@@ -309,6 +302,55 @@ impl Core<'_> {
             weights = dropout.forward(weights);
         }
         weights.matmul(gather(values))
+    }
+}
+
+/// Which query blocks each bucket holds (`ids`, one index tensor per bucket) and where each
+/// block's rows land after concatenating the buckets (`inverse`): built once per (pattern,
+/// length, device) like [`SlotTables`].
+#[derive(Clone)]
+struct BucketOrder {
+    ids: Vec<Tensor<1, Int>>,
+    inverse: Tensor<1, Int>,
+}
+
+impl BucketOrder {
+    fn cached(
+        layout: &LayerPattern,
+        n: usize,
+        buckets: &[(Vec<usize>, usize)],
+        device: &Device,
+    ) -> Self {
+        type Key = (LayerPattern, usize, Device);
+        static CACHE: Mutex<Vec<(Key, BucketOrder)>> = Mutex::new(Vec::new());
+        let key = (layout.clone(), n, device.clone());
+        let mut cache = CACHE
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, order)) = cache.iter().find(|(k, _)| *k == key) {
+            return order.clone();
+        }
+        let mut ids = vec![];
+        let mut order = vec![];
+        for (blocks, _) in buckets {
+            let list: Vec<i64> = blocks.iter().map(|&i| i as i64).collect();
+            ids.push(Tensor::<1, Int>::from_data(
+                TensorData::new(list, [blocks.len()]),
+                device,
+            ));
+            order.extend(blocks.iter().copied());
+        }
+        let mut inverse = vec![0i64; order.len()];
+        for (at, &i) in order.iter().enumerate() {
+            inverse[i] = at as i64;
+        }
+        let inverse = Tensor::<1, Int>::from_data(TensorData::new(inverse, [order.len()]), device);
+        let built = Self { ids, inverse };
+        if cache.len() == SLOT_TABLES_KEPT {
+            cache.remove(0);
+        }
+        cache.push((key, built.clone()));
+        built
     }
 }
 

@@ -152,7 +152,8 @@ fn gpu_check_rows_all_build_at_full_size() {
     }
 }
 
-/// flex and wgpu compute the same models (dense, Fourier by FFT and by causal DFT,
+/// flex and wgpu compute the same models (dense, Fourier by FFT, by a sequence FFT with hidden
+/// DFT matrices (d_model 24, wgpu's path at d 768) and by causal DFT,
 /// block-sparse, persistent memory): logits within 1e-4 relative, the same loss before and after one AdamW
 /// step (`bench parity`, what `scripts/gpu-check.sh` runs on a GPU). Skips (with the reason)
 /// when no wgpu adapter exists, unless `MIXLAB_REQUIRE_WGPU=1` (CI installs Mesa's llvmpipe
@@ -174,7 +175,7 @@ fn wgpu_matches_flex_for_every_mixer_family() {
     };
     eprintln!("wgpu parity on {}", wgpu.description);
     let lines = mixlab_train::bench::parity(&wgpu).unwrap();
-    assert_eq!(lines.len(), 5);
+    assert_eq!(lines.len(), 6);
     for line in &lines {
         eprintln!("{line}");
         assert_eq!(line["ok"], true, "{line}");
