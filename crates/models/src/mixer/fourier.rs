@@ -32,9 +32,9 @@
 use burn::module::Module;
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use std::sync::Mutex;
 
 use super::MixerContext;
+use super::kernel::Memo;
 use crate::ModelError;
 
 /// Which implementation computes the transform.
@@ -304,24 +304,11 @@ pub fn cached_dft_matrices(
     lower_triangular: bool,
     device: &Device,
 ) -> (Tensor<2>, Tensor<2>) {
-    type Entry = ((usize, bool, Device), (Tensor<2>, Tensor<2>));
-    static CACHE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
-    let key = (n, lower_triangular, device.clone());
-    let mut cache = CACHE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(i) = cache.iter().position(|(k, _)| *k == key) {
-        let entry = cache.remove(i);
-        let matrices = entry.1.clone();
-        cache.push(entry); // most recently used last
-        return matrices;
-    }
-    let matrices = dft_matrices(n, lower_triangular, device);
-    if cache.len() == DFT_CACHE_ENTRIES {
-        cache.remove(0);
-    }
-    cache.push((key, matrices.clone()));
-    matrices
+    static CACHE: Memo<(usize, bool, Device), (Tensor<2>, Tensor<2>)> =
+        Memo::new(DFT_CACHE_ENTRIES);
+    CACHE.get_or_build((n, lower_triangular, device.clone()), || {
+        dft_matrices(n, lower_triangular, device)
+    })
 }
 
 /// How many (length, causality, device) DFT matrix pairs [`cached_dft_matrices`] keeps.

@@ -144,9 +144,69 @@ pub(crate) fn lanes(x: &[f32], init: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
     acc.iter().fold(tail, |a, &b| op(a, b))
 }
 
+/// A small process-wide cache of values built from a key (index and mask tensors, DFT
+/// matrices, ...): built once, cloned out afterwards; the least recently used entry goes when
+/// `capacity` is reached. For statics: `static CACHE: Memo<K, V> = Memo::new(8);`.
+pub(crate) struct Memo<K, V> {
+    entries: std::sync::Mutex<Vec<(K, V)>>,
+    capacity: usize,
+}
+
+impl<K: PartialEq, V: Clone> Memo<K, V> {
+    /// An empty cache keeping at most `capacity` entries (at least one).
+    pub(crate) const fn new(capacity: usize) -> Self {
+        Self {
+            entries: std::sync::Mutex::new(Vec::new()),
+            capacity: if capacity == 0 { 1 } else { capacity },
+        }
+    }
+
+    /// The value of `key`, built by `build` the first time (the lock is held while building,
+    /// so concurrent callers build it once).
+    pub(crate) fn get_or_build(&self, key: K, build: impl FnOnce() -> V) -> V {
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(i) = entries.iter().position(|(k, _)| *k == key) {
+            let entry = entries.remove(i);
+            let value = entry.1.clone();
+            entries.push(entry); // most recently used last
+            return value;
+        }
+        let value = build();
+        if entries.len() == self.capacity {
+            entries.remove(0);
+        }
+        entries.push((key, value.clone()));
+        value
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Built once per key, the least recently used entry evicted at capacity.
+    #[test]
+    fn memo_builds_once_and_evicts_the_least_recently_used() {
+        let memo: Memo<u32, u32> = Memo::new(2);
+        let builds = std::cell::Cell::new(0);
+        let get = |k: u32| {
+            memo.get_or_build(k, || {
+                builds.set(builds.get() + 1);
+                k * 10
+            })
+        };
+        assert_eq!((get(1), get(2), get(1)), (10, 20, 10));
+        assert_eq!(builds.get(), 2, "1 is cached");
+        assert_eq!(get(3), 30); // evicts 2, the least recently used
+        assert_eq!(builds.get(), 3);
+        assert_eq!(get(1), 10);
+        assert_eq!(builds.get(), 3, "1 stayed");
+        assert_eq!(get(2), 20);
+        assert_eq!(builds.get(), 4, "2 was evicted and is rebuilt");
+    }
 
     /// The hashed mask drops the asked-for fraction and differs between seeds.
     #[test]

@@ -22,9 +22,9 @@ use burn::module::Module;
 use burn::nn::Dropout;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData, activation};
 use serde::{Deserialize, Serialize};
-use std::sync::Mutex;
 
 use super::attention_op::KeyLayout;
+use super::kernel::Memo;
 use super::{DenseAttention, DenseAttentionConfig, MixerContext};
 use crate::ModelError;
 use crate::pattern::{LayerPattern, PatternSpec};
@@ -322,14 +322,13 @@ impl BucketOrder {
         device: &Device,
     ) -> Self {
         type Key = (LayerPattern, usize, Device);
-        static CACHE: Mutex<Vec<(Key, BucketOrder)>> = Mutex::new(Vec::new());
-        let key = (layout.clone(), n, device.clone());
-        let mut cache = CACHE
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((_, order)) = cache.iter().find(|(k, _)| *k == key) {
-            return order.clone();
-        }
+        static CACHE: Memo<Key, BucketOrder> = Memo::new(SLOT_TABLES_KEPT);
+        CACHE.get_or_build((layout.clone(), n, device.clone()), || {
+            Self::build(buckets, device)
+        })
+    }
+
+    fn build(buckets: &[(Vec<usize>, usize)], device: &Device) -> Self {
         let mut ids = vec![];
         let mut order = vec![];
         for (blocks, _) in buckets {
@@ -345,12 +344,7 @@ impl BucketOrder {
             inverse[i] = at as i64;
         }
         let inverse = Tensor::<1, Int>::from_data(TensorData::new(inverse, [order.len()]), device);
-        let built = Self { ids, inverse };
-        if cache.len() == SLOT_TABLES_KEPT {
-            cache.remove(0);
-        }
-        cache.push((key, built.clone()));
-        built
+        Self { ids, inverse }
     }
 }
 
@@ -380,7 +374,7 @@ impl SlotTables {
         device: &Device,
     ) -> Self {
         type Key = (LayerPattern, usize, usize, Vec<usize>, usize, Device);
-        static CACHE: Mutex<Vec<(Key, SlotTables)>> = Mutex::new(Vec::new());
+        static CACHE: Memo<Key, SlotTables> = Memo::new(SLOT_TABLES_KEPT);
         let key = (
             layout.clone(),
             heads,
@@ -389,18 +383,7 @@ impl SlotTables {
             k_max,
             device.clone(),
         );
-        let mut cache = CACHE
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((_, tables)) = cache.iter().find(|(k, _)| *k == key) {
-            return tables.clone();
-        }
-        let tables = Self::build(layout, heads, n, blocks, k_max, device);
-        if cache.len() == SLOT_TABLES_KEPT {
-            cache.remove(0);
-        }
-        cache.push((key, tables.clone()));
-        tables
+        CACHE.get_or_build(key, || Self::build(layout, heads, n, blocks, k_max, device))
     }
 
     fn build(
