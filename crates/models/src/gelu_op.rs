@@ -217,11 +217,9 @@ impl<B: BiasGeluOps + BiasGeluBackward, C: CheckpointStrategy> BiasGeluOps for A
 pub fn linear_gelu(fc: &Linear, x: Tensor<3>) -> Tensor<3> {
     match &fc.bias {
         Some(bias) if crate::mixer::on_flex(&x.device()) => {
-            let [batch, seq, d_in] = x.dims();
+            let [batch, seq, _] = x.dims();
             let [_, d_out] = fc.weight.dims();
-            // One GEMM over batch·seq rows (see `crate::linear`).
-            let h =
-                burn::tensor::module::linear(x.reshape([batch * seq, d_in]), fc.weight.val(), None);
+            let h = crate::linear::matmul_rows(x, fc.weight.val()).reshape([batch * seq, d_out]);
             let dtype = h.dtype();
             let y = Tensor::<2>::from_dispatch(
                 <burn::backend::Dispatch as BiasGeluOps>::fused_bias_gelu(

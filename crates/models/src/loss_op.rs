@@ -41,31 +41,27 @@ pub trait CrossEntropyBackward: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// `logits` `[rows, vocab]` and a `[rows]` vector, contiguous f32, checked.
-fn operands(
-    logits: &FlexTensor,
-    rows_vector: &FlexTensor,
-) -> (usize, usize, FlexTensor, FlexTensor) {
+/// `logits` `[rows, vocab]`, contiguous f32, checked: `(rows, vocab, logits)`.
+fn logits_operand(logits: &FlexTensor) -> (usize, usize, FlexTensor) {
     assert_eq!(logits.dtype(), DType::F32, "fused_token_nll: f32 only");
-    assert_eq!(rows_vector.dtype(), DType::F32, "fused_token_nll: f32 only");
     let shape = logits.layout().shape();
     assert_eq!(
         shape.num_dims(),
         2,
         "fused_token_nll: logits must be [rows, vocab]"
     );
-    let (rows, vocab) = (shape[0], shape[1]);
-    let v = rows_vector.layout().shape();
+    (shape[0], shape[1], logits.to_contiguous())
+}
+
+/// A `[rows]` f32 vector (targets, or the output gradient), contiguous, checked.
+fn row_vector(v: &FlexTensor, rows: usize) -> FlexTensor {
+    assert_eq!(v.dtype(), DType::F32, "fused_token_nll: f32 only");
+    let shape = v.layout().shape();
     assert!(
-        v.num_dims() == 1 && v[0] == rows,
+        shape.num_dims() == 1 && shape[0] == rows,
         "fused_token_nll: a [{rows}] vector per row"
     );
-    (
-        rows,
-        vocab,
-        logits.to_contiguous(),
-        rows_vector.to_contiguous(),
-    )
+    v.to_contiguous()
 }
 
 /// The target of a row: its id, checked against the vocabulary.
@@ -91,7 +87,8 @@ fn log_sum_exp(row: &[f32], scratch: &mut [f32]) -> f32 {
 
 impl CrossEntropyOps for Flex {
     fn fused_token_nll(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
-        let (rows, vocab, logits, targets) = operands(&logits, &targets);
+        let (rows, vocab, logits) = logits_operand(&logits);
+        let targets = row_vector(&targets, rows);
         let (x, t) = (slice(&logits), slice(&targets));
         let mut nll = vec![0.0f32; rows];
         nll.par_chunks_mut(CHUNK)
@@ -113,8 +110,8 @@ impl CrossEntropyBackward for Flex {
         targets: FlexTensor,
         grad: FlexTensor,
     ) -> FlexTensor {
-        let (rows, vocab, logits, targets) = operands(&logits, &targets);
-        let (_, _, _, grad) = operands(&logits, &grad);
+        let (rows, vocab, logits) = logits_operand(&logits);
+        let (targets, grad) = (row_vector(&targets, rows), row_vector(&grad, rows));
         let (x, t, g) = (slice(&logits), slice(&targets), slice(&grad));
         let mut dx = vec![0.0f32; rows * vocab];
         dx.par_chunks_mut(CHUNK * vocab.max(1))

@@ -146,6 +146,12 @@ struct StepOutcome {
 }
 
 impl Trainer {
+    /// Tokens one optimiser step trains on (every micro-batch, every row).
+    fn tokens_per_step(&self) -> f64 {
+        let t = &self.config.train;
+        (t.batch_size * t.grad_accum * self.config.model.seq_len) as f64
+    }
+
     /// The model (between optimiser steps it is always there).
     fn model(&self) -> &Lm {
         self.model.as_ref().expect("the model between steps")
@@ -320,11 +326,10 @@ impl Trainer {
 
     /// The progress bar, and a `train` line of `metrics.jsonl` every `log_every` steps.
     fn log(&mut self, o: &StepOutcome) -> Result<()> {
-        let t = &self.config.train;
-        let tokens_per_step = (t.batch_size * t.grad_accum * self.config.model.seq_len) as f64;
         self.window.1 += 1;
         let tokens_per_s =
-            tokens_per_step * self.window.1 as f64 / self.window.0.elapsed().as_secs_f64();
+            self.tokens_per_step() * self.window.1 as f64 / self.window.0.elapsed().as_secs_f64();
+        let t = &self.config.train;
         self.progress.set_position(self.step as u64);
         self.progress.set_message(format!(
             "loss {:.4} | lr {:.2e} | {tokens_per_s:.0} tok/s",
@@ -429,8 +434,7 @@ impl Trainer {
             Ok(_) => {}
             Err(e) => eprintln!("mixlab: warning: no plots ({e:#})"),
         }
-        let t = &self.config.train;
-        let tokens_per_step = (t.batch_size * t.grad_accum * self.config.model.seq_len) as f64;
+        let tokens_per_step = self.tokens_per_step();
         let seconds = self.started.elapsed().as_secs_f64();
         let report = json!({
             "kind": "summary",
