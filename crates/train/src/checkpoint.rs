@@ -43,9 +43,16 @@ pub struct Manifest {
     pub backend: String,
     /// Last validation loss (nats/token), if any evaluation ran.
     pub valid_loss: Option<f64>,
+    /// MPI ranks of the run that wrote it (1 without MPI; a resume may use another number).
+    #[serde(default = "one")]
+    pub world_size: usize,
     /// SHA-256 of every other file of the checkpoint, checked before a resume trusts it.
     #[serde(default)]
     pub files: std::collections::BTreeMap<String, String>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The checkpoint files a manifest vouches for.
@@ -344,6 +351,7 @@ mod tests {
             model_toml: String::new(),
             backend: "flex".into(),
             valid_loss,
+            world_size: 1,
             files: Default::default(),
         };
         fs::write(

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod distributed;
 pub mod export;
 pub mod malloc;
 pub mod metrics;
@@ -20,6 +21,7 @@ pub mod source;
 pub mod summary;
 pub mod telemetry;
 pub mod trainer;
+pub mod world;
 
 pub use config::Config;
 pub use trainer::{Summary, TrainOptions, train};

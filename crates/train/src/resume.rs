@@ -55,16 +55,33 @@ pub fn resume_point(
     Ok(Some((ckpt, manifest)))
 }
 
-/// Write the checkpoint of `step` (model, optimiser, schedule, manifest last).
+/// Where a run stands when its checkpoint is written (what the manifest records beside the
+/// config).
+pub struct Progress<'a> {
+    /// Optimiser steps completed.
+    pub step: usize,
+    /// Last validation loss, if any evaluation ran.
+    pub valid_loss: Option<f64>,
+    /// Concrete backend of the main device.
+    pub backend: &'a str,
+    /// MPI ranks of the run (1 without MPI).
+    pub world_size: usize,
+}
+
+/// Write the checkpoint of `progress.step` (model, optimiser, schedule, manifest last).
 pub fn write_checkpoint(
     config: &Config,
     run_dir: &Path,
     model: &Lm,
     optim: &burn::optim::ModuleOptimizer,
-    step: usize,
-    valid_loss: Option<f64>,
-    backend: &str,
+    progress: Progress,
 ) -> Result<()> {
+    let Progress {
+        step,
+        valid_loss,
+        backend,
+        world_size,
+    } = progress;
     let manifest = Manifest {
         format: checkpoint::FORMAT,
         step,
@@ -75,6 +92,7 @@ pub fn write_checkpoint(
         model_toml: toml::to_string(&config.model)?,
         backend: backend.into(),
         valid_loss,
+        world_size,
         files: Default::default(),
     };
     let scheduler = SchedulerState {

@@ -18,12 +18,14 @@ use serde_json::json;
 use crate::checkpoint;
 use crate::config::{Config, NonFinite};
 use crate::device::Selected;
+use crate::distributed::{all_reduce_step, broadcast_parameters, check_replicas};
 use crate::metrics::MetricsLog;
 use crate::optim::{adamw, clip_global_norm, learning_rate, read_scalars};
 use crate::parallel::{Extras, accumulate_micro_batch, fork_replicas};
-use crate::resume::{report_changes, resume_point, write_checkpoint};
+use crate::resume::{Progress, report_changes, resume_point, write_checkpoint};
 use crate::source::{Source, Unit, to_tensors};
 use crate::summary::run_summary;
+use crate::world::World;
 
 /// What the `train` command was asked to do.
 #[derive(Debug, Clone, Default)]
@@ -84,14 +86,16 @@ fn stem(path: &Path) -> Option<String> {
     path.file_stem().map(|s| s.to_string_lossy().into_owned())
 }
 
-/// Train as `opts` says; `stop` set (by Ctrl-C) ends the run at the next step boundary with a
-/// checkpoint. The loop: one optimiser step, its log line, evaluation and checkpoint when due.
-pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
-    let mut run = Trainer::start(opts)?;
+/// Train as `opts` says, as this process's part of `world` (one process, or a rank of an MPI
+/// job); `stop` set (by Ctrl-C or SIGTERM, on any rank) ends the run at the next step boundary
+/// with a checkpoint. The loop: one optimiser step, its log line, evaluation and checkpoint
+/// when due.
+pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>, world: &World) -> Result<Summary> {
+    let mut run = Trainer::start(opts, world)?;
     let steps = run.config.train.steps;
     let mut interrupted = false;
     while run.step < steps && !interrupted {
-        let outcome = run.train_step()?;
+        let outcome = run.train_step(&stop)?;
         run.log(&outcome)?;
         let last = run.step == steps;
         let every = run.config.train.eval_every;
@@ -99,7 +103,13 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
             run.evaluate(last)?;
         }
         // A signal (Ctrl-C, SIGTERM) ends the run here, at a step boundary, with a checkpoint.
-        interrupted = stop.load(Ordering::SeqCst) && !last;
+        // Several ranks decide together: the flag travels in the step's all-reduce.
+        let asked = if world.is_distributed() {
+            outcome.stop
+        } else {
+            stop.load(Ordering::SeqCst)
+        };
+        interrupted = asked && !last;
         let every = run.config.train.checkpoint_every;
         if (every > 0 && run.step % every == 0) || last || interrupted {
             run.checkpoint()?;
@@ -109,7 +119,9 @@ pub fn train(opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
 }
 
 /// A run in progress: what the loop's phases share.
-struct Trainer {
+struct Trainer<'w> {
+    /// The processes of the run; rank 0 alone writes files and prints.
+    world: &'w World,
     config: Config,
     run_dir: PathBuf,
     source: Source,
@@ -121,7 +133,8 @@ struct Trainer {
     /// other reference to the parameters it may update them in place).
     model: Option<Lm>,
     optim: ModuleOptimizer,
-    metrics: MetricsLog,
+    /// Rank 0's metrics file (`None` on the other ranks).
+    metrics: Option<MetricsLog>,
     /// The validation batches of every evaluation but the last (which takes the whole split).
     valid_batches: Vec<Batch>,
     progress: ProgressBar,
@@ -136,6 +149,8 @@ struct Trainer {
     started: Instant,
     /// Start and step count of the current throughput window (reset at every log line).
     window: (Instant, usize),
+    /// Bytes and seconds of the last step's all-reduce (several ranks only).
+    all_reduce: Option<(usize, f64)>,
 }
 
 /// What one optimiser step gives the log.
@@ -143,9 +158,11 @@ struct StepOutcome {
     lr: f64,
     loss: f64,
     grad_norm: f64,
+    /// Whether any rank was asked to stop (several ranks only; alone, `train` reads the flag).
+    stop: bool,
 }
 
-impl Trainer {
+impl<'w> Trainer<'w> {
     /// Tokens one optimiser step trains on (every micro-batch, every row).
     fn tokens_per_step(&self) -> f64 {
         let t = &self.config.train;
@@ -160,11 +177,15 @@ impl Trainer {
     /// Set up a run: config, data (it fixes the vocabulary), the resume point (checked before
     /// anything is written), devices, the run directory, model and optimiser (restored when
     /// resuming), metrics, and the opening lines.
-    fn start(opts: &TrainOptions) -> Result<Self> {
+    fn start(opts: &TrainOptions, world: &'w World) -> Result<Self> {
         let mut config = resolve_config(opts)?;
         let run_dir = config.train.run_dir.clone().expect("resolved");
         let t = config.train.clone();
-        let source = Source::build(&config.data, config.model.seq_len, t.batch_size, t.seed)?;
+        // Rank 0 downloads and tokenises (cache, `.part` files) while the others wait; then
+        // they read what it wrote.
+        let source = root_first(world, || {
+            Source::build(&config.data, config.model.seq_len, t.batch_size, t.seed)
+        })?;
         let needed = source.model_vocab(t.objective);
         match config.model.vocab_size {
             None => config.model.vocab_size = Some(needed),
@@ -179,15 +200,31 @@ impl Trainer {
         let resume_from = resume_point(opts.resume.as_deref(), &config, &run_dir)?;
 
         let all = config.train.select_devices()?;
+        let shards = world.size() * all.len();
+        if t.batch_size < shards {
+            bail!(
+                "train.batch_size = {} is smaller than the {shards} shards of a micro-batch \
+                 ({} rank(s) x {} device(s)): each needs at least one row; raise \
+                 train.batch_size (it is the global micro-batch) or use fewer ranks or devices",
+                t.batch_size,
+                world.size(),
+                all.len()
+            );
+        }
         // Data-parallel devices with autodiff; the first holds the model.
         let replicas: Vec<Device> = all.iter().map(|s| s.device.clone().autodiff()).collect();
-        open_run_dir(&run_dir, &config, &source, resume_from.is_some())?;
+        if world.is_root() {
+            open_run_dir(&run_dir, &config, &source, resume_from.is_some())?;
+        }
+        world.barrier();
 
         replicas[0].seed(t.seed);
         let mut model: Lm = config.model.init(&replicas[0]).context("invalid [model]")?;
+        draw_parameters_now(&model);
         if let Some((ckpt, _)) = &resume_from {
             model = checkpoint::load_model(ckpt, model)?;
         }
+        let model = broadcast_parameters(world, model);
         // Built after loading: weight-decay groups are keyed by the (restored) parameter ids.
         let mut optim = adamw(&config.optim, &model);
         let (mut start, mut valid_loss) = (0, None);
@@ -196,8 +233,15 @@ impl Trainer {
             start = manifest.step;
             valid_loss = manifest.valid_loss;
         }
-        let metrics = MetricsLog::open(&run_dir, resume_from.as_ref().map(|(_, m)| m.step))?;
-        announce(&config, &all, &model, &source, &run_dir, start)?;
+        let metrics = if world.is_root() {
+            let keep = resume_from.as_ref().map(|(_, m)| m.step);
+            let metrics = MetricsLog::open(&run_dir, keep)?;
+            announce(&config, &all, &model, &source, &run_dir, start)?;
+            announce_world(world, &config, resume_from.as_ref().map(|(_, m)| m));
+            Some(metrics)
+        } else {
+            None
+        };
 
         let valid_batches = for_evaluation(
             &source,
@@ -211,7 +255,12 @@ impl Trainer {
         Ok(Self {
             unit: source.unit(&config.data),
             selected: all[0].clone(),
-            progress: progress_bar(t.steps as u64, start as u64),
+            progress: if world.is_root() {
+                progress_bar(t.steps as u64, start as u64)
+            } else {
+                ProgressBar::hidden()
+            },
+            world,
             config,
             run_dir,
             source,
@@ -230,36 +279,33 @@ impl Trainer {
                 .and_then(|v| v.parse::<usize>().ok()),
             started: Instant::now(),
             window: (Instant::now(), 0),
+            all_reduce: None,
         })
     }
 
-    /// One optimiser step: the step's micro-batches forward and backward (split across the
-    /// devices), global-norm clipping, one read of loss and gradient norm, then AdamW — or,
-    /// for a non-finite loss or norm, stop or skip as `train.on_nonfinite` says.
-    fn train_step(&mut self) -> Result<StepOutcome> {
+    /// One optimiser step: the step's micro-batches forward and backward (this rank's share,
+    /// split across its devices), the sum over ranks, global-norm clipping, one read of loss
+    /// and gradient norm, then AdamW — or, for a non-finite loss or norm, stop or skip as
+    /// `train.on_nonfinite` says.
+    fn train_step(&mut self, stop: &AtomicBool) -> Result<StepOutcome> {
         let t = &self.config.train;
-        let seq = self.config.model.seq_len;
-        // Per-step randomness (dropout) comes from (seed, step), so a resumed run repeats it.
+        let world = self.world;
+        // Per-step randomness (dropout) comes from (seed, step), so a resumed run repeats it;
+        // every device of every rank has a stream of its own.
+        let first = world.rank() * self.replicas.len();
         for (i, replica) in self.replicas.iter().enumerate() {
-            replica.seed(mix(t.seed, self.step as u64) ^ i as u64);
+            replica.seed(mix(t.seed, self.step as u64) ^ (first + i) as u64);
         }
         let lr = learning_rate(&self.config.optim, self.step, t.steps);
-        let batches: Vec<_> = (0..t.grad_accum)
-            .map(|m| {
-                let index = (self.step * t.grad_accum + m) as u64;
-                let batch = self.source.train_batch(t.batch_size, seq, index);
-                self.source
-                    .for_objective(batch, t.objective, t.mask_rate, t.seed, index)
-            })
-            .collect();
-        let weight: f64 = batches.iter().map(|b| b.weight_sum()).sum();
+        let (batches, weight) = self.step_batches();
         let mut loss_sum: Option<Tensor<1>> = None;
         let models = fork_replicas(self.model(), &self.replicas);
         let mut accumulator = GradientsAccumulator::<Lm>::new();
         for batch in &batches {
             let extras = Extras {
-                // The penalty once per optimiser step in total, spread over the micro-batches.
-                penalty_divisor: Some(t.grad_accum as f64),
+                // The penalty once per optimiser step in total, spread over the micro-batches
+                // (on rank 0: the ranks' gradients are summed).
+                penalty_divisor: world.is_root().then_some(t.grad_accum as f64),
                 poison: self.poison_step == Some(self.step),
             };
             let loss = accumulate_micro_batch(
@@ -276,17 +322,36 @@ impl Trainer {
             });
         }
         drop(models); // the replicas' references to the parameters, before AdamW updates them
-        let (grads, grad_norm) = clip_global_norm(
-            self.model(),
-            accumulator.grads(),
-            self.config.optim.grad_clip,
-        );
+        let loss_sum = loss_sum.expect("grad_accum >= 1");
+        // Several ranks: one all-reduce of gradients, loss and stop flag (the loss is then known).
+        let (grads, reduced_loss, stop) = if world.is_distributed() {
+            let asked = stop.load(Ordering::SeqCst);
+            let device = &self.selected.device;
+            let r = all_reduce_step(
+                world,
+                self.model(),
+                accumulator.grads(),
+                loss_sum.clone(),
+                asked,
+                device,
+            );
+            self.all_reduce = Some((r.bytes, r.seconds));
+            (r.grads, Some(r.loss), r.stop)
+        } else {
+            (accumulator.grads(), None, false)
+        };
+        let (grads, grad_norm) = clip_global_norm(self.model(), grads, self.config.optim.grad_clip);
         // The step's one device-to-host read: loss and gradient norm together, after the
         // backward and the clipping are queued.
-        let mut read = vec![loss_sum.expect("grad_accum >= 1")];
+        let mut read = if reduced_loss.is_none() {
+            vec![loss_sum]
+        } else {
+            vec![]
+        };
         read.extend(grad_norm);
-        let values = read_scalars(read);
-        let (loss, grad_norm) = (values[0], values.get(1).copied().unwrap_or(0.0));
+        let mut values = read_scalars(read).into_iter();
+        let loss = reduced_loss.unwrap_or_else(|| values.next().expect("the loss"));
+        let grad_norm = values.next().unwrap_or(0.0);
         self.step += 1;
         self.train_loss = Some(loss);
         if loss.is_finite() && grad_norm.is_finite() {
@@ -296,6 +361,7 @@ impl Trainer {
                 lr,
                 loss,
                 grad_norm,
+                stop,
             });
         }
         let step = self.step;
@@ -307,7 +373,8 @@ impl Trainer {
             ),
             NonFinite::Skip => {
                 self.skipped += 1;
-                say(
+                say_root(
+                    world,
                     &self.progress,
                     format!(
                         "warning: step {step} skipped (loss {loss}, gradient norm \
@@ -321,7 +388,33 @@ impl Trainer {
             lr,
             loss,
             grad_norm,
+            stop,
         })
+    }
+
+    /// This step's micro-batches (this rank's rows of each global micro-batch) and the loss
+    /// weight of the whole global step, which every shard's loss is divided by.
+    fn step_batches(&self) -> (Vec<Batch>, f64) {
+        let t = &self.config.train;
+        let seq = self.config.model.seq_len;
+        let batches: Vec<Batch> = (0..t.grad_accum)
+            .map(|m| {
+                let index = (self.step * t.grad_accum + m) as u64;
+                let batch = self.source.train_batch(t.batch_size, seq, index);
+                self.source
+                    .for_objective(batch, t.objective, t.mask_rate, t.seed, index)
+            })
+            .collect();
+        let weight: f64 = batches.iter().map(|b| b.weight_sum()).sum();
+        let world = self.world;
+        if !world.is_distributed() {
+            return (batches, weight);
+        }
+        let mine = batches
+            .into_iter()
+            .map(|b| b.split(world.size()).swap_remove(world.rank()))
+            .collect();
+        (mine, weight)
     }
 
     /// The progress bar, and a `train` line of `metrics.jsonl` every `log_every` steps.
@@ -338,6 +431,10 @@ impl Trainer {
         if !self.step.is_multiple_of(t.log_every) && self.step != t.steps {
             return Ok(());
         }
+        check_replicas(self.world, self.model(), self.step)?;
+        let Some(metrics) = self.metrics.as_mut() else {
+            return Ok(());
+        };
         let mut extra = vec![
             ("lr", json!(o.lr)),
             ("grad_norm", json!(o.grad_norm)),
@@ -354,13 +451,22 @@ impl Trainer {
         if let Some((name, value)) = self.unit.metric(o.loss) {
             extra.push((name, json!(value)));
         }
-        self.metrics.write(self.step, "train", o.loss, &extra)?;
+        if let Some((bytes, seconds)) = self.all_reduce {
+            extra.push(("world_size", json!(self.world.size())));
+            extra.push(("all_reduce_mb", json!(bytes as f64 / 1e6)));
+            extra.push(("all_reduce_ms", json!(seconds * 1e3)));
+        }
+        metrics.write(self.step, "train", o.loss, &extra)?;
         self.window = (Instant::now(), 0);
         Ok(())
     }
 
     /// Validation loss (the whole split and then the test split at the `last` step), logged.
+    /// Rank 0 only: the others go on to the next step and wait for it in its all-reduce.
     fn evaluate(&mut self, last: bool) -> Result<()> {
+        if !self.world.is_root() {
+            return Ok(());
+        }
         let t = &self.config.train;
         let seq = self.config.model.seq_len;
         let device = &self.selected.device;
@@ -388,7 +494,9 @@ impl Trainer {
                 }
                 None => String::new(),
             };
-            self.metrics.write(self.step, split, loss, &extra)?;
+            if let Some(metrics) = self.metrics.as_mut() {
+                metrics.write(self.step, split, loss, &extra)?;
+            }
             say(
                 &self.progress,
                 format!(
@@ -400,21 +508,37 @@ impl Trainer {
         Ok(())
     }
 
-    /// A checkpoint of the current step.
+    /// A checkpoint of the current step, written by rank 0 while the others wait.
     fn checkpoint(&self) -> Result<()> {
-        write_checkpoint(
-            &self.config,
-            &self.run_dir,
-            self.model(),
-            &self.optim,
-            self.step,
-            self.valid_loss,
-            self.selected.backend,
-        )
+        if self.world.is_root() {
+            write_checkpoint(
+                &self.config,
+                &self.run_dir,
+                self.model(),
+                &self.optim,
+                Progress {
+                    step: self.step,
+                    valid_loss: self.valid_loss,
+                    backend: self.selected.backend,
+                    world_size: self.world.size(),
+                },
+            )?;
+        }
+        self.world.barrier();
+        Ok(())
     }
 
     /// Close the progress bar, draw the plots, write and print the run summary.
     fn finish(self, interrupted: bool) -> Result<Summary> {
+        if !self.world.is_root() {
+            return Ok(Summary {
+                run_dir: self.run_dir,
+                step: self.step,
+                interrupted,
+                train_loss: self.train_loss,
+                valid_loss: self.valid_loss,
+            });
+        }
         if interrupted {
             say(
                 &self.progress,
@@ -559,6 +683,63 @@ pub fn evaluate(model: &Lm, batches: &[mixlab_data::Batch], device: &Device) -> 
         weight += batch.weight_sum();
     }
     (sum / weight.max(1.0), weight as u64)
+}
+
+/// Burn initialises a parameter lazily, from the device's generator at its first use: draw
+/// every one now, right after seeding, so the initial weights depend on `train.seed` alone —
+/// not on which step or rank first touches them — and are the same in one process and in
+/// every rank of an MPI run.
+fn draw_parameters_now(model: &Lm) {
+    struct Touch;
+    impl burn::module::ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    model.visit(&mut Touch);
+}
+
+/// `f` on rank 0 first, then (after a barrier) on the other ranks: files rank 0 creates
+/// (downloads, caches) are there, complete, when the others look.
+fn root_first<T>(world: &World, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    if world.is_root() {
+        let out = f()?;
+        world.barrier();
+        Ok(out)
+    } else {
+        world.barrier();
+        f()
+    }
+}
+
+/// Rank 0's note on the MPI world: ranks, rows per rank, and a world size that differs from
+/// the checkpoint's.
+fn announce_world(world: &World, config: &Config, resumed: Option<&checkpoint::Manifest>) {
+    if world.is_distributed() {
+        eprintln!(
+            "mixlab: MPI data parallel over {} ranks; each global micro-batch of {} rows is \
+             split across them, gradients summed in one all-reduce per optimizer step",
+            world.size(),
+            config.train.batch_size
+        );
+    }
+    if let Some(m) = resumed
+        && m.world_size != world.size()
+    {
+        eprintln!(
+            "mixlab: the checkpoint was written by {} rank(s), this run has {}: the same \
+             global batches, so the same updates up to the order of the sums",
+            m.world_size,
+            world.size()
+        );
+    }
+}
+
+/// A line on rank 0 only ([`say`]).
+fn say_root(world: &World, progress: &ProgressBar, line: String) {
+    if world.is_root() {
+        say(progress, line);
+    }
 }
 
 /// A step's seed from the run seed (SplitMix64 finaliser of `seed + step`).

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
+use mixlab_train::world::World;
 use mixlab_train::{TrainOptions, train};
 
 /// Train a Mixlab language model from a TOML config (resume, checkpoints, metrics, plots).
@@ -54,6 +55,14 @@ fn main() -> ExitCode {
         eprintln!("{warning}");
     }
     mixlab_train::source::set_offline(cli.offline);
+    // One process, or a rank of an MPI job (`mpirun -np R train ...`, feature `mpi`).
+    let world = match World::from_environment() {
+        Ok(world) => world,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
     if let Some(run_dir) = &cli.plot {
         return match mixlab_train::plot::write_plots(run_dir) {
             Ok(files) => {
@@ -87,7 +96,8 @@ fn main() -> ExitCode {
         devices: cli.devices,
         overrides: cli.set,
     };
-    match train(&opts, stop) {
+    match train(&opts, stop, &world) {
+        Ok(_) if !world.is_root() => ExitCode::SUCCESS,
         Ok(s) => {
             let fmt = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.4}"));
             println!(
@@ -102,6 +112,11 @@ fn main() -> ExitCode {
                 println!("resume with: train --resume {}", s.run_dir.display());
             }
             ExitCode::SUCCESS
+        }
+        Err(e) if world.is_distributed() => {
+            // The other ranks may be waiting for this one in a collective: end them all.
+            eprintln!("error ({}): {e:#}", world.describe());
+            world.abort(1)
         }
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -226,3 +226,25 @@ fn more_bad_input_is_refused_clearly_without_writing_anything() {
         "{stderr}"
     );
 }
+
+/// A build without the `mpi` feature started as one of several MPI ranks refuses to start
+/// (each rank would train alone into the same run directory) and says how to rebuild.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_refuses_to_run_as_one_of_several_ranks() {
+    let dir = scratch("no-mpi");
+    let config = write_config(&dir, TINY);
+    let out = run(train_bin()
+        .arg("--config")
+        .arg(&config)
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .env("OMPI_COMM_WORLD_RANK", "1"));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rank 1 of 2"), "{stderr}");
+    assert!(stderr.contains("--features mixlab-train/mpi"), "{stderr}");
+    assert!(
+        !dir.join("runs").exists() && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}

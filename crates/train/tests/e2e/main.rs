@@ -4,6 +4,8 @@
 mod common;
 mod errors;
 mod mixers;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod resume;
 mod runs;
 mod tools;
