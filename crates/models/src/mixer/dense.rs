@@ -169,12 +169,14 @@ impl DenseAttention {
     /// - `q`, `k`, `v`: `[batch, n_heads, seq, d_head]`
     /// - output: `[batch, n_heads, seq, d_head]`
     pub fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-        let fused = self.fused && super::on_flex(&q.device());
+        let d_head = q.dims()[3];
+        let fused = self.fused && super::dense_fused_on(&q.device(), &self.attn_dropout, d_head);
         self.attend_with(q, k, v, fused)
     }
 
     /// [`attend`](Self::attend) as the fused tiled operation
-    /// ([`AttentionOps`](super::AttentionOps): flex only; `n × n` scores never materialised,
+    /// ([`AttentionOps`](super::AttentionOps): flex, and the Cube backends without attention
+    /// dropout; `n × n` scores never materialised,
     /// probabilities recomputed in the backward) or composed from tensor ops (every backend,
     /// and the reference the fused operation is tested against).
     pub fn attend_with(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, fused: bool) -> Tensor<4> {

@@ -191,7 +191,7 @@ enum FftBackend {
 fn fft_backend(device: &Device) -> Option<FftBackend> {
     if super::on_flex(device) {
         Some(FftBackend::Flex)
-    } else if format!("{device:?}").contains("Cube") {
+    } else if super::on_cube(device) {
         Some(FftBackend::Cube)
     } else {
         None

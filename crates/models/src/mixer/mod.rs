@@ -40,11 +40,39 @@ pub(crate) fn on_flex(device: &Device) -> bool {
     format!("{device:?}").contains("Flex")
 }
 
+/// Whether `device` is one of Burn's CubeCL backends (wgpu, CUDA, ...).
+pub(crate) fn on_cube(device: &Device) -> bool {
+    format!("{device:?}").contains("Cube")
+}
+
+/// Whether `dropout` drops anything now: `p > 0`, training, on an autodiff device.
+fn dropout_active(dropout: &Dropout, device: &Device) -> bool {
+    dropout.prob > 0.0 && dropout.training.is_enabled() && device.is_autodiff()
+}
+
+/// Whether dense attention (every key, or every earlier key) of width `d_head` runs as the
+/// fused operation on `device`: always on flex; on the Cube backends when their kernels cover
+/// it (no attention dropout in effect; `attention_op/cube.rs`).
+pub(crate) fn dense_fused_on(device: &Device, dropout: &Dropout, d_head: usize) -> bool {
+    on_flex(device)
+        || (on_cube(device)
+            && attention_op::cube_supported(
+                &KeyLayout::dense(false),
+                false,
+                if dropout_active(dropout, device) {
+                    1.0
+                } else {
+                    0.0
+                },
+                d_head,
+            ))
+}
+
 /// The dropout probability and mask seed a fused attention operation should use now: `p` and
 /// a seed drawn from Burn's generator (so a seeded run draws the same masks) when `dropout`
 /// is active (training, on an autodiff device), else `(0, 0)`.
 pub(crate) fn fused_dropout(dropout: &Dropout, device: &Device) -> (f32, u32) {
-    if dropout.prob <= 0.0 || !dropout.training.is_enabled() || !device.is_autodiff() {
+    if !dropout_active(dropout, device) {
         return (0.0, 0);
     }
     let u = Tensor::<1>::random([2], Distribution::Uniform(0.0, 1.0), device)

@@ -54,6 +54,8 @@ use crate::pattern::LayerPattern;
 use super::kernel::{Dropout, exp_nonpositive, lanes, matmul, slice};
 
 mod backward;
+mod cube;
+pub(crate) use cube::supported as cube_supported;
 mod forward;
 mod tiles;
 
@@ -230,7 +232,7 @@ impl KeyLayout {
 
 /// Attention (dense, block-sparse, or all-attention's context + persistent memory) as a
 /// backend operation.
-#[backend_extension(Flex, Autodiff)]
+#[backend_extension(Flex, Cube, Autodiff)]
 pub trait AttentionOps: Backend {
     /// Forward. All f32: `q` (already multiplied by the score scale), `k` and `v`
     /// `[heads, n, d]` with `heads = batch · n_heads`. Returns `[heads, n, d + 1]`: the
@@ -557,10 +559,23 @@ mod tests {
         [heads, n, d]: [usize; 3],
         keys: KeyLayout,
         allowed: Vec<bool>,
-        (p, seed): (f32, u32),
+        dropout: (f32, u32),
         name: &str,
     ) {
         let device = Device::flex().autodiff();
+        check_on(&device, [heads, n, d], keys, allowed, dropout, name);
+    }
+
+    /// [`check_against_tensor_ops`] on `device` (an autodiff device).
+    pub(super) fn check_on(
+        device: &Device,
+        [heads, n, d]: [usize; 3],
+        keys: KeyLayout,
+        allowed: Vec<bool>,
+        (p, seed): (f32, u32),
+        name: &str,
+    ) {
+        let device = device.clone();
         device.seed(n as u64);
         let r =
             |shape: [usize; 3]| Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);

@@ -1,0 +1,425 @@
+//! The attention operation on Burn's Cube backend (wgpu, CUDA, ...): CubeCL kernels for
+//! dense attention (every key, or every earlier key when causal), with the flex kernel's
+//! contract — `[heads, n, d + 1]` out, the row's log-sum-exp in the last column — and nothing
+//! of size `n × n` ever stored, so memory is linear in the sequence length.
+//!
+//! One unit per query row in the forward (an online softmax over the keys, the output row in
+//! registers) and in the backward's query pass (`Δ = rowsum(dO ∘ O)`, `dQ = Σ_j dS_ij k_j` with
+//! `P` recomputed from the log-sum-exp); one unit per key row in the key pass
+//! (`dK_j = Σ_i dS_ij q_i`, `dV_j = Σ_i P_ij dO_i`), so every sum is one unit's loop in a fixed
+//! order: no atomics, the same bits on every run. The other parts of the operation (sparse key
+//! blocks, persistent memory, relative positions, adaptive span, dropout) are flex-only for
+//! now: [`supported`] says when a call can come here, and the mixers use their composed
+//! tensor-op path otherwise.
+//!
+//! Burn's `Cube` is `Fusion<CubeBackend>`: the operation resolves its fusion inputs to Cube
+//! tensors (running the queued fused work they depend on), launches, and registers its
+//! outputs back with the fusion client.
+
+use burn::backend::tensor::FloatTensor;
+use burn::tensor::{DType, Shape};
+use burn_backend::TensorMetadata;
+use burn_backend::cubecl::dtype_to_storage_type;
+use burn_cubecl::CubeBackend;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_fusion::client::GlobalFusionClient;
+use burn_fusion::stream::StreamId;
+use burn_fusion::{Fusion, FusionBackend, FusionTensor, NoOp};
+use burn_ir::{BackendIr, InitOperationIr, OperationIr};
+use cubecl::prelude::*;
+
+use super::{AttentionBackward, AttentionOps, KeyLayout, Operands};
+
+/// Whether the Cube kernels cover a call: dense keys, no persistent memory, relative
+/// positions, adaptive span or dropout, head width at most 256.
+pub(crate) fn supported(keys: &KeyLayout, extras: bool, dropout: f32, d_head: usize) -> bool {
+    keys.sparse.is_none() && !extras && dropout <= 0.0 && (1..=256).contains(&d_head)
+}
+
+#[cube(launch)]
+fn forward_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<F>,
+    #[comptime] d: usize,
+    #[comptime] causal: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let n = q.shape(1);
+    let pos = ABSOLUTE_POS;
+    if pos >= q.shape(0) * n {
+        terminate!();
+    }
+    let head = pos / n;
+    let row = pos % n;
+    let qb = pos * d;
+    let mut acc = Array::<F>::new(d);
+    for c in 0..d {
+        acc[c] = F::new(0.0);
+    }
+    let mut m = F::new(-1.0e30);
+    let mut l = F::new(0.0);
+    let mut end = n;
+    if causal {
+        end = row + 1;
+    }
+    for j in 0..end {
+        let kb = (head * n + j) * d;
+        let mut s = F::new(0.0);
+        for c in 0..d {
+            s += q[qb + c] * k[kb + c];
+        }
+        let m_new = F::max(m, s);
+        let corr = F::exp(m - m_new);
+        let p = F::exp(s - m_new);
+        l = l * corr + p;
+        for c in 0..d {
+            acc[c] = acc[c] * corr + p * v[kb + c];
+        }
+        m = m_new;
+    }
+    let ob = pos * (d + 1);
+    for c in 0..d {
+        out[ob + c] = acc[c] / l;
+    }
+    out[ob + d] = m + F::ln(l);
+}
+
+#[cube(launch)]
+fn backward_query_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &Tensor<F>,
+    grad: &Tensor<F>,
+    dq: &mut Tensor<F>,
+    delta: &mut Tensor<F>,
+    #[comptime] d: usize,
+    #[comptime] causal: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let n = q.shape(1);
+    let pos = ABSOLUTE_POS;
+    if pos >= q.shape(0) * n {
+        terminate!();
+    }
+    let head = pos / n;
+    let row = pos % n;
+    let qb = pos * d;
+    let ob = pos * (d + 1);
+    let lse = out[ob + d];
+    let mut dl = F::new(0.0);
+    for c in 0..d {
+        dl += grad[ob + c] * out[ob + c];
+    }
+    delta[pos] = dl;
+    let mut acc = Array::<F>::new(d);
+    for c in 0..d {
+        acc[c] = F::new(0.0);
+    }
+    let mut end = n;
+    if causal {
+        end = row + 1;
+    }
+    for j in 0..end {
+        let kb = (head * n + j) * d;
+        let mut s = F::new(0.0);
+        let mut dp = F::new(0.0);
+        for c in 0..d {
+            s += q[qb + c] * k[kb + c];
+            dp += grad[ob + c] * v[kb + c];
+        }
+        let ds = F::exp(s - lse) * (dp - dl);
+        for c in 0..d {
+            acc[c] += ds * k[kb + c];
+        }
+    }
+    for c in 0..d {
+        dq[qb + c] = acc[c];
+    }
+}
+
+#[cube(launch)]
+fn backward_key_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &Tensor<F>,
+    grad: &Tensor<F>,
+    delta: &Tensor<F>,
+    dk: &mut Tensor<F>,
+    dv: &mut Tensor<F>,
+    #[comptime] d: usize,
+    #[comptime] causal: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let n = q.shape(1);
+    let pos = ABSOLUTE_POS;
+    if pos >= q.shape(0) * n {
+        terminate!();
+    }
+    let head = pos / n;
+    let key = pos % n;
+    let kb = pos * d;
+    let mut acc_k = Array::<F>::new(d);
+    let mut acc_v = Array::<F>::new(d);
+    for c in 0..d {
+        acc_k[c] = F::new(0.0);
+        acc_v[c] = F::new(0.0);
+    }
+    let mut start = 0;
+    if causal {
+        start = key;
+    }
+    for i in start..n {
+        let qi = head * n + i;
+        let qb = qi * d;
+        let ob = qi * (d + 1);
+        let mut s = F::new(0.0);
+        let mut dp = F::new(0.0);
+        for c in 0..d {
+            s += q[qb + c] * k[kb + c];
+            dp += grad[ob + c] * v[kb + c];
+        }
+        let p = F::exp(s - out[ob + d]);
+        let ds = p * (dp - delta[qi]);
+        for c in 0..d {
+            acc_k[c] += ds * q[qb + c];
+            acc_v[c] += p * grad[ob + c];
+        }
+    }
+    for c in 0..d {
+        dk[kb + c] = acc_k[c];
+        dv[kb + c] = acc_v[c];
+    }
+}
+
+/// An uninitialised f32 tensor of `shape` beside `like`.
+fn empty_like(like: &CubeTensor, shape: Vec<usize>) -> CubeTensor {
+    empty_device_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(shape),
+        DType::F32,
+    )
+}
+
+/// One unit per row of `rows`, in cubes of 64.
+fn launch_shape(rows: usize) -> (CubeCount, CubeDim) {
+    let per_cube = 64u32;
+    (
+        CubeCount::Static((rows as u32).div_ceil(per_cube), 1, 1),
+        CubeDim::new_1d(per_cube),
+    )
+}
+
+fn dims3(t: &CubeTensor) -> [usize; 3] {
+    t.shape().dims::<3>()
+}
+
+/// The forward on Cube tensors: `[heads, n, d + 1]`.
+fn forward(q: CubeTensor, k: CubeTensor, v: CubeTensor, causal: bool) -> CubeTensor {
+    let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+    let [heads, n, d] = dims3(&q);
+    let out = empty_like(&q, vec![heads, n, d + 1]);
+    let (count, dim) = launch_shape(heads * n);
+    forward_kernel::launch(
+        &q.client.clone(),
+        count,
+        dim,
+        q.into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        d,
+        causal,
+        dtype_to_storage_type(DType::F32),
+    );
+    out
+}
+
+/// The backward on Cube tensors: `(dq, dk, dv)`.
+fn backward(
+    [q, k, v]: [CubeTensor; 3],
+    out: CubeTensor,
+    grad: CubeTensor,
+    causal: bool,
+) -> [CubeTensor; 3] {
+    let [q, k, v, out, grad] = [q, k, v, out, grad].map(into_contiguous);
+    let [heads, n, d] = dims3(&q);
+    let (dq, dk, dv) = (
+        empty_like(&q, vec![heads, n, d]),
+        empty_like(&q, vec![heads, n, d]),
+        empty_like(&q, vec![heads, n, d]),
+    );
+    let delta = empty_like(&q, vec![heads, n]);
+    let (count, dim) = launch_shape(heads * n);
+    let client = q.client.clone();
+    let dtype = dtype_to_storage_type(DType::F32);
+    backward_query_kernel::launch(
+        &client,
+        count.clone(),
+        dim,
+        q.clone().into_tensor_arg(),
+        k.clone().into_tensor_arg(),
+        v.clone().into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        grad.clone().into_tensor_arg(),
+        dq.clone().into_tensor_arg(),
+        delta.clone().into_tensor_arg(),
+        d,
+        causal,
+        dtype,
+    );
+    backward_key_kernel::launch(
+        &client,
+        count,
+        dim,
+        q.into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        out.into_tensor_arg(),
+        grad.into_tensor_arg(),
+        delta.into_tensor_arg(),
+        dk.clone().into_tensor_arg(),
+        dv.clone().into_tensor_arg(),
+        d,
+        causal,
+        dtype,
+    );
+    [dq, dk, dv]
+}
+
+type Runtime = <CubeBackend as FusionBackend>::FusionRuntime;
+
+/// A fusion tensor's Cube tensor (the fused work it depends on runs first).
+fn resolve(t: FusionTensor<Runtime>) -> CubeTensor {
+    let client = t.client.clone();
+    client.resolve_tensor_float::<CubeBackend>(t)
+}
+
+/// A Cube tensor registered with the fusion `client`.
+fn register(client: &GlobalFusionClient<Runtime>, t: CubeTensor) -> FusionTensor<Runtime> {
+    let (shape, dtype) = (t.shape(), t.dtype());
+    let handle = CubeBackend::float_tensor_handle(t);
+    let desc = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
+    client
+        .register(
+            StreamId::current(),
+            OperationIr::Init(desc),
+            NoOp::<CubeBackend>::new(),
+        )
+        .pop()
+        .expect("one output")
+}
+
+impl AttentionOps for Fusion<CubeBackend> {
+    fn tiled_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        memory_keys: FloatTensor<Self>,
+        _memory_values: FloatTensor<Self>,
+        key_pe: FloatTensor<Self>,
+        span_z: FloatTensor<Self>,
+        keys: KeyLayout,
+        _ramp: f32,
+        dropout: f32,
+        _seed: u32,
+    ) -> FloatTensor<Self> {
+        let extras = [&memory_keys, &key_pe, &span_z]
+            .iter()
+            .any(|t| t.shape().num_elements() > 0);
+        let d = q.shape().dims::<3>()[2];
+        assert!(
+            supported(&keys, extras, dropout, d),
+            "tiled_attention on Cube: dense keys without memory, positions, span or dropout \
+             only (the mixers take the composed path otherwise)"
+        );
+        let client = q.client.clone();
+        register(
+            &client,
+            forward(resolve(q), resolve(k), resolve(v), keys.causal),
+        )
+    }
+}
+
+impl AttentionBackward for Fusion<CubeBackend> {
+    fn tiled_attention_backward(
+        inputs: Operands<Self>,
+        out: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        keys: &KeyLayout,
+        _settings: (f32, f32, u32),
+    ) -> Operands<Self> {
+        let [q, k, v, mk, mv, pe, z] = inputs;
+        let client = q.client.clone();
+        let [dq, dk, dv] = backward(
+            [resolve(q), resolve(k), resolve(v)],
+            resolve(out),
+            resolve(grad),
+            keys.causal,
+        )
+        .map(|t| register(&client, t));
+        // The absent parts are empty: their (empty) gradients are themselves.
+        [dq, dk, dv, mk, mv, pe, z]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::KeyLayout;
+    use super::super::tests::check_on;
+    use burn::tensor::Device;
+
+    /// wgpu's adapter (Mesa's llvmpipe in CI), or `None` with the reason printed — unless
+    /// `MIXLAB_REQUIRE_WGPU` is set, when a missing adapter fails the test.
+    fn wgpu() -> Option<Device> {
+        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+            // SAFETY: a test binary's start-up; Mesa only reads it.
+            unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+        }
+        match Device::wgpu_options().init() {
+            Ok(device) => Some(device),
+            Err(e) => {
+                assert!(
+                    std::env::var_os("MIXLAB_REQUIRE_WGPU").is_none(),
+                    "MIXLAB_REQUIRE_WGPU is set but wgpu has no adapter: {e}"
+                );
+                eprintln!("skipped: no wgpu adapter ({e})");
+                None
+            }
+        }
+    }
+
+    /// The CubeCL kernels on wgpu against softmax attention from tensor ops on the same device:
+    /// outputs, log-sum-exps and the gradients of q, k and v, causal and bidirectional, at
+    /// lengths 1, 5 and 70 and head widths 8 and 24.
+    #[test]
+    fn cube_kernels_equal_tensor_ops_in_values_and_gradients() {
+        let Some(device) = wgpu() else {
+            return;
+        };
+        let device = device.autodiff();
+        let heads = 3;
+        for (n, d) in [(1usize, 8usize), (5, 24), (70, 8)] {
+            for causal in [true, false] {
+                let allowed: Vec<bool> = (0..heads * n * n)
+                    .map(|i| !causal || i % n <= (i / n) % n)
+                    .collect();
+                let name = format!("wgpu n={n} d={d} causal={causal}");
+                check_on(
+                    &device,
+                    [heads, n, d],
+                    KeyLayout::dense(causal),
+                    allowed,
+                    (0.0, 0),
+                    &name,
+                );
+            }
+        }
+    }
+}
