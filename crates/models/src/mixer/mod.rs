@@ -50,10 +50,10 @@ fn dropout_active(dropout: &Dropout, device: &Device) -> bool {
     dropout.prob > 0.0 && dropout.training.is_enabled() && device.is_autodiff()
 }
 
-/// Whether dense attention (every key, or every earlier key) of width `d_head` runs as the
-/// fused operation on `device`: always on flex; on the Cube backends when their kernels cover
-/// it (no attention dropout in effect; `attention_op/cube.rs`).
-pub(crate) fn dense_fused_on(device: &Device, dropout: &Dropout, d_head: usize) -> bool {
+/// Whether dense or block-sparse attention of width `d_head` runs as the fused operation on
+/// `device`: always on flex; on the Cube backends when their kernels cover it (no attention
+/// dropout in effect; `attention_op/cube.rs`).
+pub(crate) fn attention_fused_on(device: &Device, dropout: &Dropout, d_head: usize) -> bool {
     on_flex(device)
         || (on_cube(device)
             && attention_op::cube_supported(

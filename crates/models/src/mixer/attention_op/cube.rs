@@ -17,9 +17,10 @@
 //! outputs back with the fusion client.
 
 use burn::backend::tensor::FloatTensor;
-use burn::tensor::{DType, Shape};
+use burn::tensor::{DType, Shape, TensorData};
 use burn_backend::TensorMetadata;
 use burn_backend::cubecl::dtype_to_storage_type;
+use burn_backend::ops::IntTensorOps;
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
@@ -32,10 +33,10 @@ use cubecl::prelude::*;
 
 use super::{AttentionBackward, AttentionOps, KeyLayout, Operands};
 
-/// Whether the Cube kernels cover a call: dense keys, no persistent memory, relative
-/// positions, adaptive span or dropout, head width at most 256.
-pub(crate) fn supported(keys: &KeyLayout, extras: bool, dropout: f32, d_head: usize) -> bool {
-    keys.sparse.is_none() && !extras && dropout <= 0.0 && (1..=256).contains(&d_head)
+/// Whether the Cube kernels cover a call: dense or block-sparse keys, no persistent memory,
+/// relative positions, adaptive span or dropout, head width at most 256.
+pub(crate) fn supported(_keys: &KeyLayout, extras: bool, dropout: f32, d_head: usize) -> bool {
+    !extras && dropout <= 0.0 && (1..=256).contains(&d_head)
 }
 
 #[cube(launch)]
@@ -197,6 +198,248 @@ fn backward_key_kernel<F: Float>(
     }
 }
 
+/// Block-sparse keys for the kernels, as two compressed lists over `(head group, block)`:
+/// `fwd`: the key blocks each query block lists (ascending); `bwd`: the query blocks that list
+/// each key block (ascending). `offsets[g · blocks + b] .. offsets[g · blocks + b + 1]` index
+/// `items`.
+struct BlockLists {
+    fwd_offsets: Vec<u32>,
+    fwd_items: Vec<u32>,
+    bwd_offsets: Vec<u32>,
+    bwd_items: Vec<u32>,
+}
+
+impl BlockLists {
+    fn new(keys: &super::SparseKeys) -> Self {
+        let blocks = keys.runs[0].len();
+        let (mut fwd_offsets, mut fwd_items) = (vec![0u32], vec![]);
+        let mut listed_by: Vec<Vec<u32>> = vec![];
+        for group in &keys.runs {
+            let mut by_key = vec![vec![]; blocks];
+            for (qb, runs) in group.iter().enumerate() {
+                for &(first, count) in runs {
+                    let last = (first + count).min(blocks);
+                    for (kb, listed) in by_key.iter_mut().enumerate().take(last).skip(first) {
+                        fwd_items.push(kb as u32);
+                        listed.push(qb as u32);
+                    }
+                }
+                fwd_offsets.push(fwd_items.len() as u32);
+            }
+            listed_by.extend(by_key);
+        }
+        let (mut bwd_offsets, mut bwd_items) = (vec![0u32], vec![]);
+        for list in listed_by {
+            bwd_items.extend(list);
+            bwd_offsets.push(bwd_items.len() as u32);
+        }
+        Self {
+            fwd_offsets,
+            fwd_items,
+            bwd_offsets,
+            bwd_items,
+        }
+    }
+}
+
+/// The head group of flattened head `head`: `(head mod n_heads) / group_heads`.
+#[cube]
+fn group_of(head: usize, n_heads: u32, group_heads: u32) -> usize {
+    (head % n_heads as usize) / group_heads as usize
+}
+
+#[cube(launch)]
+fn sparse_forward_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    offsets: &Tensor<u32>,
+    items: &Tensor<u32>,
+    out: &mut Tensor<F>,
+    block: u32,
+    n_heads: u32,
+    group_heads: u32,
+    #[comptime] d: usize,
+    #[comptime] causal: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let n = q.shape(1);
+    let pos = ABSOLUTE_POS;
+    if pos >= q.shape(0) * n {
+        terminate!();
+    }
+    let head = pos / n;
+    let row = pos % n;
+    let bs = block as usize;
+    let blocks = n.div_ceil(bs);
+    let list = group_of(head, n_heads, group_heads) * blocks + row / bs;
+    let qb = pos * d;
+    let mut acc = Array::<F>::new(d);
+    for c in 0..d {
+        acc[c] = F::new(0.0);
+    }
+    let mut m = F::new(-1.0e30);
+    let mut l = F::new(0.0);
+    for idx in offsets[list] as usize..offsets[list + 1] as usize {
+        let first = items[idx] as usize * bs;
+        let mut end = (first + bs).min(n);
+        if causal {
+            end = end.min(row + 1);
+        }
+        for j in first..end {
+            let kb = (head * n + j) * d;
+            let mut s = F::new(0.0);
+            for c in 0..d {
+                s += q[qb + c] * k[kb + c];
+            }
+            let m_new = F::max(m, s);
+            let corr = F::exp(m - m_new);
+            let p = F::exp(s - m_new);
+            l = l * corr + p;
+            for c in 0..d {
+                acc[c] = acc[c] * corr + p * v[kb + c];
+            }
+            m = m_new;
+        }
+    }
+    let ob = pos * (d + 1);
+    for c in 0..d {
+        out[ob + c] = acc[c] / l;
+    }
+    out[ob + d] = m + F::ln(l);
+}
+
+#[cube(launch)]
+fn sparse_backward_query_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &Tensor<F>,
+    grad: &Tensor<F>,
+    offsets: &Tensor<u32>,
+    items: &Tensor<u32>,
+    dq: &mut Tensor<F>,
+    delta: &mut Tensor<F>,
+    block: u32,
+    n_heads: u32,
+    group_heads: u32,
+    #[comptime] d: usize,
+    #[comptime] causal: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let n = q.shape(1);
+    let pos = ABSOLUTE_POS;
+    if pos >= q.shape(0) * n {
+        terminate!();
+    }
+    let head = pos / n;
+    let row = pos % n;
+    let bs = block as usize;
+    let blocks = n.div_ceil(bs);
+    let list = group_of(head, n_heads, group_heads) * blocks + row / bs;
+    let qb = pos * d;
+    let ob = pos * (d + 1);
+    let lse = out[ob + d];
+    let mut dl = F::new(0.0);
+    for c in 0..d {
+        dl += grad[ob + c] * out[ob + c];
+    }
+    delta[pos] = dl;
+    let mut acc = Array::<F>::new(d);
+    for c in 0..d {
+        acc[c] = F::new(0.0);
+    }
+    for idx in offsets[list] as usize..offsets[list + 1] as usize {
+        let first = items[idx] as usize * bs;
+        let mut end = (first + bs).min(n);
+        if causal {
+            end = end.min(row + 1);
+        }
+        for j in first..end {
+            let kb = (head * n + j) * d;
+            let mut s = F::new(0.0);
+            let mut dp = F::new(0.0);
+            for c in 0..d {
+                s += q[qb + c] * k[kb + c];
+                dp += grad[ob + c] * v[kb + c];
+            }
+            let ds = F::exp(s - lse) * (dp - dl);
+            for c in 0..d {
+                acc[c] += ds * k[kb + c];
+            }
+        }
+    }
+    for c in 0..d {
+        dq[qb + c] = acc[c];
+    }
+}
+
+#[cube(launch)]
+fn sparse_backward_key_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &Tensor<F>,
+    grad: &Tensor<F>,
+    delta: &Tensor<F>,
+    offsets: &Tensor<u32>,
+    items: &Tensor<u32>,
+    dk: &mut Tensor<F>,
+    dv: &mut Tensor<F>,
+    block: u32,
+    n_heads: u32,
+    group_heads: u32,
+    #[comptime] d: usize,
+    #[comptime] causal: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let n = q.shape(1);
+    let pos = ABSOLUTE_POS;
+    if pos >= q.shape(0) * n {
+        terminate!();
+    }
+    let head = pos / n;
+    let key = pos % n;
+    let bs = block as usize;
+    let blocks = n.div_ceil(bs);
+    let list = group_of(head, n_heads, group_heads) * blocks + key / bs;
+    let kb = pos * d;
+    let mut acc_k = Array::<F>::new(d);
+    let mut acc_v = Array::<F>::new(d);
+    for c in 0..d {
+        acc_k[c] = F::new(0.0);
+        acc_v[c] = F::new(0.0);
+    }
+    for idx in offsets[list] as usize..offsets[list + 1] as usize {
+        let mut first = items[idx] as usize * bs;
+        let end = (first + bs).min(n);
+        if causal {
+            first = first.max(key);
+        }
+        for i in first..end {
+            let qi = head * n + i;
+            let qb = qi * d;
+            let ob = qi * (d + 1);
+            let mut s = F::new(0.0);
+            let mut dp = F::new(0.0);
+            for c in 0..d {
+                s += q[qb + c] * k[kb + c];
+                dp += grad[ob + c] * v[kb + c];
+            }
+            let p = F::exp(s - out[ob + d]);
+            let ds = p * (dp - delta[qi]);
+            for c in 0..d {
+                acc_k[c] += ds * q[qb + c];
+                acc_v[c] += p * grad[ob + c];
+            }
+        }
+    }
+    for c in 0..d {
+        dk[kb + c] = acc_k[c];
+        dv[kb + c] = acc_v[c];
+    }
+}
+
 /// An uninitialised f32 tensor of `shape` beside `like`.
 fn empty_like(like: &CubeTensor, shape: Vec<usize>) -> CubeTensor {
     empty_device_dtype(
@@ -220,24 +463,73 @@ fn dims3(t: &CubeTensor) -> [usize; 3] {
     t.shape().dims::<3>()
 }
 
+/// A `u32` list on the device of `like`.
+fn upload(like: &CubeTensor, values: Vec<u32>) -> CubeTensor {
+    let len = values.len().max(1);
+    let mut values = values;
+    values.resize(len, 0);
+    <CubeBackend as IntTensorOps<CubeBackend>>::int_from_data(
+        TensorData::new(values, [len]),
+        &like.device,
+    )
+}
+
+/// The sparse layout's scalars for the kernels: block size, heads per batch row, heads per
+/// group.
+fn sparse_scalars(s: &super::SparseKeys) -> (u32, u32, u32) {
+    let groups = s.runs.len();
+    (
+        s.block as u32,
+        s.n_heads as u32,
+        (s.n_heads / groups) as u32,
+    )
+}
+
 /// The forward on Cube tensors: `[heads, n, d + 1]`.
-fn forward(q: CubeTensor, k: CubeTensor, v: CubeTensor, causal: bool) -> CubeTensor {
+fn forward(q: CubeTensor, k: CubeTensor, v: CubeTensor, keys: &KeyLayout) -> CubeTensor {
     let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
     let [heads, n, d] = dims3(&q);
     let out = empty_like(&q, vec![heads, n, d + 1]);
     let (count, dim) = launch_shape(heads * n);
-    forward_kernel::launch(
-        &q.client.clone(),
-        count,
-        dim,
-        q.into_tensor_arg(),
-        k.into_tensor_arg(),
-        v.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        d,
-        causal,
-        dtype_to_storage_type(DType::F32),
-    );
+    let client = q.client.clone();
+    let dtype = dtype_to_storage_type(DType::F32);
+    match &keys.sparse {
+        None => forward_kernel::launch(
+            &client,
+            count,
+            dim,
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            d,
+            keys.causal,
+            dtype,
+        ),
+        Some(sparse) => {
+            let lists = BlockLists::new(sparse);
+            let (block, n_heads, group_heads) = sparse_scalars(sparse);
+            let offsets = upload(&q, lists.fwd_offsets);
+            let items = upload(&q, lists.fwd_items);
+            sparse_forward_kernel::launch(
+                &client,
+                count,
+                dim,
+                q.into_tensor_arg(),
+                k.into_tensor_arg(),
+                v.into_tensor_arg(),
+                offsets.into_tensor_arg(),
+                items.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                block,
+                n_heads,
+                group_heads,
+                d,
+                keys.causal,
+                dtype,
+            )
+        }
+    }
     out
 }
 
@@ -246,7 +538,7 @@ fn backward(
     [q, k, v]: [CubeTensor; 3],
     out: CubeTensor,
     grad: CubeTensor,
-    causal: bool,
+    keys: &KeyLayout,
 ) -> [CubeTensor; 3] {
     let [q, k, v, out, grad] = [q, k, v, out, grad].map(into_contiguous);
     let [heads, n, d] = dims3(&q);
@@ -259,7 +551,46 @@ fn backward(
     let (count, dim) = launch_shape(heads * n);
     let client = q.client.clone();
     let dtype = dtype_to_storage_type(DType::F32);
-    backward_query_kernel::launch(
+    let causal = keys.causal;
+    let Some(sparse) = &keys.sparse else {
+        backward_query_kernel::launch(
+            &client,
+            count.clone(),
+            dim,
+            q.clone().into_tensor_arg(),
+            k.clone().into_tensor_arg(),
+            v.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            grad.clone().into_tensor_arg(),
+            dq.clone().into_tensor_arg(),
+            delta.clone().into_tensor_arg(),
+            d,
+            causal,
+            dtype,
+        );
+        backward_key_kernel::launch(
+            &client,
+            count,
+            dim,
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            out.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            delta.into_tensor_arg(),
+            dk.clone().into_tensor_arg(),
+            dv.clone().into_tensor_arg(),
+            d,
+            causal,
+            dtype,
+        );
+        return [dq, dk, dv];
+    };
+    let lists = BlockLists::new(sparse);
+    let (block, n_heads, group_heads) = sparse_scalars(sparse);
+    let fwd = (upload(&q, lists.fwd_offsets), upload(&q, lists.fwd_items));
+    let bwd = (upload(&q, lists.bwd_offsets), upload(&q, lists.bwd_items));
+    sparse_backward_query_kernel::launch(
         &client,
         count.clone(),
         dim,
@@ -268,13 +599,18 @@ fn backward(
         v.clone().into_tensor_arg(),
         out.clone().into_tensor_arg(),
         grad.clone().into_tensor_arg(),
+        fwd.0.into_tensor_arg(),
+        fwd.1.into_tensor_arg(),
         dq.clone().into_tensor_arg(),
         delta.clone().into_tensor_arg(),
+        block,
+        n_heads,
+        group_heads,
         d,
         causal,
         dtype,
     );
-    backward_key_kernel::launch(
+    sparse_backward_key_kernel::launch(
         &client,
         count,
         dim,
@@ -284,8 +620,13 @@ fn backward(
         out.into_tensor_arg(),
         grad.into_tensor_arg(),
         delta.into_tensor_arg(),
+        bwd.0.into_tensor_arg(),
+        bwd.1.into_tensor_arg(),
         dk.clone().into_tensor_arg(),
         dv.clone().into_tensor_arg(),
+        block,
+        n_heads,
+        group_heads,
         d,
         causal,
         dtype,
@@ -336,14 +677,11 @@ impl AttentionOps for Fusion<CubeBackend> {
         let d = q.shape().dims::<3>()[2];
         assert!(
             supported(&keys, extras, dropout, d),
-            "tiled_attention on Cube: dense keys without memory, positions, span or dropout \
-             only (the mixers take the composed path otherwise)"
+            "tiled_attention on Cube: dense or block-sparse keys without memory, positions, \
+             span or dropout only (the mixers take the composed path otherwise)"
         );
         let client = q.client.clone();
-        register(
-            &client,
-            forward(resolve(q), resolve(k), resolve(v), keys.causal),
-        )
+        register(&client, forward(resolve(q), resolve(k), resolve(v), &keys))
     }
 }
 
@@ -361,7 +699,7 @@ impl AttentionBackward for Fusion<CubeBackend> {
             [resolve(q), resolve(k), resolve(v)],
             resolve(out),
             resolve(grad),
-            keys.causal,
+            keys,
         )
         .map(|t| register(&client, t));
         // The absent parts are empty: their (empty) gradients are themselves.
@@ -375,15 +713,20 @@ mod tests {
     use super::super::tests::check_on;
     use burn::tensor::Device;
 
-    /// wgpu's adapter (Mesa's llvmpipe in CI), or `None` with the reason printed — unless
-    /// `MIXLAB_REQUIRE_WGPU` is set, when a missing adapter fails the test.
+    /// wgpu's adapter (Mesa's llvmpipe in CI), started once per test binary (wgpu's runtime
+    /// registers once), or `None` with the reason printed — unless `MIXLAB_REQUIRE_WGPU` is set,
+    /// when a missing adapter fails the test.
     fn wgpu() -> Option<Device> {
-        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
-            // SAFETY: a test binary's start-up; Mesa only reads it.
-            unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
-        }
-        match Device::wgpu_options().init() {
-            Ok(device) => Some(device),
+        static DEVICE: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
+        let device = DEVICE.get_or_init(|| {
+            if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+                // SAFETY: before wgpu starts; Mesa only reads it.
+                unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+            }
+            Device::wgpu_options().init().map_err(|e| e.to_string())
+        });
+        match device {
+            Ok(device) => Some(device.clone()),
             Err(e) => {
                 assert!(
                     std::env::var_os("MIXLAB_REQUIRE_WGPU").is_none(),
@@ -419,6 +762,33 @@ mod tests {
                     (0.0, 0),
                     &name,
                 );
+            }
+        }
+    }
+
+    /// Block-sparse layouts on wgpu: every built-in pattern, causal and bidirectional, a ragged
+    /// last block, token-level blocks, and two batch rows of four heads (head groups repeat per
+    /// batch row), against masked tensor-op attention on the same device.
+    #[test]
+    fn cube_sparse_kernels_equal_masked_tensor_ops() {
+        let Some(device) = wgpu() else {
+            return;
+        };
+        let device = device.autodiff();
+        let (n_heads, batch, d) = (4, 2, 8);
+        let heads = batch * n_heads;
+        for spec in crate::mixer::sparse::builtin_patterns() {
+            for causal in [true, false] {
+                for (n, block) in [(37usize, 5usize), (13, 1)] {
+                    let pattern = spec.build(n.div_ceil(block), block, causal, 1);
+                    let groups = pattern.groups.len();
+                    let allowed: Vec<bool> = (0..heads)
+                        .flat_map(|h| pattern.token_mask((h % n_heads) / (n_heads / groups), n))
+                        .collect();
+                    let keys = KeyLayout::sparse(&pattern, n_heads);
+                    let name = format!("wgpu {} causal={causal} n={n} b={block}", spec.name());
+                    check_on(&device, [heads, n, d], keys, allowed, (0.0, 0), &name);
+                }
             }
         }
     }
