@@ -170,8 +170,7 @@ impl DenseAttention {
     /// - output: `[batch, n_heads, seq, d_head]`
     pub fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
         let d_head = q.dims()[3];
-        let fused =
-            self.fused && super::attention_fused_on(&q.device(), &self.attn_dropout, d_head);
+        let fused = self.fused && super::attention_fused_on(&q.device(), d_head);
         self.attend_with(q, k, v, fused)
     }
 

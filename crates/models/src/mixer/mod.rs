@@ -51,21 +51,12 @@ fn dropout_active(dropout: &Dropout, device: &Device) -> bool {
 }
 
 /// Whether dense or block-sparse attention of width `d_head` runs as the fused operation on
-/// `device`: always on flex; on the Cube backends when their kernels cover it (no attention
-/// dropout in effect; `attention_op/cube.rs`).
-pub(crate) fn attention_fused_on(device: &Device, dropout: &Dropout, d_head: usize) -> bool {
+/// `device`: always on flex; on the Cube backends when their kernels cover it (head width
+/// ≤ 256; `attention_op/cube.rs`).
+pub(crate) fn attention_fused_on(device: &Device, d_head: usize) -> bool {
     on_flex(device)
         || (on_cube(device)
-            && attention_op::cube_supported(
-                &KeyLayout::dense(false),
-                false,
-                if dropout_active(dropout, device) {
-                    1.0
-                } else {
-                    0.0
-                },
-                d_head,
-            ))
+            && attention_op::cube_supported(&KeyLayout::dense(false), false, d_head))
 }
 
 /// The dropout probability and mask seed a fused attention operation should use now: `p` and

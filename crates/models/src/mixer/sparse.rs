@@ -167,8 +167,7 @@ impl SparseAttention {
         let (q, k, v) = self.attention.project(x);
         let layout = self.layer_pattern(seq);
         let d_head = q.dims()[3];
-        let dropout = &self.attention.attn_dropout;
-        let y = if self.attention.fused && super::attention_fused_on(&q.device(), dropout, d_head) {
+        let y = if self.attention.fused && super::attention_fused_on(&q.device(), d_head) {
             let n_heads = self.attention.n_heads;
             self.attention
                 .attend_tiled(q, k, v, KeyLayout::sparse(&layout, n_heads))

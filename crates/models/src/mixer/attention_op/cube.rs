@@ -33,10 +33,59 @@ use cubecl::prelude::*;
 
 use super::{AttentionBackward, AttentionOps, KeyLayout, Operands};
 
-/// Whether the Cube kernels cover a call: dense or block-sparse keys, no persistent memory,
-/// relative positions, adaptive span or dropout, head width at most 256.
-pub(crate) fn supported(_keys: &KeyLayout, extras: bool, dropout: f32, d_head: usize) -> bool {
-    !extras && dropout <= 0.0 && (1..=256).contains(&d_head)
+/// Whether the Cube kernels cover a call: dense or block-sparse keys (with or without
+/// attention dropout), no persistent memory, relative positions or adaptive span, head width
+/// at most 256.
+pub(crate) fn supported(_keys: &KeyLayout, extras: bool, d_head: usize) -> bool {
+    !extras && (1..=256).contains(&d_head)
+}
+
+/// The dropout factor of weight `(row, key)` (`row` the flattened query row `head · n + i`):
+/// `keep` (= `1 / (1 − p)`) when a 32-bit hash of `(seed, row, key)` is at least `threshold`
+/// (= `p · 2³²`), else 0. Two rounds of Wellons' `lowbias32` (32-bit: WGSL has no 64-bit
+/// integers), so the masks differ from flex's (a SplitMix64 of the flat index); the backward
+/// regenerates the same mask. [`dropout_factor`] is the host twin the tests build masks from.
+#[cube]
+fn dropout_factor_cube<F: Float>(seed: u32, row: usize, key: usize, threshold: u32, keep: F) -> F {
+    let bits = lowbias32(lowbias32(seed ^ (row as u32 * 0x9e37_79b9u32)) ^ key as u32);
+    let mut factor = keep;
+    if bits < threshold {
+        factor = F::new(0.0);
+    }
+    factor
+}
+
+#[cube]
+fn lowbias32(x: u32) -> u32 {
+    let mut x = x;
+    x ^= x >> 16;
+    x *= 0x7feb_352du32;
+    x ^= x >> 15;
+    x *= 0x846c_a68bu32;
+    x ^ (x >> 16)
+}
+
+/// Host twin of the kernels' dropout factor (for the tests' reference masks).
+#[cfg(test)]
+fn dropout_factor(seed: u32, row: usize, key: usize, p: f32) -> f32 {
+    let h = |mut x: u32| {
+        x ^= x >> 16;
+        x = x.wrapping_mul(0x7feb_352d);
+        x ^= x >> 15;
+        x = x.wrapping_mul(0x846c_a68b);
+        x ^ (x >> 16)
+    };
+    let bits = h(h(seed ^ (row as u32).wrapping_mul(0x9e37_79b9)) ^ key as u32);
+    if bits < threshold(p) {
+        0.0
+    } else {
+        1.0 / (1.0 - p)
+    }
+}
+
+/// `p · 2³²` as the hash threshold.
+fn threshold(p: f32) -> u32 {
+    (f64::from(p) * 4_294_967_296.0).min(4_294_967_295.0) as u32
 }
 
 #[cube(launch)]
@@ -45,8 +94,12 @@ fn forward_kernel<F: Float>(
     k: &Tensor<F>,
     v: &Tensor<F>,
     out: &mut Tensor<F>,
+    seed: u32,
+    threshold: u32,
+    keep: f32,
     #[comptime] d: usize,
     #[comptime] causal: bool,
+    #[comptime] dropout: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let n = q.shape(1);
@@ -77,8 +130,12 @@ fn forward_kernel<F: Float>(
         let corr = F::exp(m - m_new);
         let p = F::exp(s - m_new);
         l = l * corr + p;
+        let mut pw = p;
+        if dropout {
+            pw = p * dropout_factor_cube::<F>(seed, pos, j, threshold, F::cast_from(keep));
+        }
         for c in 0..d {
-            acc[c] = acc[c] * corr + p * v[kb + c];
+            acc[c] = acc[c] * corr + pw * v[kb + c];
         }
         m = m_new;
     }
@@ -98,8 +155,12 @@ fn backward_query_kernel<F: Float>(
     grad: &Tensor<F>,
     dq: &mut Tensor<F>,
     delta: &mut Tensor<F>,
+    seed: u32,
+    threshold: u32,
+    keep: f32,
     #[comptime] d: usize,
     #[comptime] causal: bool,
+    #[comptime] dropout: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let n = q.shape(1);
@@ -133,6 +194,9 @@ fn backward_query_kernel<F: Float>(
             s += q[qb + c] * k[kb + c];
             dp += grad[ob + c] * v[kb + c];
         }
+        if dropout {
+            dp *= dropout_factor_cube::<F>(seed, pos, j, threshold, F::cast_from(keep));
+        }
         let ds = F::exp(s - lse) * (dp - dl);
         for c in 0..d {
             acc[c] += ds * k[kb + c];
@@ -153,8 +217,12 @@ fn backward_key_kernel<F: Float>(
     delta: &Tensor<F>,
     dk: &mut Tensor<F>,
     dv: &mut Tensor<F>,
+    seed: u32,
+    threshold: u32,
+    keep: f32,
     #[comptime] d: usize,
     #[comptime] causal: bool,
+    #[comptime] dropout: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let n = q.shape(1);
@@ -186,10 +254,15 @@ fn backward_key_kernel<F: Float>(
             dp += grad[ob + c] * v[kb + c];
         }
         let p = F::exp(s - out[ob + d]);
-        let ds = p * (dp - delta[qi]);
+        let mut factor = F::new(1.0);
+        if dropout {
+            factor = dropout_factor_cube::<F>(seed, qi, key, threshold, F::cast_from(keep));
+        }
+        let ds = p * (dp * factor - delta[qi]);
+        let pw = p * factor;
         for c in 0..d {
             acc_k[c] += ds * q[qb + c];
-            acc_v[c] += p * grad[ob + c];
+            acc_v[c] += pw * grad[ob + c];
         }
     }
     for c in 0..d {
@@ -259,8 +332,12 @@ fn sparse_forward_kernel<F: Float>(
     block: u32,
     n_heads: u32,
     group_heads: u32,
+    seed: u32,
+    threshold: u32,
+    keep: f32,
     #[comptime] d: usize,
     #[comptime] causal: bool,
+    #[comptime] dropout: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let n = q.shape(1);
@@ -296,8 +373,12 @@ fn sparse_forward_kernel<F: Float>(
             let corr = F::exp(m - m_new);
             let p = F::exp(s - m_new);
             l = l * corr + p;
+            let mut pw = p;
+            if dropout {
+                pw = p * dropout_factor_cube::<F>(seed, pos, j, threshold, F::cast_from(keep));
+            }
             for c in 0..d {
-                acc[c] = acc[c] * corr + p * v[kb + c];
+                acc[c] = acc[c] * corr + pw * v[kb + c];
             }
             m = m_new;
         }
@@ -323,8 +404,12 @@ fn sparse_backward_query_kernel<F: Float>(
     block: u32,
     n_heads: u32,
     group_heads: u32,
+    seed: u32,
+    threshold: u32,
+    keep: f32,
     #[comptime] d: usize,
     #[comptime] causal: bool,
+    #[comptime] dropout: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let n = q.shape(1);
@@ -363,6 +448,9 @@ fn sparse_backward_query_kernel<F: Float>(
                 s += q[qb + c] * k[kb + c];
                 dp += grad[ob + c] * v[kb + c];
             }
+            if dropout {
+                dp *= dropout_factor_cube::<F>(seed, pos, j, threshold, F::cast_from(keep));
+            }
             let ds = F::exp(s - lse) * (dp - dl);
             for c in 0..d {
                 acc[c] += ds * k[kb + c];
@@ -389,8 +477,12 @@ fn sparse_backward_key_kernel<F: Float>(
     block: u32,
     n_heads: u32,
     group_heads: u32,
+    seed: u32,
+    threshold: u32,
+    keep: f32,
     #[comptime] d: usize,
     #[comptime] causal: bool,
+    #[comptime] dropout: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let n = q.shape(1);
@@ -427,10 +519,15 @@ fn sparse_backward_key_kernel<F: Float>(
                 dp += grad[ob + c] * v[kb + c];
             }
             let p = F::exp(s - out[ob + d]);
-            let ds = p * (dp - delta[qi]);
+            let mut factor = F::new(1.0);
+            if dropout {
+                factor = dropout_factor_cube::<F>(seed, qi, key, threshold, F::cast_from(keep));
+            }
+            let ds = p * (dp * factor - delta[qi]);
+            let pw = p * factor;
             for c in 0..d {
                 acc_k[c] += ds * q[qb + c];
-                acc_v[c] += p * grad[ob + c];
+                acc_v[c] += pw * grad[ob + c];
             }
         }
     }
@@ -474,6 +571,11 @@ fn upload(like: &CubeTensor, values: Vec<u32>) -> CubeTensor {
     )
 }
 
+/// The kernels' dropout arguments: seed, threshold, `1 / (1 − p)`, and whether to drop.
+fn dropout_args(p: f32, seed: u32) -> (u32, u32, f32, bool) {
+    (seed, threshold(p), 1.0 / (1.0 - p), p > 0.0)
+}
+
 /// The sparse layout's scalars for the kernels: block size, heads per batch row, heads per
 /// group.
 fn sparse_scalars(s: &super::SparseKeys) -> (u32, u32, u32) {
@@ -486,7 +588,14 @@ fn sparse_scalars(s: &super::SparseKeys) -> (u32, u32, u32) {
 }
 
 /// The forward on Cube tensors: `[heads, n, d + 1]`.
-fn forward(q: CubeTensor, k: CubeTensor, v: CubeTensor, keys: &KeyLayout) -> CubeTensor {
+fn forward(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    keys: &KeyLayout,
+    (p, seed): (f32, u32),
+) -> CubeTensor {
+    let drop = dropout_args(p, seed);
     let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
     let [heads, n, d] = dims3(&q);
     let out = empty_like(&q, vec![heads, n, d + 1]);
@@ -502,8 +611,12 @@ fn forward(q: CubeTensor, k: CubeTensor, v: CubeTensor, keys: &KeyLayout) -> Cub
             k.into_tensor_arg(),
             v.into_tensor_arg(),
             out.clone().into_tensor_arg(),
+            drop.0,
+            drop.1,
+            drop.2,
             d,
             keys.causal,
+            drop.3,
             dtype,
         ),
         Some(sparse) => {
@@ -524,8 +637,12 @@ fn forward(q: CubeTensor, k: CubeTensor, v: CubeTensor, keys: &KeyLayout) -> Cub
                 block,
                 n_heads,
                 group_heads,
+                drop.0,
+                drop.1,
+                drop.2,
                 d,
                 keys.causal,
+                drop.3,
                 dtype,
             )
         }
@@ -539,7 +656,9 @@ fn backward(
     out: CubeTensor,
     grad: CubeTensor,
     keys: &KeyLayout,
+    (p, seed): (f32, u32),
 ) -> [CubeTensor; 3] {
+    let drop = dropout_args(p, seed);
     let [q, k, v, out, grad] = [q, k, v, out, grad].map(into_contiguous);
     let [heads, n, d] = dims3(&q);
     let (dq, dk, dv) = (
@@ -564,8 +683,12 @@ fn backward(
             grad.clone().into_tensor_arg(),
             dq.clone().into_tensor_arg(),
             delta.clone().into_tensor_arg(),
+            drop.0,
+            drop.1,
+            drop.2,
             d,
             causal,
+            drop.3,
             dtype,
         );
         backward_key_kernel::launch(
@@ -580,8 +703,12 @@ fn backward(
             delta.into_tensor_arg(),
             dk.clone().into_tensor_arg(),
             dv.clone().into_tensor_arg(),
+            drop.0,
+            drop.1,
+            drop.2,
             d,
             causal,
+            drop.3,
             dtype,
         );
         return [dq, dk, dv];
@@ -606,8 +733,12 @@ fn backward(
         block,
         n_heads,
         group_heads,
+        drop.0,
+        drop.1,
+        drop.2,
         d,
         causal,
+        drop.3,
         dtype,
     );
     sparse_backward_key_kernel::launch(
@@ -627,8 +758,12 @@ fn backward(
         block,
         n_heads,
         group_heads,
+        drop.0,
+        drop.1,
+        drop.2,
         d,
         causal,
+        drop.3,
         dtype,
     );
     [dq, dk, dv]
@@ -669,19 +804,20 @@ impl AttentionOps for Fusion<CubeBackend> {
         keys: KeyLayout,
         _ramp: f32,
         dropout: f32,
-        _seed: u32,
+        seed: u32,
     ) -> FloatTensor<Self> {
         let extras = [&memory_keys, &key_pe, &span_z]
             .iter()
             .any(|t| t.shape().num_elements() > 0);
         let d = q.shape().dims::<3>()[2];
         assert!(
-            supported(&keys, extras, dropout, d),
-            "tiled_attention on Cube: dense or block-sparse keys without memory, positions, \
-             span or dropout only (the mixers take the composed path otherwise)"
+            supported(&keys, extras, d),
+            "tiled_attention on Cube: dense or block-sparse keys without memory, positions or \
+             span only (the mixers take the composed path otherwise)"
         );
         let client = q.client.clone();
-        register(&client, forward(resolve(q), resolve(k), resolve(v), &keys))
+        let (q, k, v) = (resolve(q), resolve(k), resolve(v));
+        register(&client, forward(q, k, v, &keys, (dropout, seed)))
     }
 }
 
@@ -691,7 +827,7 @@ impl AttentionBackward for Fusion<CubeBackend> {
         out: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         keys: &KeyLayout,
-        _settings: (f32, f32, u32),
+        (_ramp, p, seed): (f32, f32, u32),
     ) -> Operands<Self> {
         let [q, k, v, mk, mv, pe, z] = inputs;
         let client = q.client.clone();
@@ -700,6 +836,7 @@ impl AttentionBackward for Fusion<CubeBackend> {
             resolve(out),
             resolve(grad),
             keys,
+            (p, seed),
         )
         .map(|t| register(&client, t));
         // The absent parts are empty: their (empty) gradients are themselves.
@@ -711,7 +848,15 @@ impl AttentionBackward for Fusion<CubeBackend> {
 mod tests {
     use super::super::KeyLayout;
     use super::super::tests::check_on;
-    use burn::tensor::Device;
+    use burn::tensor::{Device, Tensor, TensorData};
+
+    /// The Cube kernels' dropout mask for `[heads, n, n]` weights.
+    fn cube_mask(p: f32, seed: u32, heads: usize, n: usize, device: &Device) -> Tensor<3> {
+        let mask: Vec<f32> = (0..heads * n * n)
+            .map(|i| super::dropout_factor(seed, i / n, i % n, p))
+            .collect();
+        Tensor::from_data(TensorData::new(mask, [heads, n, n]), device)
+    }
 
     /// wgpu's adapter (Mesa's llvmpipe in CI), started once per test binary (wgpu's runtime
     /// registers once), or `None` with the reason printed — unless `MIXLAB_REQUIRE_WGPU` is set,
@@ -740,7 +885,8 @@ mod tests {
 
     /// The CubeCL kernels on wgpu against softmax attention from tensor ops on the same device:
     /// outputs, log-sum-exps and the gradients of q, k and v, causal and bidirectional, at
-    /// lengths 1, 5 and 70 and head widths 8 and 24.
+    /// lengths 1, 5 and 70 and head widths 8 and 24, dropout 0 and 0.3 (the reference applies
+    /// the kernels' hashed mask).
     #[test]
     fn cube_kernels_equal_tensor_ops_in_values_and_gradients() {
         let Some(device) = wgpu() else {
@@ -753,22 +899,27 @@ mod tests {
                 let allowed: Vec<bool> = (0..heads * n * n)
                     .map(|i| !causal || i % n <= (i / n) % n)
                     .collect();
-                let name = format!("wgpu n={n} d={d} causal={causal}");
-                check_on(
-                    &device,
-                    [heads, n, d],
-                    KeyLayout::dense(causal),
-                    allowed,
-                    (0.0, 0),
-                    &name,
-                );
+                for dropout in [(0.0f32, 0u32), (0.3, 11)] {
+                    let name = format!("wgpu n={n} d={d} causal={causal} p={}", dropout.0);
+                    let keys = KeyLayout::dense(causal);
+                    let shape = [heads, n, d];
+                    check_on(
+                        &device,
+                        &cube_mask,
+                        shape,
+                        keys,
+                        allowed.clone(),
+                        dropout,
+                        &name,
+                    );
+                }
             }
         }
     }
 
     /// Block-sparse layouts on wgpu: every built-in pattern, causal and bidirectional, a ragged
     /// last block, token-level blocks, and two batch rows of four heads (head groups repeat per
-    /// batch row), against masked tensor-op attention on the same device.
+    /// batch row), dropout 0.3 at n = 37, against masked tensor-op attention on the same device.
     #[test]
     fn cube_sparse_kernels_equal_masked_tensor_ops() {
         let Some(device) = wgpu() else {
@@ -787,7 +938,16 @@ mod tests {
                         .collect();
                     let keys = KeyLayout::sparse(&pattern, n_heads);
                     let name = format!("wgpu {} causal={causal} n={n} b={block}", spec.name());
-                    check_on(&device, [heads, n, d], keys, allowed, (0.0, 0), &name);
+                    let dropout = if n == 37 { (0.3, 7) } else { (0.0, 0) };
+                    check_on(
+                        &device,
+                        &cube_mask,
+                        [heads, n, d],
+                        keys,
+                        allowed,
+                        dropout,
+                        &name,
+                    );
                 }
             }
         }

@@ -563,12 +563,17 @@ mod tests {
         name: &str,
     ) {
         let device = Device::flex().autodiff();
-        check_on(&device, [heads, n, d], keys, allowed, dropout, name);
+        check_on(&device, &mask, [heads, n, d], keys, allowed, dropout, name);
     }
 
-    /// [`check_against_tensor_ops`] on `device` (an autodiff device).
+    /// A kernel's dropout mask for `[heads, n, n]` weights: `(p, seed, heads, n, device)`.
+    pub(super) type MaskFn = dyn Fn(f32, u32, usize, usize, &Device) -> Tensor<3>;
+
+    /// [`check_against_tensor_ops`] on `device` (an autodiff device), with the dropout mask
+    /// `mask` builds.
     pub(super) fn check_on(
         device: &Device,
+        mask: &MaskFn,
         [heads, n, d]: [usize; 3],
         keys: KeyLayout,
         allowed: Vec<bool>,
