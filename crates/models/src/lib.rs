@@ -25,7 +25,7 @@ pub use block::{Block, BlockConfig};
 pub use lm::{AttentionLayout, Lm, LmConfig, Position, attention_positions};
 pub use mixer::{
     AttentionImpl, DenseAttention, DenseAttentionConfig, Mixer, MixerConfig, PersistentAttention,
-    PersistentAttentionConfig, SparseAttention, SparseAttentionConfig,
+    PersistentAttentionConfig, SparseAttention, SparseAttentionConfig, seed_dropout,
 };
 pub use mlp::{Mlp, MlpConfig};
 

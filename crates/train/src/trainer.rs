@@ -294,7 +294,9 @@ impl<'w> Trainer<'w> {
         // every device of every rank has a stream of its own.
         let first = world.rank() * self.replicas.len();
         for (i, replica) in self.replicas.iter().enumerate() {
-            replica.seed(mix(t.seed, self.step as u64) ^ (first + i) as u64);
+            let seed = mix(t.seed, self.step as u64) ^ (first + i) as u64;
+            replica.seed(seed);
+            mixlab_models::seed_dropout(replica, seed);
         }
         let lr = learning_rate(&self.config.optim, self.step, t.steps);
         let (batches, weight) = self.step_batches();

@@ -364,7 +364,8 @@ mod tests {
     }
 
     /// Attention dropout in the fused path is drawn only when training on an autodiff device:
-    /// two training calls differ, inference equals the composed path.
+    /// two training calls differ, a reseed repeats them (`seed_dropout`), inference equals the
+    /// composed path.
     #[test]
     fn fused_dropout_is_drawn_in_training_only() {
         let mut context = ctx(16, false);
@@ -377,9 +378,17 @@ mod tests {
         }
         .init(&context, &train);
         let q = Tensor::<4>::random([1, 2, 16, 8], Distribution::Normal(0.0, 1.0), &train);
+        crate::seed_dropout(&train, 7);
         let a = to_vec(attn.attend_with(q.clone(), q.clone(), q.clone(), true));
         let b = to_vec(attn.attend_with(q.clone(), q.clone(), q.clone(), true));
         assert_ne!(a, b, "each training call draws its own mask");
+        // Reseeding repeats the masks; another seed draws others.
+        crate::seed_dropout(&train, 7);
+        let again = to_vec(attn.attend_with(q.clone(), q.clone(), q.clone(), true));
+        assert_eq!(a, again, "the same seed, the same masks");
+        crate::seed_dropout(&train, 8);
+        let other = to_vec(attn.attend_with(q.clone(), q.clone(), q.clone(), true));
+        assert_ne!(a, other, "another seed, other masks");
         let infer = Device::flex();
         let attn = attn.valid();
         let q = Tensor::<4>::from_data(q.into_data(), &infer);
