@@ -98,8 +98,8 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
         /// Skip dense points whose score tensors would need more than this many GB
-        /// (default: 80% of the memory available now). Backends without the tiled attention
-        /// operation only: on flex dense memory is linear in n.
+        /// (default: 80% of the memory available now). ndarray only (composed attention): on
+        /// flex, wgpu and CUDA dense memory is linear in n.
         #[arg(long)]
         max_dense_gb: Option<f64>,
         /// Internal: measure only this mixer (JSON) at the one length given.
@@ -343,11 +343,11 @@ fn scaling(
         let name = mixer_name(mixer);
         let mut previous: Option<Value> = None;
         for &n in lengths {
-            // On flex dense attention is the tiled operation (memory linear in n); elsewhere it
-            // is composed: scores, masked scores, weights and their gradients, ~6 live n x n
-            // per head.
-            if let (MixerConfig::Dense(_), Some(limit), false) =
-                (mixer, limit_gb, backend == "flex")
+            // On flex and the Cube backends (wgpu, CUDA) dense attention is the tiled operation
+            // (memory linear in n); on ndarray it is composed: scores, masked scores, weights
+            // and their gradients, ~6 live n x n per head.
+            if let (MixerConfig::Dense(_), Some(limit), true) =
+                (mixer, limit_gb, backend == "ndarray")
             {
                 let need = 24.0 * n_heads as f64 * (n as f64).powi(2) / 1e9;
                 if need > limit {
