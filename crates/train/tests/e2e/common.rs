@@ -146,3 +146,22 @@ pub fn wait_for_lines(run_dir: &Path, n: usize, child: &mut std::process::Child)
 pub fn repo_config(name: &str) -> PathBuf {
     crate_dir().join(format!("../../configs/{name}.toml"))
 }
+
+/// The steps of a run's checkpoint directories (`checkpoints/step-N`), ascending.
+pub fn checkpoint_steps(run_dir: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .strip_prefix("step-")?
+                        .parse()
+                        .ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    steps.sort_unstable();
+    steps
+}

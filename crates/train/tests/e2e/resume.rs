@@ -115,17 +115,7 @@ fn interrupt_checkpoints_and_resumes(signal: &str) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("stopped at step"), "{stdout}");
     assert!(stdout.contains("resume with: train --resume"), "{stdout}");
-    let steps: Vec<u64> = std::fs::read_dir(run_dir.join("checkpoints"))
-        .unwrap()
-        .filter_map(|e| {
-            e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .strip_prefix("step-")?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let steps = checkpoint_steps(&run_dir);
     let last = *steps.iter().max().expect("a checkpoint was written");
     assert!(last >= 3, "{steps:?}");
     // ... and the run continues from it.

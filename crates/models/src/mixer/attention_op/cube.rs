@@ -1,16 +1,17 @@
-//! The attention operation on Burn's Cube backend (wgpu, CUDA, ...): CubeCL kernels for
-//! dense attention (every key, or every earlier key when causal), with the flex kernel's
-//! contract — `[heads, n, d + 1]` out, the row's log-sum-exp in the last column — and nothing
-//! of size `n × n` ever stored, so memory is linear in the sequence length.
+//! The attention operation on Burn's Cube backend (wgpu, CUDA, ...): CubeCL kernels for dense
+//! and block-sparse attention with hashed attention dropout, with the flex kernel's contract —
+//! `[heads, n, d + 1]` out, the row's log-sum-exp in the last column — and nothing of size
+//! `n × n` ever stored, so memory is linear in the sequence length.
 //!
-//! One unit per query row in the forward (an online softmax over the keys, the output row in
-//! registers) and in the backward's query pass (`Δ = rowsum(dO ∘ O)`, `dQ = Σ_j dS_ij k_j` with
-//! `P` recomputed from the log-sum-exp); one unit per key row in the key pass
-//! (`dK_j = Σ_i dS_ij q_i`, `dV_j = Σ_i P_ij dO_i`), so every sum is one unit's loop in a fixed
-//! order: no atomics, the same bits on every run. The other parts of the operation (sparse key
-//! blocks, persistent memory, relative positions, adaptive span, dropout) are flex-only for
-//! now: [`supported`] says when a call can come here, and the mixers use their composed
-//! tensor-op path otherwise.
+//! Which keys a query sees travels as two compressed lists (dense keys: one block of `n`
+//! listing itself; causality is the kernels' own test). One unit per query row in the forward
+//! (an online softmax over the listed keys, the output row in registers) and in the backward's
+//! query pass (`Δ = rowsum(dO ∘ O)`, `dQ = Σ_j dS_ij k_j` with `P` recomputed from the
+//! log-sum-exp); one unit per key row in the key pass (`dK_j = Σ_i dS_ij q_i`,
+//! `dV_j = Σ_i P_ij dO_i` over the query blocks that list its block), so every sum is one unit's
+//! loop in a fixed order: no atomics, the same bits on every run. Persistent memory, relative
+//! positions and the adaptive span are flex-only for now: [`supported`] says when a call can
+//! come here, and the mixers use their composed tensor-op path otherwise.
 //!
 //! Burn's `Cube` is `Fusion<CubeBackend>`: the operation resolves its fusion inputs to Cube
 //! tensors (running the queued fused work they depend on), launches, and registers its
@@ -88,190 +89,7 @@ fn threshold(p: f32) -> u32 {
     (f64::from(p) * 4_294_967_296.0).min(4_294_967_295.0) as u32
 }
 
-#[cube(launch)]
-fn forward_kernel<F: Float>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    out: &mut Tensor<F>,
-    seed: u32,
-    threshold: u32,
-    keep: f32,
-    #[comptime] d: usize,
-    #[comptime] causal: bool,
-    #[comptime] dropout: bool,
-    #[define(F)] _dtype: ElemType,
-) {
-    let n = q.shape(1);
-    let pos = ABSOLUTE_POS;
-    if pos >= q.shape(0) * n {
-        terminate!();
-    }
-    let head = pos / n;
-    let row = pos % n;
-    let qb = pos * d;
-    let mut acc = Array::<F>::new(d);
-    for c in 0..d {
-        acc[c] = F::new(0.0);
-    }
-    let mut m = F::new(-1.0e30);
-    let mut l = F::new(0.0);
-    let mut end = n;
-    if causal {
-        end = row + 1;
-    }
-    for j in 0..end {
-        let kb = (head * n + j) * d;
-        let mut s = F::new(0.0);
-        for c in 0..d {
-            s += q[qb + c] * k[kb + c];
-        }
-        let m_new = F::max(m, s);
-        let corr = F::exp(m - m_new);
-        let p = F::exp(s - m_new);
-        l = l * corr + p;
-        let mut pw = p;
-        if dropout {
-            pw = p * dropout_factor_cube::<F>(seed, pos, j, threshold, F::cast_from(keep));
-        }
-        for c in 0..d {
-            acc[c] = acc[c] * corr + pw * v[kb + c];
-        }
-        m = m_new;
-    }
-    let ob = pos * (d + 1);
-    for c in 0..d {
-        out[ob + c] = acc[c] / l;
-    }
-    out[ob + d] = m + F::ln(l);
-}
-
-#[cube(launch)]
-fn backward_query_kernel<F: Float>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    out: &Tensor<F>,
-    grad: &Tensor<F>,
-    dq: &mut Tensor<F>,
-    delta: &mut Tensor<F>,
-    seed: u32,
-    threshold: u32,
-    keep: f32,
-    #[comptime] d: usize,
-    #[comptime] causal: bool,
-    #[comptime] dropout: bool,
-    #[define(F)] _dtype: ElemType,
-) {
-    let n = q.shape(1);
-    let pos = ABSOLUTE_POS;
-    if pos >= q.shape(0) * n {
-        terminate!();
-    }
-    let head = pos / n;
-    let row = pos % n;
-    let qb = pos * d;
-    let ob = pos * (d + 1);
-    let lse = out[ob + d];
-    let mut dl = F::new(0.0);
-    for c in 0..d {
-        dl += grad[ob + c] * out[ob + c];
-    }
-    delta[pos] = dl;
-    let mut acc = Array::<F>::new(d);
-    for c in 0..d {
-        acc[c] = F::new(0.0);
-    }
-    let mut end = n;
-    if causal {
-        end = row + 1;
-    }
-    for j in 0..end {
-        let kb = (head * n + j) * d;
-        let mut s = F::new(0.0);
-        let mut dp = F::new(0.0);
-        for c in 0..d {
-            s += q[qb + c] * k[kb + c];
-            dp += grad[ob + c] * v[kb + c];
-        }
-        if dropout {
-            dp *= dropout_factor_cube::<F>(seed, pos, j, threshold, F::cast_from(keep));
-        }
-        let ds = F::exp(s - lse) * (dp - dl);
-        for c in 0..d {
-            acc[c] += ds * k[kb + c];
-        }
-    }
-    for c in 0..d {
-        dq[qb + c] = acc[c];
-    }
-}
-
-#[cube(launch)]
-fn backward_key_kernel<F: Float>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    out: &Tensor<F>,
-    grad: &Tensor<F>,
-    delta: &Tensor<F>,
-    dk: &mut Tensor<F>,
-    dv: &mut Tensor<F>,
-    seed: u32,
-    threshold: u32,
-    keep: f32,
-    #[comptime] d: usize,
-    #[comptime] causal: bool,
-    #[comptime] dropout: bool,
-    #[define(F)] _dtype: ElemType,
-) {
-    let n = q.shape(1);
-    let pos = ABSOLUTE_POS;
-    if pos >= q.shape(0) * n {
-        terminate!();
-    }
-    let head = pos / n;
-    let key = pos % n;
-    let kb = pos * d;
-    let mut acc_k = Array::<F>::new(d);
-    let mut acc_v = Array::<F>::new(d);
-    for c in 0..d {
-        acc_k[c] = F::new(0.0);
-        acc_v[c] = F::new(0.0);
-    }
-    let mut start = 0;
-    if causal {
-        start = key;
-    }
-    for i in start..n {
-        let qi = head * n + i;
-        let qb = qi * d;
-        let ob = qi * (d + 1);
-        let mut s = F::new(0.0);
-        let mut dp = F::new(0.0);
-        for c in 0..d {
-            s += q[qb + c] * k[kb + c];
-            dp += grad[ob + c] * v[kb + c];
-        }
-        let p = F::exp(s - out[ob + d]);
-        let mut factor = F::new(1.0);
-        if dropout {
-            factor = dropout_factor_cube::<F>(seed, qi, key, threshold, F::cast_from(keep));
-        }
-        let ds = p * (dp * factor - delta[qi]);
-        let pw = p * factor;
-        for c in 0..d {
-            acc_k[c] += ds * q[qb + c];
-            acc_v[c] += pw * grad[ob + c];
-        }
-    }
-    for c in 0..d {
-        dk[kb + c] = acc_k[c];
-        dv[kb + c] = acc_v[c];
-    }
-}
-
-/// Block-sparse keys for the kernels, as two compressed lists over `(head group, block)`:
+/// Which keys the kernels walk, as two compressed lists over `(head group, block)`:
 /// `fwd`: the key blocks each query block lists (ascending); `bwd`: the query blocks that list
 /// each key block (ascending). `offsets[g · blocks + b] .. offsets[g · blocks + b + 1]` index
 /// `items`.
@@ -283,6 +101,17 @@ struct BlockLists {
 }
 
 impl BlockLists {
+    /// Dense keys as one block of `n` queries listing one block of `n` keys (causality is the
+    /// kernels' own test).
+    fn dense() -> Self {
+        Self {
+            fwd_offsets: vec![0, 1],
+            fwd_items: vec![0],
+            bwd_offsets: vec![0, 1],
+            bwd_items: vec![0],
+        }
+    }
+
     fn new(keys: &super::SparseKeys) -> Self {
         let blocks = keys.runs[0].len();
         let (mut fwd_offsets, mut fwd_items) = (vec![0u32], vec![]);
@@ -322,7 +151,7 @@ fn group_of(head: usize, n_heads: u32, group_heads: u32) -> usize {
 }
 
 #[cube(launch)]
-fn sparse_forward_kernel<F: Float>(
+fn forward_kernel<F: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
@@ -391,7 +220,7 @@ fn sparse_forward_kernel<F: Float>(
 }
 
 #[cube(launch)]
-fn sparse_backward_query_kernel<F: Float>(
+fn backward_query_kernel<F: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
@@ -463,7 +292,7 @@ fn sparse_backward_query_kernel<F: Float>(
 }
 
 #[cube(launch)]
-fn sparse_backward_key_kernel<F: Float>(
+fn backward_key_kernel<F: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
@@ -576,15 +405,22 @@ fn dropout_args(p: f32, seed: u32) -> (u32, u32, f32, bool) {
     (seed, threshold(p), 1.0 / (1.0 - p), p > 0.0)
 }
 
-/// The sparse layout's scalars for the kernels: block size, heads per batch row, heads per
-/// group.
-fn sparse_scalars(s: &super::SparseKeys) -> (u32, u32, u32) {
-    let groups = s.runs.len();
-    (
-        s.block as u32,
-        s.n_heads as u32,
-        (s.n_heads / groups) as u32,
-    )
+/// The lists and scalars of `keys` for `n` tokens: block size, heads per batch row, heads
+/// per group (dense: one block of `n`, one group).
+fn key_lists(keys: &KeyLayout, n: usize) -> (BlockLists, u32, u32, u32) {
+    match &keys.sparse {
+        None => (BlockLists::dense(), n.max(1) as u32, 1, 1),
+        Some(s) => {
+            let groups = s.runs.len();
+            let group_heads = (s.n_heads / groups) as u32;
+            (
+                BlockLists::new(s),
+                s.block as u32,
+                s.n_heads as u32,
+                group_heads,
+            )
+        }
+    }
 }
 
 /// The forward on Cube tensors: `[heads, n, d + 1]`.
@@ -600,53 +436,30 @@ fn forward(
     let [heads, n, d] = dims3(&q);
     let out = empty_like(&q, vec![heads, n, d + 1]);
     let (count, dim) = launch_shape(heads * n);
-    let client = q.client.clone();
-    let dtype = dtype_to_storage_type(DType::F32);
-    match &keys.sparse {
-        None => forward_kernel::launch(
-            &client,
-            count,
-            dim,
-            q.into_tensor_arg(),
-            k.into_tensor_arg(),
-            v.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            drop.0,
-            drop.1,
-            drop.2,
-            d,
-            keys.causal,
-            drop.3,
-            dtype,
-        ),
-        Some(sparse) => {
-            let lists = BlockLists::new(sparse);
-            let (block, n_heads, group_heads) = sparse_scalars(sparse);
-            let offsets = upload(&q, lists.fwd_offsets);
-            let items = upload(&q, lists.fwd_items);
-            sparse_forward_kernel::launch(
-                &client,
-                count,
-                dim,
-                q.into_tensor_arg(),
-                k.into_tensor_arg(),
-                v.into_tensor_arg(),
-                offsets.into_tensor_arg(),
-                items.into_tensor_arg(),
-                out.clone().into_tensor_arg(),
-                block,
-                n_heads,
-                group_heads,
-                drop.0,
-                drop.1,
-                drop.2,
-                d,
-                keys.causal,
-                drop.3,
-                dtype,
-            )
-        }
-    }
+    let (lists, block, n_heads, group_heads) = key_lists(keys, n);
+    let offsets = upload(&q, lists.fwd_offsets);
+    let items = upload(&q, lists.fwd_items);
+    forward_kernel::launch(
+        &q.client.clone(),
+        count,
+        dim,
+        q.into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        offsets.into_tensor_arg(),
+        items.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        block,
+        n_heads,
+        group_heads,
+        drop.0,
+        drop.1,
+        drop.2,
+        d,
+        keys.causal,
+        drop.3,
+        dtype_to_storage_type(DType::F32),
+    );
     out
 }
 
@@ -671,53 +484,10 @@ fn backward(
     let client = q.client.clone();
     let dtype = dtype_to_storage_type(DType::F32);
     let causal = keys.causal;
-    let Some(sparse) = &keys.sparse else {
-        backward_query_kernel::launch(
-            &client,
-            count.clone(),
-            dim,
-            q.clone().into_tensor_arg(),
-            k.clone().into_tensor_arg(),
-            v.clone().into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            grad.clone().into_tensor_arg(),
-            dq.clone().into_tensor_arg(),
-            delta.clone().into_tensor_arg(),
-            drop.0,
-            drop.1,
-            drop.2,
-            d,
-            causal,
-            drop.3,
-            dtype,
-        );
-        backward_key_kernel::launch(
-            &client,
-            count,
-            dim,
-            q.into_tensor_arg(),
-            k.into_tensor_arg(),
-            v.into_tensor_arg(),
-            out.into_tensor_arg(),
-            grad.into_tensor_arg(),
-            delta.into_tensor_arg(),
-            dk.clone().into_tensor_arg(),
-            dv.clone().into_tensor_arg(),
-            drop.0,
-            drop.1,
-            drop.2,
-            d,
-            causal,
-            drop.3,
-            dtype,
-        );
-        return [dq, dk, dv];
-    };
-    let lists = BlockLists::new(sparse);
-    let (block, n_heads, group_heads) = sparse_scalars(sparse);
+    let (lists, block, n_heads, group_heads) = key_lists(keys, n);
     let fwd = (upload(&q, lists.fwd_offsets), upload(&q, lists.fwd_items));
     let bwd = (upload(&q, lists.bwd_offsets), upload(&q, lists.bwd_items));
-    sparse_backward_query_kernel::launch(
+    backward_query_kernel::launch(
         &client,
         count.clone(),
         dim,
@@ -741,7 +511,7 @@ fn backward(
         drop.3,
         dtype,
     );
-    sparse_backward_key_kernel::launch(
+    backward_key_kernel::launch(
         &client,
         count,
         dim,
