@@ -376,12 +376,13 @@ fn empty_like(like: &CubeTensor, shape: Vec<usize>) -> CubeTensor {
     )
 }
 
-/// One unit per row of `rows`, in cubes of 64.
-fn launch_shape(rows: usize) -> (CubeCount, CubeDim) {
-    let per_cube = 64u32;
+/// One unit per row of `rows`, in cubes of 64, the cubes spread over the grid's dimensions
+/// when they outnumber one dimension's limit (the kernels skip units past the last row).
+fn launch_shape(like: &CubeTensor, rows: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new_1d(64);
     (
-        CubeCount::Static((rows as u32).div_ceil(per_cube), 1, 1),
-        CubeDim::new_1d(per_cube),
+        cubecl::calculate_cube_count_elemwise(&like.client, rows, dim),
+        dim,
     )
 }
 
@@ -435,7 +436,7 @@ fn forward(
     let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
     let [heads, n, d] = dims3(&q);
     let out = empty_like(&q, vec![heads, n, d + 1]);
-    let (count, dim) = launch_shape(heads * n);
+    let (count, dim) = launch_shape(&q, heads * n);
     let (lists, block, n_heads, group_heads) = key_lists(keys, n);
     let offsets = upload(&q, lists.fwd_offsets);
     let items = upload(&q, lists.fwd_items);
@@ -480,7 +481,7 @@ fn backward(
         empty_like(&q, vec![heads, n, d]),
     );
     let delta = empty_like(&q, vec![heads, n]);
-    let (count, dim) = launch_shape(heads * n);
+    let (count, dim) = launch_shape(&q, heads * n);
     let client = q.client.clone();
     let dtype = dtype_to_storage_type(DType::F32);
     let causal = keys.causal;
