@@ -102,6 +102,11 @@ pub(crate) mod test_util {
     //! Helpers shared by the unit tests: every tensor test runs on each CPU backend.
     use burn::tensor::{Device, Int, Tensor, TensorData};
 
+    /// Held by tests that draw fused attention dropout on flex: every `Device::flex().autodiff()`
+    /// shares one host-side seed stream (`mixer::seed_dropout`), so such tests must not
+    /// interleave.
+    pub(crate) static FUSED_DROPOUT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// The CPU backends every tensor test runs on.
     #[allow(deprecated)] // ndarray is deprecated upstream; we keep testing it.
     pub fn devices() -> Vec<(&'static str, Device)> {

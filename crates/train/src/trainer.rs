@@ -198,6 +198,7 @@ impl<'w> Trainer<'w> {
         }
         config.model.validate().context("invalid [model]")?;
         let resume_from = resume_point(opts.resume.as_deref(), &config, &run_dir)?;
+        same_start_everywhere(world, resume_from.as_ref().map(|(_, m)| m.step))?;
 
         let all = config.train.select_devices()?;
         let shards = world.size() * all.len();
@@ -714,6 +715,36 @@ fn root_first<T>(world: &World, f: impl FnOnce() -> Result<T>) -> Result<T> {
     }
 }
 
+/// Every rank must start from the same step (they read one run directory, which must be on a
+/// filesystem every node sees): otherwise their loops would pair different collectives.
+fn same_start_everywhere(world: &World, resumed_step: Option<usize>) -> Result<()> {
+    if !world.is_distributed() {
+        return Ok(());
+    }
+    let mine = resumed_step.map_or(u64::MAX, |s| s as u64);
+    let all = world.all_gather(mine);
+    if all.iter().any(|&s| s != all[0]) {
+        let show = |s: u64| {
+            if s == u64::MAX {
+                "a fresh start".to_string()
+            } else {
+                format!("step {s}")
+            }
+        };
+        let seen: Vec<String> = all
+            .iter()
+            .enumerate()
+            .map(|(r, &s)| format!("rank {r}: {}", show(s)))
+            .collect();
+        bail!(
+            "the ranks would start from different points ({}): the run directory must be on a \
+             filesystem every node sees, holding the same checkpoints",
+            seen.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Rank 0's note on the MPI world: ranks, rows per rank, and a world size that differs from
 /// the checkpoint's.
 fn announce_world(world: &World, config: &Config, resumed: Option<&checkpoint::Manifest>) {
@@ -730,7 +761,7 @@ fn announce_world(world: &World, config: &Config, resumed: Option<&checkpoint::M
     {
         eprintln!(
             "mixlab: the checkpoint was written by {} rank(s), this run has {}: the same \
-             global batches, so the same updates up to the order of the sums",
+             global batches, so (with dropout 0) the same updates up to the order of the sums",
             m.world_size,
             world.size()
         );

@@ -84,8 +84,22 @@ impl World {
     }
 
     #[cfg(feature = "mpi")]
-    fn launched(_rank: usize, _size: usize, _var: &str, chunk: usize) -> Result<Self> {
+    fn launched(_rank: usize, size: usize, var: &str, chunk: usize) -> Result<Self> {
         let comm = mpi_comm::MpiComm::init()?;
+        if comm.size() != size {
+            // E.g. a binary linked to another MPI than the launcher's: each rank would be a
+            // world of one and train alone into the same run directory.
+            comm.abort_with(&format!(
+                "the launcher started {size} ranks ({var} = {size}) but MPI sees a world of \
+                 {}: this train is linked to another MPI library than the launcher's, or \
+                 srun lacks --mpi=pmix; launch with the mpirun of the MPI it was built against",
+                comm.size()
+            ));
+        }
+        // Every rank must cut the buffers into the same chunks: rank 0's size wins (the
+        // variable may not reach remote ranks).
+        let chunk = comm.all_gather(chunk as u64)[0] as usize;
+        comm.abort_on_panic();
         Ok(Self {
             rank: comm.rank(),
             size: comm.size(),
@@ -259,6 +273,24 @@ mod mpi_comm {
 
         pub fn abort(&self, code: i32) -> ! {
             self.world.abort(code)
+        }
+
+        /// Print `why` and end every rank.
+        pub fn abort_with(&self, why: &str) -> ! {
+            eprintln!("error (rank {} of {}): {why}", self.rank(), self.size());
+            self.abort(1)
+        }
+
+        /// A panic on the main thread (the only one that calls MPI) ends every rank, after
+        /// the usual message: the others may be waiting for this one in a collective.
+        pub fn abort_on_panic(&self) {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                previous(info);
+                if std::thread::current().name() == Some("main") {
+                    SimpleCommunicator::world().abort(101);
+                }
+            }));
         }
     }
 }

@@ -175,8 +175,8 @@ impl DenseAttention {
     }
 
     /// [`attend`](Self::attend) as the fused tiled operation
-    /// ([`AttentionOps`](super::AttentionOps): flex, and the Cube backends without attention
-    /// dropout; `n × n` scores never materialised,
+    /// ([`AttentionOps`](super::AttentionOps): flex and the Cube backends; `n × n` scores never
+    /// materialised,
     /// probabilities recomputed in the backward) or composed from tensor ops (every backend,
     /// and the reference the fused operation is tested against).
     pub fn attend_with(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, fused: bool) -> Tensor<4> {
@@ -368,6 +368,9 @@ mod tests {
     /// composed path.
     #[test]
     fn fused_dropout_is_drawn_in_training_only() {
+        let _stream = crate::test_util::FUSED_DROPOUT
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut context = ctx(16, false);
         context.dropout = 0.5;
         let train = Device::flex().autodiff();

@@ -229,6 +229,9 @@ fn flex_tiled_operation_equals_the_composed_path_in_values_and_gradients() {
 /// (then equal to the composed path), as `Dropout::forward` decides.
 #[test]
 fn flex_memory_dropout_is_drawn_in_training_only() {
+    let _stream = crate::test_util::FUSED_DROPOUT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let mut context = ctx(16, false);
     context.dropout = 0.5;
     context.max_seq_len = 20;
