@@ -54,9 +54,7 @@ fn dropout_active(dropout: &Dropout, device: &Device) -> bool {
 /// `device`: always on flex; on the Cube backends when their kernels cover it (head width
 /// ≤ 256; `attention_op/cube.rs`).
 pub(crate) fn attention_fused_on(device: &Device, d_head: usize) -> bool {
-    on_flex(device)
-        || (on_cube(device)
-            && attention_op::cube_supported(&KeyLayout::dense(false), false, d_head))
+    on_flex(device) || (on_cube(device) && attention_op::cube_supported(false, d_head))
 }
 
 /// The fused operations' dropout seeds: per device, a seed and a counter, advanced on the host

@@ -22,7 +22,9 @@ use burn::tensor::{DType, Shape, TensorData};
 use burn_backend::TensorMetadata;
 use burn_backend::cubecl::dtype_to_storage_type;
 use burn_backend::ops::IntTensorOps;
-use burn_cubecl::CubeBackend;
+use burn_cubecl::{CubeBackend, CubeDevice};
+
+use crate::mixer::kernel::Memo;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -37,7 +39,7 @@ use super::{AttentionBackward, AttentionOps, KeyLayout, Operands};
 /// Whether the Cube kernels cover a call: dense or block-sparse keys (with or without
 /// attention dropout), no persistent memory, relative positions or adaptive span, head width
 /// at most 256.
-pub(crate) fn supported(_keys: &KeyLayout, extras: bool, d_head: usize) -> bool {
+pub(crate) fn supported(extras: bool, d_head: usize) -> bool {
     !extras && (1..=256).contains(&d_head)
 }
 
@@ -406,22 +408,54 @@ fn dropout_args(p: f32, seed: u32) -> (u32, u32, f32, bool) {
     (seed, threshold(p), 1.0 / (1.0 - p), p > 0.0)
 }
 
-/// The lists and scalars of `keys` for `n` tokens: block size, heads per batch row, heads
-/// per group (dense: one block of `n`, one group).
-fn key_lists(keys: &KeyLayout, n: usize) -> (BlockLists, u32, u32, u32) {
-    match &keys.sparse {
-        None => (BlockLists::dense(), n.max(1) as u32, 1, 1),
-        Some(s) => {
-            let groups = s.runs.len();
-            let group_heads = (s.n_heads / groups) as u32;
-            (
-                BlockLists::new(s),
-                s.block as u32,
-                s.n_heads as u32,
-                group_heads,
-            )
+/// The block lists of `keys` for `n` tokens on a device, and the kernels' scalars: block size,
+/// heads per batch row, heads per group (dense: one block of `n`, one group).
+#[derive(Clone)]
+struct DeviceLists {
+    /// Offsets and items of the key blocks each query block lists.
+    fwd: [CubeTensor; 2],
+    /// Offsets and items of the query blocks listing each key block.
+    bwd: [CubeTensor; 2],
+    block: u32,
+    n_heads: u32,
+    group_heads: u32,
+}
+
+/// Layouts whose uploaded lists are kept (a few per layer and length).
+const LISTS_KEPT: usize = 64;
+
+/// [`DeviceLists`] of `keys` for `n` tokens on `like`'s device, built and uploaded once per
+/// (layout, length, device): a layer's forward and backward, and every step, share them.
+fn device_lists(keys: &KeyLayout, n: usize, like: &CubeTensor) -> DeviceLists {
+    static CACHE: Memo<(KeyLayout, usize, CubeDevice), DeviceLists> = Memo::new(LISTS_KEPT);
+    let key = (keys.clone(), n, like.device.clone());
+    CACHE.get_or_build(key, || {
+        let (lists, block, n_heads, group_heads) = match &keys.sparse {
+            None => (BlockLists::dense(), n.max(1) as u32, 1, 1),
+            Some(s) => {
+                let group_heads = (s.n_heads / s.runs.len()) as u32;
+                (
+                    BlockLists::new(s),
+                    s.block as u32,
+                    s.n_heads as u32,
+                    group_heads,
+                )
+            }
+        };
+        DeviceLists {
+            fwd: [
+                upload(like, lists.fwd_offsets),
+                upload(like, lists.fwd_items),
+            ],
+            bwd: [
+                upload(like, lists.bwd_offsets),
+                upload(like, lists.bwd_items),
+            ],
+            block,
+            n_heads,
+            group_heads,
         }
-    }
+    })
 }
 
 /// The forward on Cube tensors: `[heads, n, d + 1]`.
@@ -437,9 +471,8 @@ fn forward(
     let [heads, n, d] = dims3(&q);
     let out = empty_like(&q, vec![heads, n, d + 1]);
     let (count, dim) = launch_shape(&q, heads * n);
-    let (lists, block, n_heads, group_heads) = key_lists(keys, n);
-    let offsets = upload(&q, lists.fwd_offsets);
-    let items = upload(&q, lists.fwd_items);
+    let lists = device_lists(keys, n, &q);
+    let [offsets, items] = lists.fwd;
     forward_kernel::launch(
         &q.client.clone(),
         count,
@@ -450,9 +483,9 @@ fn forward(
         offsets.into_tensor_arg(),
         items.into_tensor_arg(),
         out.clone().into_tensor_arg(),
-        block,
-        n_heads,
-        group_heads,
+        lists.block,
+        lists.n_heads,
+        lists.group_heads,
         drop.0,
         drop.1,
         drop.2,
@@ -485,9 +518,8 @@ fn backward(
     let client = q.client.clone();
     let dtype = dtype_to_storage_type(DType::F32);
     let causal = keys.causal;
-    let (lists, block, n_heads, group_heads) = key_lists(keys, n);
-    let fwd = (upload(&q, lists.fwd_offsets), upload(&q, lists.fwd_items));
-    let bwd = (upload(&q, lists.bwd_offsets), upload(&q, lists.bwd_items));
+    let lists = device_lists(keys, n, &q);
+    let (fwd, bwd) = (lists.fwd, lists.bwd);
     backward_query_kernel::launch(
         &client,
         count.clone(),
@@ -497,13 +529,13 @@ fn backward(
         v.clone().into_tensor_arg(),
         out.clone().into_tensor_arg(),
         grad.clone().into_tensor_arg(),
-        fwd.0.into_tensor_arg(),
-        fwd.1.into_tensor_arg(),
+        fwd[0].clone().into_tensor_arg(),
+        fwd[1].clone().into_tensor_arg(),
         dq.clone().into_tensor_arg(),
         delta.clone().into_tensor_arg(),
-        block,
-        n_heads,
-        group_heads,
+        lists.block,
+        lists.n_heads,
+        lists.group_heads,
         drop.0,
         drop.1,
         drop.2,
@@ -522,13 +554,13 @@ fn backward(
         out.into_tensor_arg(),
         grad.into_tensor_arg(),
         delta.into_tensor_arg(),
-        bwd.0.into_tensor_arg(),
-        bwd.1.into_tensor_arg(),
+        bwd[0].clone().into_tensor_arg(),
+        bwd[1].clone().into_tensor_arg(),
         dk.clone().into_tensor_arg(),
         dv.clone().into_tensor_arg(),
-        block,
-        n_heads,
-        group_heads,
+        lists.block,
+        lists.n_heads,
+        lists.group_heads,
         drop.0,
         drop.1,
         drop.2,
@@ -582,7 +614,7 @@ impl AttentionOps for Fusion<CubeBackend> {
             .any(|t| t.shape().num_elements() > 0);
         let d = q.shape().dims::<3>()[2];
         assert!(
-            supported(&keys, extras, d),
+            supported(extras, d),
             "tiled_attention on Cube: dense or block-sparse keys without memory, positions or \
              span only (the mixers take the composed path otherwise)"
         );
@@ -618,7 +650,7 @@ impl AttentionBackward for Fusion<CubeBackend> {
 #[cfg(test)]
 mod tests {
     use super::super::KeyLayout;
-    use super::super::tests::check_on;
+    use super::super::tests::{check_on, sparse_cases};
     use burn::tensor::{Device, Tensor, TensorData};
 
     /// The Cube kernels' dropout mask for `[heads, n, n]` weights.
@@ -697,30 +729,10 @@ mod tests {
             return;
         };
         let device = device.autodiff();
-        let (n_heads, batch, d) = (4, 2, 8);
-        let heads = batch * n_heads;
-        for spec in crate::mixer::sparse::builtin_patterns() {
-            for causal in [true, false] {
-                for (n, block) in [(37usize, 5usize), (13, 1)] {
-                    let pattern = spec.build(n.div_ceil(block), block, causal, 1);
-                    let groups = pattern.groups.len();
-                    let allowed: Vec<bool> = (0..heads)
-                        .flat_map(|h| pattern.token_mask((h % n_heads) / (n_heads / groups), n))
-                        .collect();
-                    let keys = KeyLayout::sparse(&pattern, n_heads);
-                    let name = format!("wgpu {} causal={causal} n={n} b={block}", spec.name());
-                    let dropout = if n == 37 { (0.3, 7) } else { (0.0, 0) };
-                    check_on(
-                        &device,
-                        &cube_mask,
-                        [heads, n, d],
-                        keys,
-                        allowed,
-                        dropout,
-                        &name,
-                    );
-                }
-            }
+        for (name, shape, keys, allowed) in sparse_cases(&[(37, 5), (13, 1)]) {
+            let dropout = if shape[1] == 37 { (0.3, 7) } else { (0.0, 0) };
+            let name = format!("wgpu {name}");
+            check_on(&device, &cube_mask, shape, keys, allowed, dropout, &name);
         }
     }
 }

@@ -666,23 +666,36 @@ mod tests {
     /// groups repeat per batch row), dropout 0 and 0.3.
     #[test]
     fn sparse_layouts_equal_masked_tensor_ops() {
+        for (name, shape, keys, allowed) in sparse_cases(&[(37, 5), (13, 1), (300, 64), (7, 16)]) {
+            let dropout = if shape[1] == 37 { (0.3, 7) } else { (0.0, 0) };
+            check_against_tensor_ops(shape, keys, allowed, dropout, &name);
+        }
+    }
+
+    /// Every built-in pattern, causal and bidirectional, at each `(n, block)`, for two batch rows
+    /// of four heads of width 8 (the head groups repeat per batch row): a name, the operands'
+    /// `[heads, n, d]`, the layout, and the keys each query may see (`[heads, n, n]`).
+    pub(super) fn sparse_cases(
+        sizes: &[(usize, usize)],
+    ) -> Vec<(String, [usize; 3], KeyLayout, Vec<bool>)> {
         let (n_heads, batch, d) = (4, 2, 8);
         let heads = batch * n_heads;
+        let mut cases = vec![];
         for spec in crate::mixer::sparse::builtin_patterns() {
             for causal in [true, false] {
-                for (n, block) in [(37usize, 5usize), (13, 1), (300, 64), (7, 16)] {
+                for &(n, block) in sizes {
                     let pattern = spec.build(n.div_ceil(block), block, causal, 1);
                     let groups = pattern.groups.len();
                     let allowed: Vec<bool> = (0..heads)
                         .flat_map(|h| pattern.token_mask((h % n_heads) / (n_heads / groups), n))
                         .collect();
                     let keys = KeyLayout::sparse(&pattern, n_heads);
-                    let dropout = if n == 37 { (0.3, 7) } else { (0.0, 0) };
                     let name = format!("{} causal={causal} n={n} b={block}", spec.name());
-                    check_against_tensor_ops([heads, n, d], keys, allowed, dropout, &name);
+                    cases.push((name, [heads, n, d], keys, allowed));
                 }
             }
         }
+        cases
     }
 
     /// Runs of consecutive key blocks stop at `KEYS` keys; blocks wider than `KEYS` are runs
