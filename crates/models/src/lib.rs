@@ -107,6 +107,31 @@ pub(crate) mod test_util {
     /// interleave.
     pub(crate) static FUSED_DROPOUT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+    /// wgpu's adapter (Mesa's llvmpipe in CI), started once per test binary (wgpu's runtime
+    /// registers once), or `None` with the reason printed — unless `MIXLAB_REQUIRE_WGPU` is set,
+    /// when a missing adapter fails the test.
+    pub fn wgpu() -> Option<Device> {
+        static DEVICE: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
+        let device = DEVICE.get_or_init(|| {
+            if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+                // SAFETY: before wgpu starts; Mesa only reads it.
+                unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+            }
+            Device::wgpu_options().init().map_err(|e| e.to_string())
+        });
+        match device {
+            Ok(device) => Some(device.clone()),
+            Err(e) => {
+                assert!(
+                    std::env::var_os("MIXLAB_REQUIRE_WGPU").is_none(),
+                    "MIXLAB_REQUIRE_WGPU is set but wgpu has no adapter: {e}"
+                );
+                eprintln!("skipped: no wgpu adapter ({e})");
+                None
+            }
+        }
+    }
+
     /// The CPU backends every tensor test runs on.
     #[allow(deprecated)] // ndarray is deprecated upstream; we keep testing it.
     pub fn devices() -> Vec<(&'static str, Device)> {

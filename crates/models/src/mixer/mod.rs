@@ -50,11 +50,11 @@ fn dropout_active(dropout: &Dropout, device: &Device) -> bool {
     dropout.prob > 0.0 && dropout.training.is_enabled() && device.is_autodiff()
 }
 
-/// Whether dense or block-sparse attention of width `d_head` runs as the fused operation on
-/// `device`: always on flex; on the Cube backends when their kernels cover it (head width
-/// ≤ 256; `attention_op/cube.rs`).
+/// Whether attention (dense, block-sparse or all-attention) of width `d_head` runs as the fused
+/// operation on `device`: always on flex; on the Cube backends when their kernels cover it
+/// (head width ≤ 256; `attention_op/cube.rs`).
 pub(crate) fn attention_fused_on(device: &Device, d_head: usize) -> bool {
-    on_flex(device) || (on_cube(device) && attention_op::cube_supported(false, d_head))
+    on_flex(device) || (on_cube(device) && attention_op::cube_supported(d_head))
 }
 
 /// The fused operations' dropout seeds: per device, a seed and a counter, advanced on the host

@@ -1,5 +1,6 @@
 //! The attention operation on Burn's Cube backend (wgpu, CUDA, ...): CubeCL kernels for dense
-//! and block-sparse attention with hashed attention dropout, with the flex kernel's contract —
+//! and block-sparse attention and for all-attention (persistent memory, relative positions,
+//! adaptive span, on dense keys), with hashed attention dropout, and the flex kernel's contract —
 //! `[heads, n, d + 1]` out, the row's log-sum-exp in the last column — and nothing of size
 //! `n × n` ever stored, so memory is linear in the sequence length.
 //!
@@ -9,9 +10,18 @@
 //! query pass (`Δ = rowsum(dO ∘ O)`, `dQ = Σ_j dS_ij k_j` with `P` recomputed from the
 //! log-sum-exp); one unit per key row in the key pass (`dK_j = Σ_i dS_ij q_i`,
 //! `dV_j = Σ_i P_ij dO_i` over the query blocks that list its block), so every sum is one unit's
-//! loop in a fixed order: no atomics, the same bits on every run. Persistent memory, relative
-//! positions and the adaptive span are flex-only for now: [`supported`] says when a call can
-//! come here, and the mixers use their composed tensor-op path otherwise.
+//! loop in a fixed order: no atomics, the same bits on every run.
+//!
+//! All-attention (Sukhbaatar et al. 2019) adds, each behind a comptime switch (so dense and
+//! sparse attention compile to the kernels without them): persistent slots as more keys of
+//! every row's online softmax (memory head `h mod mem_heads`, dropout key `n + slot`); the
+//! relative-position logit `q_i · key_pe[:, i − j]`; the adaptive span's ramp weight on context
+//! keys (keys past the ramp are not visited). Gradients shared by heads — of the persistent
+//! vectors, `key_pe` and the span `z` — are written per flattened head (per row for `z`) by
+//! one unit each (the key pass's extra units for the slots; a position pass of one unit per
+//! head and distance), then summed over heads in order by [`shared_sum_kernel`].
+//! [`supported`] says which head widths the kernels take; the mixers use their composed
+//! tensor-op path otherwise.
 //!
 //! Burn's `Cube` is `Fusion<CubeBackend>`: the operation resolves its fusion inputs to Cube
 //! tensors (running the queued fused work they depend on), launches, and registers its
@@ -36,11 +46,10 @@ use cubecl::prelude::*;
 
 use super::{AttentionBackward, AttentionOps, KeyLayout, Operands};
 
-/// Whether the Cube kernels cover a call: dense or block-sparse keys (with or without
-/// attention dropout), no persistent memory, relative positions or adaptive span, head width
-/// at most 256.
-pub(crate) fn supported(extras: bool, d_head: usize) -> bool {
-    !extras && (1..=256).contains(&d_head)
+/// Whether the Cube kernels cover a head width (at most 256: a unit keeps its output row in
+/// registers).
+pub(crate) fn supported(d_head: usize) -> bool {
+    (1..=256).contains(&d_head)
 }
 
 /// The dropout factor of weight `(row, key)` (`row` the flattened query row `head · n + i`):
@@ -152,11 +161,91 @@ fn group_of(head: usize, n_heads: u32, group_heads: u32) -> usize {
     (head % n_heads as usize) / group_heads as usize
 }
 
+/// `Σ_c a[ab + c] · b[bb + c]`.
+#[cube]
+fn dot<F: Float>(a: &Tensor<F>, ab: usize, b: &Tensor<F>, bb: usize, #[comptime] d: usize) -> F {
+    let mut s = F::new(0.0);
+    for c in 0..d {
+        s += a[ab + c] * b[bb + c];
+    }
+    s
+}
+
+/// The relative-position logit `q_row · key_pe[:, delta]` (`key_pe` is `[d, span]`).
+#[cube]
+fn relative<F: Float>(
+    q: &Tensor<F>,
+    qb: usize,
+    pe: &Tensor<F>,
+    delta: usize,
+    #[comptime] d: usize,
+) -> F {
+    let span = pe.shape(1);
+    let mut s = F::new(0.0);
+    for c in 0..d {
+        s += q[qb + c] * pe[c * span + delta];
+    }
+    s
+}
+
+/// The adaptive span's ratio `((z − δ) + ramp) / ramp` at distance `δ = row − key` (its
+/// weight is the ratio clamped to `[0, 1]`; its gradient in `z` passes where the ratio is
+/// inside `[0, 1]`). `δ` is negative for later keys of bidirectional attention (weight 1).
+#[cube]
+fn span_ratio<F: Float>(z: F, ramp: F, row: usize, key: usize) -> F {
+    let delta = F::cast_from(row as u32) - F::cast_from(key as u32);
+    ((z - delta) + ramp) / ramp
+}
+
+/// The largest distance a key can sit from its query and keep a non-zero span weight, plus
+/// one (a margin for rounding; the weight of a key past the ramp is 0 anyway).
+#[cube]
+fn span_reach<F: Float>(z: F, ramp: F) -> usize {
+    u32::cast_from(F::floor(F::max(z + ramp, F::new(0.0)))) as usize + 1
+}
+
+/// Flattened head `head`'s span `z` (span head `head mod span_heads`).
+#[cube]
+fn span_of<F: Float>(z: &Tensor<F>, head: usize) -> F {
+    z[head % z.shape(0)]
+}
+
+/// `acc = acc · corr + w · v[vb..vb + d]`: one key's term of the online softmax.
+#[cube]
+fn accumulate<F: Float>(
+    acc: &mut Array<F>,
+    corr: F,
+    w: F,
+    v: &Tensor<F>,
+    vb: usize,
+    #[comptime] d: usize,
+) {
+    for c in 0..d {
+        acc[c] = acc[c] * corr + w * v[vb + c];
+    }
+}
+
+/// The comptime switches every kernel takes: head width, causality, and which optional parts
+/// are on (attention dropout, persistent memory, relative positions, adaptive span).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct Flags {
+    d: usize,
+    causal: bool,
+    dropout: bool,
+    memory: bool,
+    relative: bool,
+    span: bool,
+}
+
 #[cube(launch)]
 fn forward_kernel<F: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
+    mk: &Tensor<F>,
+    mv: &Tensor<F>,
+    pe: &Tensor<F>,
+    z: &Tensor<F>,
     offsets: &Tensor<u32>,
     items: &Tensor<u32>,
     out: &mut Tensor<F>,
@@ -166,11 +255,11 @@ fn forward_kernel<F: Float>(
     seed: u32,
     threshold: u32,
     keep: f32,
-    #[comptime] d: usize,
-    #[comptime] causal: bool,
-    #[comptime] dropout: bool,
+    ramp: f32,
+    #[comptime] f: Flags,
     #[define(F)] _dtype: ElemType,
 ) {
+    let d = comptime!(f.d);
     let n = q.shape(1);
     let pos = ABSOLUTE_POS;
     if pos >= q.shape(0) * n {
@@ -181,6 +270,17 @@ fn forward_kernel<F: Float>(
     let bs = block as usize;
     let blocks = n.div_ceil(bs);
     let list = group_of(head, n_heads, group_heads) * blocks + row / bs;
+    let keep = F::cast_from(keep);
+    let ramp = F::cast_from(ramp);
+    let mut zh = F::new(0.0);
+    let mut lo = 0usize;
+    if f.span {
+        zh = span_of(z, head);
+        let reach = span_reach::<F>(zh, ramp);
+        if row > reach {
+            lo = row - reach;
+        }
+    }
     let qb = pos * d;
     let mut acc = Array::<F>::new(d);
     for c in 0..d {
@@ -189,28 +289,50 @@ fn forward_kernel<F: Float>(
     let mut m = F::new(-1.0e30);
     let mut l = F::new(0.0);
     for idx in offsets[list] as usize..offsets[list + 1] as usize {
-        let first = items[idx] as usize * bs;
+        let mut first = items[idx] as usize * bs;
         let mut end = (first + bs).min(n);
-        if causal {
+        if f.causal {
             end = end.min(row + 1);
+        }
+        if f.span {
+            first = first.max(lo);
         }
         for j in first..end {
             let kb = (head * n + j) * d;
-            let mut s = F::new(0.0);
-            for c in 0..d {
-                s += q[qb + c] * k[kb + c];
+            let mut s = dot(q, qb, k, kb, d);
+            if f.relative {
+                s += relative(q, qb, pe, row - j, d);
             }
+            let m_new = F::max(m, s);
+            let corr = F::exp(m - m_new);
+            let mut p = F::exp(s - m_new);
+            if f.span {
+                p *= F::clamp(span_ratio::<F>(zh, ramp, row, j), F::new(0.0), F::new(1.0));
+            }
+            l = l * corr + p;
+            let mut w = p;
+            if f.dropout {
+                w = p * dropout_factor_cube::<F>(seed, pos, j, threshold, keep);
+            }
+            accumulate(&mut acc, corr, w, v, kb, d);
+            m = m_new;
+        }
+    }
+    if f.memory {
+        let mem = mk.shape(1);
+        let first = (head % mk.shape(0)) * mem;
+        for slot in 0..mem {
+            let kb = (first + slot) * d;
+            let s = dot(q, qb, mk, kb, d);
             let m_new = F::max(m, s);
             let corr = F::exp(m - m_new);
             let p = F::exp(s - m_new);
             l = l * corr + p;
-            let mut pw = p;
-            if dropout {
-                pw = p * dropout_factor_cube::<F>(seed, pos, j, threshold, F::cast_from(keep));
+            let mut w = p;
+            if f.dropout {
+                w = p * dropout_factor_cube::<F>(seed, pos, n + slot, threshold, keep);
             }
-            for c in 0..d {
-                acc[c] = acc[c] * corr + pw * v[kb + c];
-            }
+            accumulate(&mut acc, corr, w, mv, kb, d);
             m = m_new;
         }
     }
@@ -221,28 +343,45 @@ fn forward_kernel<F: Float>(
     out[ob + d] = m + F::ln(l);
 }
 
+/// `P = exp(s − L)`, capped at `exp(80)` with the adaptive span: `L` normalises the
+/// span-masked weights, so a masked-down key may score above it (the cap keeps a fully masked
+/// one at `0 · e`, not `0 · ∞`).
+#[cube]
+fn probability<F: Float>(s: F, lse: F, #[comptime] span: bool) -> F {
+    let mut x = s - lse;
+    if span {
+        x = F::min(x, F::new(80.0));
+    }
+    F::exp(x)
+}
+
 #[cube(launch)]
 fn backward_query_kernel<F: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
+    mk: &Tensor<F>,
+    mv: &Tensor<F>,
+    pe: &Tensor<F>,
+    z: &Tensor<F>,
     out: &Tensor<F>,
     grad: &Tensor<F>,
     offsets: &Tensor<u32>,
     items: &Tensor<u32>,
     dq: &mut Tensor<F>,
     delta: &mut Tensor<F>,
+    dz_rows: &mut Tensor<F>,
     block: u32,
     n_heads: u32,
     group_heads: u32,
     seed: u32,
     threshold: u32,
     keep: f32,
-    #[comptime] d: usize,
-    #[comptime] causal: bool,
-    #[comptime] dropout: bool,
+    ramp: f32,
+    #[comptime] f: Flags,
     #[define(F)] _dtype: ElemType,
 ) {
+    let d = comptime!(f.d);
     let n = q.shape(1);
     let pos = ABSOLUTE_POS;
     if pos >= q.shape(0) * n {
@@ -253,51 +392,124 @@ fn backward_query_kernel<F: Float>(
     let bs = block as usize;
     let blocks = n.div_ceil(bs);
     let list = group_of(head, n_heads, group_heads) * blocks + row / bs;
+    let keep = F::cast_from(keep);
+    let ramp = F::cast_from(ramp);
+    let mut zh = F::new(0.0);
+    let mut lo = 0usize;
+    if f.span {
+        zh = span_of(z, head);
+        let reach = span_reach::<F>(zh, ramp);
+        if row > reach {
+            lo = row - reach;
+        }
+    }
     let qb = pos * d;
     let ob = pos * (d + 1);
     let lse = out[ob + d];
-    let mut dl = F::new(0.0);
-    for c in 0..d {
-        dl += grad[ob + c] * out[ob + c];
-    }
+    let dl = dot(grad, ob, out, ob, d);
     delta[pos] = dl;
     let mut acc = Array::<F>::new(d);
     for c in 0..d {
         acc[c] = F::new(0.0);
     }
+    let mut dz = F::new(0.0);
     for idx in offsets[list] as usize..offsets[list + 1] as usize {
-        let first = items[idx] as usize * bs;
+        let mut first = items[idx] as usize * bs;
         let mut end = (first + bs).min(n);
-        if causal {
+        if f.causal {
             end = end.min(row + 1);
+        }
+        if f.span {
+            first = first.max(lo);
         }
         for j in first..end {
             let kb = (head * n + j) * d;
-            let mut s = F::new(0.0);
-            let mut dp = F::new(0.0);
-            for c in 0..d {
-                s += q[qb + c] * k[kb + c];
-                dp += grad[ob + c] * v[kb + c];
+            let mut s = dot(q, qb, k, kb, d);
+            if f.relative {
+                s += relative(q, qb, pe, row - j, d);
             }
-            if dropout {
-                dp *= dropout_factor_cube::<F>(seed, pos, j, threshold, F::cast_from(keep));
+            let mut dp = dot(grad, ob, v, kb, d);
+            if f.dropout {
+                dp *= dropout_factor_cube::<F>(seed, pos, j, threshold, keep);
             }
-            let ds = F::exp(s - lse) * (dp - dl);
+            let diff = dp - dl;
+            let mut e = probability::<F>(s, lse, f.span);
+            if f.span {
+                let ratio = span_ratio::<F>(zh, ramp, row, j);
+                if ratio >= F::new(0.0) && ratio <= F::new(1.0) {
+                    dz += e * diff / ramp;
+                }
+                e *= F::clamp(ratio, F::new(0.0), F::new(1.0));
+            }
+            let ds = e * diff;
             for c in 0..d {
                 acc[c] += ds * k[kb + c];
+            }
+            if f.relative {
+                let span = pe.shape(1);
+                for c in 0..d {
+                    acc[c] += ds * pe[c * span + row - j];
+                }
+            }
+        }
+    }
+    if f.memory {
+        let mem = mk.shape(1);
+        let first = (head % mk.shape(0)) * mem;
+        for slot in 0..mem {
+            let kb = (first + slot) * d;
+            let s = dot(q, qb, mk, kb, d);
+            let mut dp = dot(grad, ob, mv, kb, d);
+            if f.dropout {
+                dp *= dropout_factor_cube::<F>(seed, pos, n + slot, threshold, keep);
+            }
+            let ds = probability::<F>(s, lse, f.span) * (dp - dl);
+            for c in 0..d {
+                acc[c] += ds * mk[kb + c];
             }
         }
     }
     for c in 0..d {
         dq[qb + c] = acc[c];
     }
+    if f.span {
+        dz_rows[pos] = dz;
+    }
 }
 
+/// One key's `dK` and `dV` terms from query row `qi`: `dS = P ∘ (dP ∘ mask − Δ)` and
+/// `P ∘ mask` (`e` is `P`, span-weighted where it applies).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn key_terms<F: Float>(
+    acc_k: &mut Array<F>,
+    acc_v: &mut Array<F>,
+    e: F,
+    dp: F,
+    factor: F,
+    dl: F,
+    q: &Tensor<F>,
+    qb: usize,
+    grad: &Tensor<F>,
+    ob: usize,
+    #[comptime] d: usize,
+) {
+    let ds = e * (dp * factor - dl);
+    let w = e * factor;
+    for c in 0..d {
+        acc_k[c] += ds * q[qb + c];
+        acc_v[c] += w * grad[ob + c];
+    }
+}
+
+/// The key pass: one unit per context key, `dK` and `dV` over the queries that see it.
 #[cube(launch)]
 fn backward_key_kernel<F: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
+    pe: &Tensor<F>,
+    z: &Tensor<F>,
     out: &Tensor<F>,
     grad: &Tensor<F>,
     delta: &Tensor<F>,
@@ -311,61 +523,233 @@ fn backward_key_kernel<F: Float>(
     seed: u32,
     threshold: u32,
     keep: f32,
-    #[comptime] d: usize,
-    #[comptime] causal: bool,
-    #[comptime] dropout: bool,
+    ramp: f32,
+    #[comptime] f: Flags,
     #[define(F)] _dtype: ElemType,
 ) {
+    let d = comptime!(f.d);
     let n = q.shape(1);
+    let heads = q.shape(0);
     let pos = ABSOLUTE_POS;
-    if pos >= q.shape(0) * n {
+    if pos >= heads * n {
         terminate!();
     }
-    let head = pos / n;
-    let key = pos % n;
-    let bs = block as usize;
-    let blocks = n.div_ceil(bs);
-    let list = group_of(head, n_heads, group_heads) * blocks + key / bs;
-    let kb = pos * d;
+    let keep = F::cast_from(keep);
+    let ramp = F::cast_from(ramp);
     let mut acc_k = Array::<F>::new(d);
     let mut acc_v = Array::<F>::new(d);
     for c in 0..d {
         acc_k[c] = F::new(0.0);
         acc_v[c] = F::new(0.0);
     }
+    let head = pos / n;
+    let key = pos % n;
+    let bs = block as usize;
+    let blocks = n.div_ceil(bs);
+    let list = group_of(head, n_heads, group_heads) * blocks + key / bs;
+    let mut zh = F::new(0.0);
+    let mut reach = n;
+    if f.span {
+        zh = span_of(z, head);
+        reach = span_reach::<F>(zh, ramp);
+    }
+    let kb = pos * d;
     for idx in offsets[list] as usize..offsets[list + 1] as usize {
         let mut first = items[idx] as usize * bs;
-        let end = (first + bs).min(n);
-        if causal {
+        let mut end = (first + bs).min(n);
+        if f.causal {
             first = first.max(key);
+        }
+        if f.span {
+            end = end.min(key + reach + 1);
         }
         for i in first..end {
             let qi = head * n + i;
             let qb = qi * d;
             let ob = qi * (d + 1);
-            let mut s = F::new(0.0);
-            let mut dp = F::new(0.0);
-            for c in 0..d {
-                s += q[qb + c] * k[kb + c];
-                dp += grad[ob + c] * v[kb + c];
+            let mut s = dot(q, qb, k, kb, d);
+            if f.relative {
+                s += relative(q, qb, pe, i - key, d);
             }
-            let p = F::exp(s - out[ob + d]);
+            let dp = dot(grad, ob, v, kb, d);
+            let mut e = probability::<F>(s, out[ob + d], f.span);
+            if f.span {
+                let ratio = span_ratio::<F>(zh, ramp, i, key);
+                e *= F::clamp(ratio, F::new(0.0), F::new(1.0));
+            }
             let mut factor = F::new(1.0);
-            if dropout {
-                factor = dropout_factor_cube::<F>(seed, qi, key, threshold, F::cast_from(keep));
+            if f.dropout {
+                factor = dropout_factor_cube::<F>(seed, qi, key, threshold, keep);
             }
-            let ds = p * (dp * factor - delta[qi]);
-            let pw = p * factor;
-            for c in 0..d {
-                acc_k[c] += ds * q[qb + c];
-                acc_v[c] += pw * grad[ob + c];
-            }
+            key_terms(
+                &mut acc_k, &mut acc_v, e, dp, factor, delta[qi], q, qb, grad, ob, d,
+            );
         }
     }
     for c in 0..d {
         dk[kb + c] = acc_k[c];
         dv[kb + c] = acc_v[c];
     }
+}
+
+/// The persistent slots' pass: one unit per (flattened head, slot), that head's share of the
+/// slot's `dK` and `dV` over all its queries (summed over heads by [`shared_sum_kernel`]).
+#[cube(launch)]
+fn backward_memory_kernel<F: Float>(
+    q: &Tensor<F>,
+    mk: &Tensor<F>,
+    mv: &Tensor<F>,
+    out: &Tensor<F>,
+    grad: &Tensor<F>,
+    delta: &Tensor<F>,
+    dmk: &mut Tensor<F>,
+    dmv: &mut Tensor<F>,
+    seed: u32,
+    threshold: u32,
+    keep: f32,
+    #[comptime] f: Flags,
+    #[define(F)] _dtype: ElemType,
+) {
+    let d = comptime!(f.d);
+    let n = q.shape(1);
+    let mem = mk.shape(1);
+    let pos = ABSOLUTE_POS;
+    if pos >= q.shape(0) * mem {
+        terminate!();
+    }
+    let head = pos / mem;
+    let slot = pos % mem;
+    let kb = ((head % mk.shape(0)) * mem + slot) * d;
+    let keep = F::cast_from(keep);
+    let mut acc_k = Array::<F>::new(d);
+    let mut acc_v = Array::<F>::new(d);
+    for c in 0..d {
+        acc_k[c] = F::new(0.0);
+        acc_v[c] = F::new(0.0);
+    }
+    for i in 0..n {
+        let qi = head * n + i;
+        let qb = qi * d;
+        let ob = qi * (d + 1);
+        let s = dot(q, qb, mk, kb, d);
+        let dp = dot(grad, ob, mv, kb, d);
+        let e = probability::<F>(s, out[ob + d], f.span);
+        let mut factor = F::new(1.0);
+        if f.dropout {
+            factor = dropout_factor_cube::<F>(seed, qi, n + slot, threshold, keep);
+        }
+        key_terms(
+            &mut acc_k, &mut acc_v, e, dp, factor, delta[qi], q, qb, grad, ob, d,
+        );
+    }
+    let base = pos * d;
+    for c in 0..d {
+        dmk[base + c] = acc_k[c];
+        dmv[base + c] = acc_v[c];
+    }
+}
+
+/// The relative positions' pass (dense causal keys): one unit per (flattened head, distance
+/// `δ`), `Σ_i dS[i, i − δ] q_i` into that head's `[d, span]` share of `d key_pe` (summed
+/// over heads by [`shared_sum_kernel`]); distances no pair spans get zeros.
+#[cube(launch)]
+fn backward_position_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    pe: &Tensor<F>,
+    z: &Tensor<F>,
+    out: &Tensor<F>,
+    grad: &Tensor<F>,
+    delta: &Tensor<F>,
+    dpe: &mut Tensor<F>,
+    seed: u32,
+    threshold: u32,
+    keep: f32,
+    ramp: f32,
+    #[comptime] f: Flags,
+    #[define(F)] _dtype: ElemType,
+) {
+    let d = comptime!(f.d);
+    let n = q.shape(1);
+    let span = pe.shape(1);
+    let pos = ABSOLUTE_POS;
+    if pos >= q.shape(0) * span {
+        terminate!();
+    }
+    let head = pos / span;
+    let dist = pos % span;
+    let keep = F::cast_from(keep);
+    let ramp = F::cast_from(ramp);
+    let mut acc = Array::<F>::new(d);
+    for c in 0..d {
+        acc[c] = F::new(0.0);
+    }
+    let mut zh = F::new(0.0);
+    let mut reach = n;
+    if f.span {
+        zh = span_of(z, head);
+        reach = span_reach::<F>(zh, ramp);
+    }
+    if dist <= reach {
+        for i in dist..n {
+            let key = i - dist;
+            let qi = head * n + i;
+            let qb = qi * d;
+            let ob = qi * (d + 1);
+            let kb = (head * n + key) * d;
+            let s = dot(q, qb, k, kb, d) + relative(q, qb, pe, dist, d);
+            let mut dp = dot(grad, ob, v, kb, d);
+            if f.dropout {
+                dp *= dropout_factor_cube::<F>(seed, qi, key, threshold, keep);
+            }
+            let mut e = probability::<F>(s, out[ob + d], f.span);
+            if f.span {
+                e *= F::clamp(span_ratio::<F>(zh, ramp, dist, 0), F::new(0.0), F::new(1.0));
+            }
+            let ds = e * (dp - delta[qi]);
+            for c in 0..d {
+                acc[c] += ds * q[qb + c];
+            }
+        }
+    }
+    for c in 0..d {
+        dpe[(head * d + c) * span + dist] = acc[c];
+    }
+}
+
+/// `out[s, l] = Σ_{h ≡ s (mod shared)} Σ_r part[h, r, l]` in increasing `h`, then `r`: the
+/// per-head shares of a gradient shared by heads (memory heads, `key_pe`, span heads), summed
+/// in a fixed order by one unit per output element. `part` is `[heads, rows, len]`, `out`
+/// `[shared, len]`.
+#[cube(launch)]
+fn shared_sum_kernel<F: Float>(
+    part: &Tensor<F>,
+    out: &mut Tensor<F>,
+    heads: u32,
+    shared: u32,
+    rows: u32,
+    len: u32,
+    #[define(F)] _dtype: ElemType,
+) {
+    let pos = ABSOLUTE_POS;
+    let n_part = heads as usize;
+    let n_shared = shared as usize;
+    let n_rows = rows as usize;
+    let width = len as usize;
+    if pos >= n_shared * width {
+        terminate!();
+    }
+    let s = pos / width;
+    let l = pos % width;
+    let mut acc = F::new(0.0);
+    for t in 0..(n_part + n_shared - 1 - s) / n_shared {
+        let h = s + t * n_shared;
+        for r in 0..n_rows {
+            acc += part[(h * n_rows + r) * width + l];
+        }
+    }
+    out[pos] = acc;
 }
 
 /// An uninitialised f32 tensor of `shape` beside `like`.
@@ -401,11 +785,6 @@ fn upload(like: &CubeTensor, values: Vec<u32>) -> CubeTensor {
         TensorData::new(values, [len]),
         &like.device,
     )
-}
-
-/// The kernels' dropout arguments: seed, threshold, `1 / (1 − p)`, and whether to drop.
-fn dropout_args(p: f32, seed: u32) -> (u32, u32, f32, bool) {
-    (seed, threshold(p), 1.0 / (1.0 - p), p > 0.0)
 }
 
 /// The block lists of `keys` for `n` tokens on a device, and the kernels' scalars: block size,
@@ -458,118 +837,339 @@ fn device_lists(keys: &KeyLayout, n: usize, like: &CubeTensor) -> DeviceLists {
     })
 }
 
-/// The forward on Cube tensors: `[heads, n, d + 1]`.
-fn forward(
+/// All-attention's parts on the device, each `None` when absent.
+#[derive(Default)]
+struct Parts {
+    /// Persistent keys and values, `[mem_heads, m, d]`.
+    memory: Option<[CubeTensor; 2]>,
+    /// Relative-position keys `[d, span]`.
+    key_pe: Option<CubeTensor>,
+    /// The adaptive span's `z` per span head, `[span_heads]`.
+    span_z: Option<CubeTensor>,
+}
+
+/// One call's operands (contiguous; absent parts as one-element placeholders the kernels
+/// never read), its switches and scalars.
+struct Call {
     q: CubeTensor,
     k: CubeTensor,
     v: CubeTensor,
-    keys: &KeyLayout,
-    (p, seed): (f32, u32),
-) -> CubeTensor {
-    let drop = dropout_args(p, seed);
-    let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
-    let [heads, n, d] = dims3(&q);
-    let out = empty_like(&q, vec![heads, n, d + 1]);
-    let (count, dim) = launch_shape(&q, heads * n);
-    let lists = device_lists(keys, n, &q);
-    let [offsets, items] = lists.fwd;
+    mk: CubeTensor,
+    mv: CubeTensor,
+    pe: CubeTensor,
+    z: CubeTensor,
+    flags: Flags,
+    lists: DeviceLists,
+    /// Flattened heads, tokens, persistent slots, distances `key_pe` covers.
+    heads: usize,
+    n: usize,
+    mem: usize,
+    span: usize,
+    seed: u32,
+    threshold: u32,
+    keep: f32,
+    ramp: f32,
+}
+
+impl Call {
+    /// Checks the shapes against each other and the layout (all-attention's parts need dense
+    /// keys; relative positions causal ones and `span ≥ n`).
+    fn new(
+        [q, k, v]: [CubeTensor; 3],
+        parts: Parts,
+        keys: &KeyLayout,
+        (ramp, p, seed): (f32, f32, u32),
+    ) -> Self {
+        let [q, k, v] = [q, k, v].map(into_contiguous);
+        let [heads, n, d] = dims3(&q);
+        assert!(
+            dims3(&k) == [heads, n, d] && dims3(&v) == [heads, n, d],
+            "tiled_attention on Cube: q, k and v must all be [heads, n, d]"
+        );
+        assert!(
+            supported(d),
+            "tiled_attention on Cube: head width {d} is outside 1..=256"
+        );
+        let extras = parts.memory.is_some() || parts.key_pe.is_some() || parts.span_z.is_some();
+        assert!(
+            !extras || keys.sparse.is_none(),
+            "tiled_attention on Cube: persistent memory, relative positions and the adaptive \
+             span need dense keys"
+        );
+        let placeholder = || empty_like(&q, vec![1]);
+        let (mk, mv, mem) = match parts.memory {
+            Some([mk, mv]) => {
+                let [mem_heads, mem, mem_d] = dims3(&mk);
+                assert!(
+                    dims3(&mv) == [mem_heads, mem, mem_d] && mem_d == d && mem_heads > 0,
+                    "tiled_attention on Cube: memory keys and values must be [mem_heads, m, {d}]"
+                );
+                (into_contiguous(mk), into_contiguous(mv), mem)
+            }
+            None => (placeholder(), placeholder(), 0),
+        };
+        let (pe, span) = match parts.key_pe {
+            Some(pe) => {
+                let [pe_d, span] = pe.shape().dims::<2>();
+                assert!(
+                    pe_d == d && span >= n && keys.causal,
+                    "tiled_attention on Cube: key_pe [{pe_d}, {span}] needs [{d}, ≥ {n}] and \
+                     causal keys"
+                );
+                (into_contiguous(pe), span)
+            }
+            None => (placeholder(), 0),
+        };
+        let span_on = parts.span_z.is_some();
+        assert!(
+            !span_on || ramp > 0.0,
+            "tiled_attention on Cube: ramp {ramp}"
+        );
+        let z = parts.span_z.map_or_else(placeholder, into_contiguous);
+        let lists = device_lists(keys, n, &q);
+        Self {
+            flags: Flags {
+                d,
+                causal: keys.causal,
+                dropout: p > 0.0,
+                memory: mem > 0,
+                relative: span > 0,
+                span: span_on,
+            },
+            lists,
+            heads,
+            n,
+            mem,
+            span,
+            seed,
+            threshold: threshold(p),
+            keep: 1.0 / (1.0 - p),
+            ramp,
+            q,
+            k,
+            v,
+            mk,
+            mv,
+            pe,
+            z,
+        }
+    }
+}
+
+/// The forward on Cube tensors: `[heads, n, d + 1]`.
+fn forward(c: &Call) -> CubeTensor {
+    let d = c.flags.d;
+    let out = empty_like(&c.q, vec![c.heads, c.n, d + 1]);
+    let (count, dim) = launch_shape(&c.q, c.heads * c.n);
+    let [offsets, items] = &c.lists.fwd;
+    let arg = |t: &CubeTensor| t.clone().into_tensor_arg();
     forward_kernel::launch(
-        &q.client.clone(),
+        &c.q.client.clone(),
         count,
         dim,
-        q.into_tensor_arg(),
-        k.into_tensor_arg(),
-        v.into_tensor_arg(),
-        offsets.into_tensor_arg(),
-        items.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        lists.block,
-        lists.n_heads,
-        lists.group_heads,
-        drop.0,
-        drop.1,
-        drop.2,
-        d,
-        keys.causal,
-        drop.3,
+        arg(&c.q),
+        arg(&c.k),
+        arg(&c.v),
+        arg(&c.mk),
+        arg(&c.mv),
+        arg(&c.pe),
+        arg(&c.z),
+        arg(offsets),
+        arg(items),
+        arg(&out),
+        c.lists.block,
+        c.lists.n_heads,
+        c.lists.group_heads,
+        c.seed,
+        c.threshold,
+        c.keep,
+        c.ramp,
+        c.flags,
         dtype_to_storage_type(DType::F32),
     );
     out
 }
 
-/// The backward on Cube tensors: `(dq, dk, dv)`.
-fn backward(
-    [q, k, v]: [CubeTensor; 3],
-    out: CubeTensor,
-    grad: CubeTensor,
-    keys: &KeyLayout,
-    (p, seed): (f32, u32),
-) -> [CubeTensor; 3] {
-    let drop = dropout_args(p, seed);
-    let [q, k, v, out, grad] = [q, k, v, out, grad].map(into_contiguous);
-    let [heads, n, d] = dims3(&q);
-    let (dq, dk, dv) = (
-        empty_like(&q, vec![heads, n, d]),
-        empty_like(&q, vec![heads, n, d]),
-        empty_like(&q, vec![heads, n, d]),
+/// `[shared, ...]` sums of `part` (`[heads, rows, len]`) over the heads `h ≡ s (mod shared)`
+/// and the rows, in a fixed order (see [`shared_sum_kernel`]); `shape` is the output's.
+fn shared_sum(part: &CubeTensor, shared: usize, rows: usize, shape: Vec<usize>) -> CubeTensor {
+    let out = empty_like(part, shape);
+    let len = out.shape().num_elements() / shared;
+    let heads = part.shape().num_elements() / (rows * len);
+    assert_eq!(
+        heads * rows * len,
+        part.shape().num_elements(),
+        "shared_sum: shapes"
     );
-    let delta = empty_like(&q, vec![heads, n]);
-    let (count, dim) = launch_shape(&q, heads * n);
-    let client = q.client.clone();
+    let (count, dim) = launch_shape(part, shared * len);
+    shared_sum_kernel::launch(
+        &part.client.clone(),
+        count,
+        dim,
+        part.clone().into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        heads as u32,
+        shared as u32,
+        rows as u32,
+        len as u32,
+        dtype_to_storage_type(DType::F32),
+    );
+    out
+}
+
+/// The gradients the backward computes: of q, k, v, and of the parts that are present
+/// (memory keys and values, `key_pe`, span `z`).
+struct Grads {
+    qkv: [CubeTensor; 3],
+    memory: Option<[CubeTensor; 2]>,
+    key_pe: Option<CubeTensor>,
+    span_z: Option<CubeTensor>,
+}
+
+/// The backward on Cube tensors, from the forward's output and its gradient (both
+/// `[heads, n, d + 1]`).
+fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
+    let [out, grad] = [out, grad].map(into_contiguous);
+    let (heads, n, d, f) = (c.heads, c.n, c.flags.d, c.flags);
+    let new = |shape: Vec<usize>| empty_like(&c.q, shape);
+    let placeholder = || new(vec![1]);
+    let (dq, dk, dv) = (
+        new(vec![heads, n, d]),
+        new(vec![heads, n, d]),
+        new(vec![heads, n, d]),
+    );
+    let delta = new(vec![heads, n]);
+    let dz_rows = if f.span {
+        new(vec![heads, n])
+    } else {
+        placeholder()
+    };
+    let [dmk, dmv] = if f.memory {
+        [new(vec![heads, c.mem, d]), new(vec![heads, c.mem, d])]
+    } else {
+        [placeholder(), placeholder()]
+    };
+    let client = c.q.client.clone();
     let dtype = dtype_to_storage_type(DType::F32);
-    let causal = keys.causal;
-    let lists = device_lists(keys, n, &q);
-    let (fwd, bwd) = (lists.fwd, lists.bwd);
+    let arg = |t: &CubeTensor| t.clone().into_tensor_arg();
+    let (count, dim) = launch_shape(&c.q, heads * n);
+    let [fwd_offsets, fwd_items] = &c.lists.fwd;
     backward_query_kernel::launch(
         &client,
-        count.clone(),
+        count,
         dim,
-        q.clone().into_tensor_arg(),
-        k.clone().into_tensor_arg(),
-        v.clone().into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        grad.clone().into_tensor_arg(),
-        fwd[0].clone().into_tensor_arg(),
-        fwd[1].clone().into_tensor_arg(),
-        dq.clone().into_tensor_arg(),
-        delta.clone().into_tensor_arg(),
-        lists.block,
-        lists.n_heads,
-        lists.group_heads,
-        drop.0,
-        drop.1,
-        drop.2,
-        d,
-        causal,
-        drop.3,
+        arg(&c.q),
+        arg(&c.k),
+        arg(&c.v),
+        arg(&c.mk),
+        arg(&c.mv),
+        arg(&c.pe),
+        arg(&c.z),
+        arg(&out),
+        arg(&grad),
+        arg(fwd_offsets),
+        arg(fwd_items),
+        arg(&dq),
+        arg(&delta),
+        arg(&dz_rows),
+        c.lists.block,
+        c.lists.n_heads,
+        c.lists.group_heads,
+        c.seed,
+        c.threshold,
+        c.keep,
+        c.ramp,
+        f,
         dtype,
     );
+    let (count, dim) = launch_shape(&c.q, heads * n);
+    let [bwd_offsets, bwd_items] = &c.lists.bwd;
     backward_key_kernel::launch(
         &client,
         count,
         dim,
-        q.into_tensor_arg(),
-        k.into_tensor_arg(),
-        v.into_tensor_arg(),
-        out.into_tensor_arg(),
-        grad.into_tensor_arg(),
-        delta.into_tensor_arg(),
-        bwd[0].clone().into_tensor_arg(),
-        bwd[1].clone().into_tensor_arg(),
-        dk.clone().into_tensor_arg(),
-        dv.clone().into_tensor_arg(),
-        lists.block,
-        lists.n_heads,
-        lists.group_heads,
-        drop.0,
-        drop.1,
-        drop.2,
-        d,
-        causal,
-        drop.3,
+        arg(&c.q),
+        arg(&c.k),
+        arg(&c.v),
+        arg(&c.pe),
+        arg(&c.z),
+        arg(&out),
+        arg(&grad),
+        arg(&delta),
+        arg(bwd_offsets),
+        arg(bwd_items),
+        arg(&dk),
+        arg(&dv),
+        c.lists.block,
+        c.lists.n_heads,
+        c.lists.group_heads,
+        c.seed,
+        c.threshold,
+        c.keep,
+        c.ramp,
+        f,
         dtype,
     );
-    [dq, dk, dv]
+    if f.memory {
+        let (count, dim) = launch_shape(&c.q, heads * c.mem);
+        backward_memory_kernel::launch(
+            &client,
+            count,
+            dim,
+            arg(&c.q),
+            arg(&c.mk),
+            arg(&c.mv),
+            arg(&out),
+            arg(&grad),
+            arg(&delta),
+            arg(&dmk),
+            arg(&dmv),
+            c.seed,
+            c.threshold,
+            c.keep,
+            f,
+            dtype,
+        );
+    }
+    let key_pe = f.relative.then(|| {
+        let part = new(vec![heads, d, c.span]);
+        let (count, dim) = launch_shape(&c.q, heads * c.span);
+        backward_position_kernel::launch(
+            &client,
+            count,
+            dim,
+            arg(&c.q),
+            arg(&c.k),
+            arg(&c.v),
+            arg(&c.pe),
+            arg(&c.z),
+            arg(&out),
+            arg(&grad),
+            arg(&delta),
+            arg(&part),
+            c.seed,
+            c.threshold,
+            c.keep,
+            c.ramp,
+            f,
+            dtype,
+        );
+        shared_sum(&part, 1, 1, vec![d, c.span])
+    });
+    let memory = f.memory.then(|| {
+        let mem_heads = dims3(&c.mk)[0];
+        [&dmk, &dmv].map(|part| shared_sum(part, mem_heads, 1, vec![mem_heads, c.mem, d]))
+    });
+    let span_z = f.span.then(|| {
+        let span_heads = c.z.shape().num_elements();
+        shared_sum(&dz_rows, span_heads, n, vec![span_heads])
+    });
+    Grads {
+        qkv: [dq, dk, dv],
+        memory,
+        key_pe,
+        span_z,
+    }
 }
 
 type Runtime = <CubeBackend as FusionBackend>::FusionRuntime;
@@ -578,6 +1178,25 @@ type Runtime = <CubeBackend as FusionBackend>::FusionRuntime;
 fn resolve(t: FusionTensor<Runtime>) -> CubeTensor {
     let client = t.client.clone();
     client.resolve_tensor_float::<CubeBackend>(t)
+}
+
+/// A present (non-empty) part's Cube tensor.
+fn present(t: &FusionTensor<Runtime>) -> Option<CubeTensor> {
+    (t.shape().num_elements() > 0).then(|| resolve(t.clone()))
+}
+
+/// All-attention's parts of a call, each `None` when empty.
+fn parts(
+    mk: &FusionTensor<Runtime>,
+    mv: &FusionTensor<Runtime>,
+    pe: &FusionTensor<Runtime>,
+    z: &FusionTensor<Runtime>,
+) -> Parts {
+    Parts {
+        memory: present(mk).zip(present(mv)).map(|(k, v)| [k, v]),
+        key_pe: present(pe),
+        span_z: present(z),
+    }
 }
 
 /// A Cube tensor registered with the fusion `client`.
@@ -601,26 +1220,23 @@ impl AttentionOps for Fusion<CubeBackend> {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         memory_keys: FloatTensor<Self>,
-        _memory_values: FloatTensor<Self>,
+        memory_values: FloatTensor<Self>,
         key_pe: FloatTensor<Self>,
         span_z: FloatTensor<Self>,
         keys: KeyLayout,
-        _ramp: f32,
+        ramp: f32,
         dropout: f32,
         seed: u32,
     ) -> FloatTensor<Self> {
-        let extras = [&memory_keys, &key_pe, &span_z]
-            .iter()
-            .any(|t| t.shape().num_elements() > 0);
-        let d = q.shape().dims::<3>()[2];
-        assert!(
-            supported(extras, d),
-            "tiled_attention on Cube: dense or block-sparse keys without memory, positions or \
-             span only (the mixers take the composed path otherwise)"
-        );
         let client = q.client.clone();
-        let (q, k, v) = (resolve(q), resolve(k), resolve(v));
-        register(&client, forward(q, k, v, &keys, (dropout, seed)))
+        let parts = parts(&memory_keys, &memory_values, &key_pe, &span_z);
+        let call = Call::new(
+            [resolve(q), resolve(k), resolve(v)],
+            parts,
+            &keys,
+            (ramp, dropout, seed),
+        );
+        register(&client, forward(&call))
     }
 }
 
@@ -630,60 +1246,40 @@ impl AttentionBackward for Fusion<CubeBackend> {
         out: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         keys: &KeyLayout,
-        (_ramp, p, seed): (f32, f32, u32),
+        settings: (f32, f32, u32),
     ) -> Operands<Self> {
         let [q, k, v, mk, mv, pe, z] = inputs;
         let client = q.client.clone();
-        let [dq, dk, dv] = backward(
-            [resolve(q), resolve(k), resolve(v)],
-            resolve(out),
-            resolve(grad),
-            keys,
-            (p, seed),
-        )
-        .map(|t| register(&client, t));
-        // The absent parts are empty: their (empty) gradients are themselves.
-        [dq, dk, dv, mk, mv, pe, z]
+        let parts = parts(&mk, &mv, &pe, &z);
+        let call = Call::new([resolve(q), resolve(k), resolve(v)], parts, keys, settings);
+        let grads = backward(&call, resolve(out), resolve(grad));
+        let reg = |t: CubeTensor| register(&client, t);
+        let [dq, dk, dv] = grads.qkv.map(reg);
+        // An absent part is empty: its (empty) gradient is itself.
+        let (dmk, dmv) = match grads.memory {
+            Some([dmk, dmv]) => (reg(dmk), reg(dmv)),
+            None => (mk, mv),
+        };
+        let dpe = grads.key_pe.map_or(pe, reg);
+        let dz = grads.span_z.map_or(z, reg);
+        [dq, dk, dv, dmk, dmv, dpe, dz]
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::KeyLayout;
-    use super::super::tests::{check_on, sparse_cases};
+    use super::super::tests::{check_all_attention_on, check_on, sparse_cases};
+    use crate::test_util::wgpu;
     use burn::tensor::{Device, Tensor, TensorData};
 
-    /// The Cube kernels' dropout mask for `[heads, n, n]` weights.
-    fn cube_mask(p: f32, seed: u32, heads: usize, n: usize, device: &Device) -> Tensor<3> {
-        let mask: Vec<f32> = (0..heads * n * n)
-            .map(|i| super::dropout_factor(seed, i / n, i % n, p))
+    /// The Cube kernels' dropout mask for `[heads, n, width]` weights (key `t` of flattened
+    /// row `r`: context key `t < n`, memory slot `t − n`).
+    fn cube_mask(p: f32, seed: u32, [heads, n, width]: [usize; 3], device: &Device) -> Tensor<3> {
+        let mask: Vec<f32> = (0..heads * n * width)
+            .map(|i| super::dropout_factor(seed, i / width, i % width, p))
             .collect();
-        Tensor::from_data(TensorData::new(mask, [heads, n, n]), device)
-    }
-
-    /// wgpu's adapter (Mesa's llvmpipe in CI), started once per test binary (wgpu's runtime
-    /// registers once), or `None` with the reason printed — unless `MIXLAB_REQUIRE_WGPU` is set,
-    /// when a missing adapter fails the test.
-    fn wgpu() -> Option<Device> {
-        static DEVICE: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
-        let device = DEVICE.get_or_init(|| {
-            if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
-                // SAFETY: before wgpu starts; Mesa only reads it.
-                unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
-            }
-            Device::wgpu_options().init().map_err(|e| e.to_string())
-        });
-        match device {
-            Ok(device) => Some(device.clone()),
-            Err(e) => {
-                assert!(
-                    std::env::var_os("MIXLAB_REQUIRE_WGPU").is_none(),
-                    "MIXLAB_REQUIRE_WGPU is set but wgpu has no adapter: {e}"
-                );
-                eprintln!("skipped: no wgpu adapter ({e})");
-                None
-            }
-        }
+        Tensor::from_data(TensorData::new(mask, [heads, n, width]), device)
     }
 
     /// The CubeCL kernels on wgpu against softmax attention from tensor ops on the same device:
@@ -734,5 +1330,16 @@ mod tests {
             let name = format!("wgpu {name}");
             check_on(&device, &cube_mask, shape, keys, allowed, dropout, &name);
         }
+    }
+
+    /// All-attention's kernels on wgpu (persistent slots, relative positions, adaptive span,
+    /// with dropout 0.3) against its reference from tensor ops on the same device with the
+    /// kernels' mask ([`check_all_attention_on`]).
+    #[test]
+    fn cube_all_attention_kernels_equal_masked_tensor_ops() {
+        let Some(device) = wgpu() else {
+            return;
+        };
+        check_all_attention_on(&device.autodiff(), &cube_mask, "wgpu");
     }
 }

@@ -542,14 +542,15 @@ mod tests {
     use crate::test_util::{assert_all_close, pattern, same_bits_on_1_and_3_threads, to_vec};
     use burn::tensor::{Bool, Device, Distribution, Tensor, activation};
 
-    /// The kernel's dropout mask for `[heads, n, n]` weights, as a tensor of `0` and `1/(1−p)`.
-    fn mask(p: f32, seed: u32, heads: usize, n: usize, device: &Device) -> Tensor<3> {
+    /// The flex kernel's dropout mask for `[heads, n, width]` weights (key `t` of a row: context
+    /// key `t < n`, memory slot `t − n`), as a tensor of `0` and `1/(1−p)`.
+    fn mask(p: f32, seed: u32, [heads, n, width]: [usize; 3], device: &Device) -> Tensor<3> {
         let dropout = Dropout::new(p, seed);
-        let mut mask = vec![1.0f32; heads * n * n];
-        for (r, row) in mask.chunks_exact_mut(n).enumerate() {
-            dropout.apply_at(row, (r * n) as u64);
+        let mut mask = vec![1.0f32; heads * n * width];
+        for (r, row) in mask.chunks_exact_mut(width).enumerate() {
+            dropout.apply_at(row, (r * width) as u64);
         }
-        Tensor::from_data(TensorData::new(mask, [heads, n, n]), device)
+        Tensor::from_data(TensorData::new(mask, [heads, n, width]), device)
     }
 
     /// Runs the operation (through `Dispatch` and autodiff on flex) and softmax attention
@@ -566,8 +567,9 @@ mod tests {
         check_on(&device, &mask, [heads, n, d], keys, allowed, dropout, name);
     }
 
-    /// A kernel's dropout mask for `[heads, n, n]` weights: `(p, seed, heads, n, device)`.
-    pub(super) type MaskFn = dyn Fn(f32, u32, usize, usize, &Device) -> Tensor<3>;
+    /// A kernel's dropout mask for `[heads, n, width]` weights (`width = n + memory slots`):
+    /// `(p, seed, [heads, n, width], device)`.
+    pub(super) type MaskFn = dyn Fn(f32, u32, [usize; 3], &Device) -> Tensor<3>;
 
     /// [`check_against_tensor_ops`] on `device` (an autodiff device), with the dropout mask
     /// `mask` builds.
@@ -610,7 +612,7 @@ mod tests {
             .matmul(k.clone().swap_dims(1, 2)) // [heads, n, n]
             .mask_fill(hidden, f32::NEG_INFINITY);
         let lse = to_vec(scores.clone().exp().sum_dim(2).log());
-        let weights = activation::softmax(scores, 2) * mask(p, seed, heads, n, &device);
+        let weights = activation::softmax(scores, 2) * mask(p, seed, [heads, n, n], &device);
         let reference = weights.matmul(v.clone());
         assert_all_close(
             &to_vec(fused.clone().narrow(2, d, 1)),
@@ -792,25 +794,56 @@ mod tests {
         }
     }
 
-    /// Persistent memory slots with attention dropout 0.3, against softmax attention over the
-    /// concatenated keys `[context | memory]` built from tensor ops with the kernel's mask
-    /// (memory slot `s` is key `n + s` of its row): two batch rows of two heads (each flattened
-    /// head uses memory head `h mod 2`), 37 tokens (a partial tile), causal and bidirectional;
-    /// outputs and the gradients of q, k, v and the memory keys and values.
+    /// All-attention with attention dropout 0.3 on flex against its reference from tensor ops
+    /// ([`check_all_attention_on`]).
     #[test]
-    fn memory_slots_with_dropout_equal_masked_tensor_ops() {
-        let (batch, n_heads, n, mem, d) = (2, 2, 37, 5, 8);
+    fn all_attention_with_dropout_equals_masked_tensor_ops() {
+        check_all_attention_on(&Device::flex().autodiff(), &mask, "flex");
+    }
+
+    /// The operation with every part of all-attention against the same attention built from
+    /// tensor ops with the kernel's dropout `mask` (memory slot `s` is key `n + s` of its row),
+    /// on `device` (an autodiff device): two batch rows of two heads (flattened head `h` uses
+    /// memory head and span head `h mod 2`), 40 tokens, 5 persistent slots, dropout 0.3;
+    /// memory alone (causal and bidirectional), memory with the adaptive span (bidirectional;
+    /// spans 10.5 and 30 with a ramp of 4, so some keys are past the span), and memory with
+    /// relative positions (47 distances) and the span (causal). Outputs, log-sum-exps and the
+    /// gradients of q, k, v, the memory keys and values, `key_pe` and `z`.
+    pub(super) fn check_all_attention_on(device: &Device, mask: &MaskFn, name: &str) {
+        let (batch, n_heads, n, mem, d, span) = (2, 2, 40, 5, 8, 47);
         let heads = batch * n_heads;
-        let (p, seed) = (0.3f32, 23u32);
-        for causal in [true, false] {
-            let device = Device::flex().autodiff();
+        let (p, seed, ramp) = (0.3f32, 23u32, 4.0f32);
+        let cases = [
+            (true, false, false),
+            (false, false, true),
+            (true, true, true),
+        ];
+        for (causal, relative, with_span) in cases {
+            let device = device.clone();
             device.seed(5);
             let r = |shape: [usize; 3]| {
                 Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad()
             };
             let (q, k, v) = (r([heads, n, d]), r([heads, n, d]), r([heads, n, d]));
             let (mk, mv) = (r([n_heads, mem, d]), r([n_heads, mem, d]));
-            let w = Tensor::<3>::random([heads, n, d], Distribution::Normal(0.0, 1.0), &device);
+            let pe = Tensor::<2>::random([d, span], Distribution::Normal(0.0, 0.5), &device)
+                .require_grad();
+            let z = Tensor::<1>::from_data(TensorData::new(vec![10.5f32, 30.0], [2]), &device)
+                .require_grad();
+            let w = Tensor::<3>::random([heads, n, d + 1], Distribution::Normal(0.0, 1.0), &device)
+                .narrow(2, 0, d);
+            let (pe_in, z_in) = (
+                if relative {
+                    pe.clone()
+                } else {
+                    Tensor::zeros([d, 0], &device)
+                },
+                if with_span {
+                    z.clone()
+                } else {
+                    Tensor::zeros([0], &device)
+                },
+            );
             let fused = Tensor::<3>::from_dispatch(
                 <burn::backend::Dispatch as AttentionOps>::tiled_attention(
                     q.clone().into_dispatch(),
@@ -818,63 +851,97 @@ mod tests {
                     v.clone().into_dispatch(),
                     mk.clone().into_dispatch(),
                     mv.clone().into_dispatch(),
-                    Tensor::<2>::zeros([d, 0], &device).into_dispatch(),
-                    Tensor::<1>::zeros([0], &device).into_dispatch(),
+                    pe_in.into_dispatch(),
+                    z_in.into_dispatch(),
                     KeyLayout::dense(causal),
-                    1.0,
+                    ramp,
                     p,
                     seed,
                 ),
-            )
-            .narrow(2, 0, d);
-            // Memory head `h mod n_heads` for flattened head `h = b · n_heads + h'`.
+            );
+            // Memory head and span head `h mod n_heads` for flattened head `h = b · n_heads + h'`.
+            // (Transposed before the repeat: on wgpu, Burn 0.22.1 returns the gradient of
+            // `matmul(q, repeated.swap_dims(1, 2))` for a repeated or expanded leaf in the wrong
+            // layout; flex gets it right.)
             let per_head = |m: Tensor<3>| {
+                let [_, rows, cols] = m.dims();
                 m.unsqueeze_dim::<4>(0)
                     .repeat_dim(0, batch)
-                    .reshape([heads, mem, d])
+                    .reshape([heads, rows, cols])
             };
-            let keys = Tensor::cat(vec![k.clone(), per_head(mk.clone())], 1); // [heads, n + mem, d]
-            let values = Tensor::cat(vec![v.clone(), per_head(mv.clone())], 1);
-            let hidden: Vec<bool> = (0..heads * n * (n + mem))
-                .map(|i| {
-                    let (row, key) = ((i / (n + mem)) % n, i % (n + mem));
-                    causal && key < n && key > row
-                })
-                .collect();
-            let hidden =
-                Tensor::<3, Bool>::from_data(TensorData::new(hidden, [heads, n, n + mem]), &device);
-            let scores = q
-                .clone()
-                .matmul(keys.swap_dims(1, 2))
-                .mask_fill(hidden, f32::NEG_INFINITY);
-            let dropout = Dropout::new(p, seed);
-            let mut keep = vec![1.0f32; heads * n * (n + mem)];
-            for (row, weights) in keep.chunks_exact_mut(n + mem).enumerate() {
-                dropout.apply_at(weights, (row * (n + mem)) as u64);
+            let mut context = q.clone().matmul(k.clone().swap_dims(1, 2)); // [heads, n, n]
+            if relative {
+                let rel = crate::mixer::persistent::relative_scores(q.clone().unsqueeze(), &pe);
+                context = context + rel.reshape([heads, n, n]);
             }
-            let keep = Tensor::<3>::from_data(TensorData::new(keep, [heads, n, n + mem]), &device);
-            let reference = (activation::softmax(scores, 2) * keep).matmul(values);
+            if causal {
+                let future = Tensor::<2, Bool>::tril_mask([n, n], 0, &device)
+                    .unsqueeze::<3>()
+                    .expand([heads, n, n]);
+                context = context.mask_fill(future, f32::NEG_INFINITY);
+            }
+            let memory = q.clone().matmul(per_head(mk.clone().swap_dims(1, 2))); // [heads, n, mem]
+            let scores = Tensor::cat(vec![context, memory], 2);
+            let max = scores.clone().max_dim(2).detach();
+            let mut e = (scores - max.clone()).exp();
+            if with_span {
+                let distance: Vec<f32> = (0..n * n)
+                    .map(|i| (i / n) as f32 - (i % n) as f32)
+                    .collect();
+                let distance =
+                    Tensor::<3>::from_data(TensorData::new(distance, [1, n, n]), &device);
+                let z = z
+                    .clone()
+                    .unsqueeze_dim::<2>(0)
+                    .repeat_dim(0, batch)
+                    .reshape([heads, 1, 1]);
+                let ratio = ((z - distance).add_scalar(ramp).div_scalar(ramp)).clamp(0.0, 1.0);
+                let ones = Tensor::<3>::ones([heads, n, mem], &device);
+                e = e * Tensor::cat(vec![ratio, ones], 2);
+            }
+            let norm = e.clone().sum_dim(2); // [heads, n, 1]
+            let keep = mask(p, seed, [heads, n, n + mem], &device);
+            let values = Tensor::cat(vec![v.clone(), per_head(mv.clone())], 1);
+            let reference = (e * keep).matmul(values) / norm.clone();
+            let lse = norm.log() + max;
+            let what = format!("{name} causal={causal} relative={relative} span={with_span}");
+            assert_all_close(
+                &to_vec(fused.clone().narrow(2, d, 1)),
+                &to_vec(lse),
+                1e-5,
+                &format!("{what} lse"),
+            );
             let mut results = vec![];
-            for out in [fused, reference] {
+            for out in [fused.narrow(2, 0, d), reference] {
                 let grads = (out.clone() * w.clone()).sum().backward();
                 let mut r = vec![to_vec(out)];
                 for t in [&q, &k, &v, &mk, &mv] {
                     r.push(to_vec(t.grad(&grads).unwrap()));
                 }
+                r.push(if relative {
+                    to_vec(pe.grad(&grads).unwrap())
+                } else {
+                    vec![]
+                });
+                r.push(if with_span {
+                    to_vec(z.grad(&grads).unwrap())
+                } else {
+                    vec![]
+                });
                 results.push(r);
             }
-            for (what, (a, b)) in [
+            let names = [
                 "output",
                 "dq",
                 "dk",
                 "dv",
                 "d memory keys",
                 "d memory values",
-            ]
-            .iter()
-            .zip(results[0].iter().zip(&results[1]))
-            {
-                assert_all_close(a, b, 1e-5, &format!("causal={causal} p={p} {what}"));
+                "d key_pe",
+                "d z",
+            ];
+            for (part, (a, b)) in names.iter().zip(results[0].iter().zip(&results[1])) {
+                assert_all_close(a, b, 2e-5, &format!("{what} {part}"));
             }
         }
     }

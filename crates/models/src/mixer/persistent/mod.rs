@@ -201,9 +201,9 @@ impl PersistentAttention {
     /// maximum `m` over both parts, and the memory part runs per head over all `batch · seq`
     /// queries at once (`[batch·seq, d_head] x [d_head, N]`) instead of `batch` small GEMMs.
     ///
-    /// On flex (with `model.attention_impl = "fused"`) the whole layer — context keys with the
-    /// relative-position term and the adaptive span, and the persistent memory — is one call
-    /// of the tiled attention operation ([`AttentionOps`](super::AttentionOps)): no
+    /// On flex and the Cube backends (with `model.attention_impl = "fused"`) the whole layer —
+    /// context keys with the relative-position term and the adaptive span, and the persistent
+    /// memory — is one call of the tiled attention operation ([`AttentionOps`](super::AttentionOps)): no
     /// `[seq, seq]` or `[batch·seq, N]` scores are materialised, the backward recomputes them.
     ///
     /// # Shapes
@@ -216,11 +216,12 @@ impl PersistentAttention {
         v: Tensor<4>,
         key_pe: Option<&Tensor<2>>,
     ) -> Tensor<4> {
-        let fused = self.attn.fused && super::on_flex(&q.device());
+        let d_head = q.dims()[3];
+        let fused = self.attn.fused && super::attention_fused_on(&q.device(), d_head);
         self.attend_with(q, k, v, key_pe, fused)
     }
 
-    /// [`attend`](Self::attend) as the tiled operation (flex only) or composed from tensor ops
+    /// [`attend`](Self::attend) as the tiled operation (flex and Cube) or composed from tensor ops
     /// (every backend, and the reference the operation is tested against).
     pub fn attend_with(
         &self,

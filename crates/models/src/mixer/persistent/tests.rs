@@ -163,7 +163,25 @@ fn fused_kernel_equals_materialised_weights_path() {
 /// score and sometimes a context one.
 #[test]
 fn flex_tiled_operation_equals_the_composed_path_in_values_and_gradients() {
-    let device = Device::flex().autodiff();
+    tiled_operation_equals_the_composed_path(&Device::flex().autodiff(), "flex");
+}
+
+/// The same through the mixer on wgpu (the CubeCL kernels of `attention_op/cube.rs`) against
+/// the composed path on the same device.
+#[test]
+fn cube_tiled_operation_equals_the_composed_path_in_values_and_gradients() {
+    let Some(device) = crate::test_util::wgpu() else {
+        return;
+    };
+    assert!(
+        crate::mixer::attention_fused_on(&device, 8),
+        "all-attention should take the kernels on wgpu"
+    );
+    tiled_operation_equals_the_composed_path(&device.autodiff(), "wgpu");
+}
+
+fn tiled_operation_equals_the_composed_path(device: &Device, name: &str) {
+    let device = device.clone();
     for (causal, relative, span) in [
         (true, false, false),
         (false, false, true),
@@ -217,8 +235,8 @@ fn flex_tiled_operation_equals_the_composed_path_in_values_and_gradients() {
             if relative { "d key_pe" } else { "d span" },
             "d span",
         ];
-        for ((name, a), b) in names.iter().zip(&fused).zip(&composed) {
-            let what = format!("causal={causal} relative={relative} span={span} {name}");
+        for ((part, a), b) in names.iter().zip(&fused).zip(&composed) {
+            let what = format!("{name} causal={causal} relative={relative} span={span} {part}");
             assert_all_close(a, b, 2e-5, &what);
         }
     }
