@@ -17,6 +17,9 @@ pub enum BackendChoice {
     Wgpu,
     /// Burn's CUDA backend (binaries built with `--features cuda`).
     Cuda,
+    /// wgpu pinned to Vulkan, its kernels compiled to SPIR-V (tensor-core matmuls) instead of
+    /// WGSL (binaries built with `--features vulkan`).
+    Vulkan,
 }
 
 impl BackendChoice {
@@ -28,9 +31,10 @@ impl BackendChoice {
             "ndarray" => Self::NdArray,
             "wgpu" => Self::Wgpu,
             "cuda" => Self::Cuda,
+            "vulkan" => Self::Vulkan,
             other => bail!(
                 "unknown backend `{other}` (train.backend / --backend): use one of auto, flex, \
-                 ndarray, wgpu, cuda"
+                 ndarray, wgpu, cuda, vulkan"
             ),
         })
     }
@@ -119,6 +123,7 @@ pub fn parse_device(backend: BackendChoice, entry: &str) -> Result<(BackendChoic
         return match backend {
             BackendChoice::Auto | BackendChoice::Wgpu => Ok((BackendChoice::Wgpu, Some(i))),
             BackendChoice::Cuda => Ok((BackendChoice::Cuda, Some(i))),
+            BackendChoice::Vulkan => Ok((BackendChoice::Vulkan, Some(i))),
             BackendChoice::Flex | BackendChoice::NdArray => bail!(
                 "train.devices entry `{entry}`: the CPU backends have one device each; name \
                  them instead (devices = [\"flex\", \"ndarray\"]) or use a GPU backend"
@@ -133,7 +138,8 @@ pub fn parse_device(backend: BackendChoice, entry: &str) -> Result<(BackendChoic
         .map_err(|e| anyhow::anyhow!("train.devices entry `{entry}`: {e:#}"))?;
     match (choice, i) {
         (BackendChoice::Auto, _) => bail!(
-            "train.devices entry `{entry}`: name a concrete backend (flex, ndarray, wgpu, cuda)"
+            "train.devices entry `{entry}`: name a concrete backend (flex, ndarray, wgpu, cuda, \
+             vulkan)"
         ),
         (BackendChoice::Flex | BackendChoice::NdArray, Some(i)) if i > 0 => {
             bail!("train.devices entry `{entry}`: {name} has one device (index 0)")
@@ -166,6 +172,7 @@ fn pick(choice: BackendChoice, index: Option<usize>) -> Result<Selected> {
             _ => flex(),
         },
         BackendChoice::Cuda => cuda(index.unwrap_or(0))?,
+        BackendChoice::Vulkan => vulkan(index)?,
     })
 }
 
@@ -205,6 +212,48 @@ fn cuda(_index: usize) -> Result<Selected> {
     bail!(
         "this build has no CUDA backend: rebuild with `cargo build --release --features cuda` \
          (needs an NVIDIA driver at run time), or use --backend wgpu"
+    )
+}
+
+/// wgpu on Vulkan with the SPIR-V compiler: GPU `index` (discrete first), or the default
+/// adapter. Builds without the `vulkan` feature refuse with the rebuild command (they would
+/// compile WGSL on Vulkan, which is `--backend wgpu`).
+fn vulkan(index: Option<usize>) -> Result<Selected> {
+    use burn::tensor::wgpu::WgpuBackend;
+    if !cfg!(feature = "vulkan") {
+        bail!(
+            "this build has no SPIR-V Vulkan backend: rebuild with `cargo build --release \
+             --features vulkan` (a Vulkan GPU driver at run time), or use --backend wgpu"
+        );
+    }
+    let kinds = match index {
+        None => vec![DeviceKind::DefaultDevice],
+        Some(i) => vec![
+            DeviceKind::DiscreteGpu(i),
+            DeviceKind::IntegratedGpu(i),
+            DeviceKind::VirtualGpu(i),
+        ],
+    };
+    let mut last = String::new();
+    for kind in kinds {
+        let started = Device::wgpu_options()
+            .device_kind(kind)
+            .graphics_api(WgpuBackend::Vulkan)
+            .init_with_setup();
+        match started {
+            Ok((device, setup)) => {
+                let info = setup.adapter.get_info();
+                return Ok(Selected {
+                    device,
+                    backend: "vulkan",
+                    description: format!("vulkan (SPIR-V): {} ({:?})", info.name, info.device_type),
+                });
+            }
+            Err(e) => last = e.to_string(),
+        }
+    }
+    bail!(
+        "backend vulkan was requested but no Vulkan GPU is available ({last}); use --backend wgpu"
     )
 }
 
@@ -250,7 +299,9 @@ pub fn set_precision(selected: &mut Selected, precision: Precision) -> Result<()
     if !selected.device.supports_dtype(dtype) {
         let hint = match selected.backend {
             "ndarray" => "ndarray has no half precision: use --backend flex",
-            "wgpu" | "cuda" => "this device lacks the support: use precision = \"f32\" here",
+            "wgpu" | "cuda" | "vulkan" => {
+                "this device lacks the support: use precision = \"f32\" here"
+            }
             _ => "use precision = \"f32\"",
         };
         bail!(
@@ -319,5 +370,23 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown backend")
         );
+        assert_eq!(
+            p(BackendChoice::Vulkan, "1").unwrap(),
+            (BackendChoice::Vulkan, Some(1))
+        );
+        assert_eq!(
+            p(BackendChoice::Flex, "vulkan:0").unwrap(),
+            (BackendChoice::Vulkan, Some(0))
+        );
+    }
+
+    /// A build without the `vulkan` feature refuses `--backend vulkan` with the rebuild
+    /// command (it never starts wgpu on another compiler behind the user's back).
+    #[cfg(not(feature = "vulkan"))]
+    #[test]
+    fn vulkan_without_the_feature_names_the_rebuild() {
+        let err = format!("{:#}", select(BackendChoice::Vulkan).unwrap_err());
+        assert!(err.contains("--features vulkan"), "{err}");
+        assert!(err.contains("--backend wgpu"), "{err}");
     }
 }
