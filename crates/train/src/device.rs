@@ -2,6 +2,7 @@
 //! [`Device`]: every module is the same code on every backend.
 
 use anyhow::{Result, bail};
+use burn::tensor::wgpu::WgpuBackend;
 use burn::tensor::{Device, DeviceConfig, DeviceKind, FloatDType};
 
 /// A backend named in `train.backend` or `--backend`.
@@ -176,25 +177,42 @@ fn pick(choice: BackendChoice, index: Option<usize>) -> Result<Selected> {
     })
 }
 
-/// `wgpu:i`: discrete GPU `i`, else integrated GPU `i`, else virtual GPU `i`, else (for
-/// `i = 0`) a CPU adapter such as llvmpipe.
-fn wgpu_index(i: usize) -> Result<Selected> {
-    let mut kinds = vec![
+/// The adapter kinds GPU number `i` may be, in order of preference: discrete, integrated,
+/// virtual.
+fn gpu_kinds(i: usize) -> Vec<DeviceKind> {
+    vec![
         DeviceKind::DiscreteGpu(i),
         DeviceKind::IntegratedGpu(i),
         DeviceKind::VirtualGpu(i),
-    ];
-    if i == 0 {
-        kinds.push(DeviceKind::Cpu);
-    }
+    ]
+}
+
+/// The first of `kinds` that starts on graphics API `api` (see [`wgpu_on`]), or the last
+/// error.
+fn first_adapter(
+    kinds: Vec<DeviceKind>,
+    api: WgpuBackend,
+    backend: &'static str,
+) -> Result<Selected, String> {
     let mut last = String::new();
     for kind in kinds {
-        match wgpu(kind) {
+        match wgpu_on(kind, api, backend) {
             Ok(s) => return Ok(s),
             Err(e) => last = e,
         }
     }
-    bail!("no wgpu adapter number {i} ({last})")
+    Err(last)
+}
+
+/// `wgpu:i`: discrete GPU `i`, else integrated GPU `i`, else virtual GPU `i`, else (for
+/// `i = 0`) a CPU adapter such as llvmpipe.
+fn wgpu_index(i: usize) -> Result<Selected> {
+    let mut kinds = gpu_kinds(i);
+    if i == 0 {
+        kinds.push(DeviceKind::Cpu);
+    }
+    first_adapter(kinds, WgpuBackend::Auto, "wgpu")
+        .map_err(|last| anyhow::anyhow!("no wgpu adapter number {i} ({last})"))
 }
 
 #[cfg(feature = "cuda")]
@@ -219,42 +237,19 @@ fn cuda(_index: usize) -> Result<Selected> {
 /// adapter. Builds without the `vulkan` feature refuse with the rebuild command (they would
 /// compile WGSL on Vulkan, which is `--backend wgpu`).
 fn vulkan(index: Option<usize>) -> Result<Selected> {
-    use burn::tensor::wgpu::WgpuBackend;
     if !cfg!(feature = "vulkan") {
         bail!(
             "this build has no SPIR-V Vulkan backend: rebuild with `cargo build --release \
              --features vulkan` (a Vulkan GPU driver at run time), or use --backend wgpu"
         );
     }
-    let kinds = match index {
-        None => vec![DeviceKind::DefaultDevice],
-        Some(i) => vec![
-            DeviceKind::DiscreteGpu(i),
-            DeviceKind::IntegratedGpu(i),
-            DeviceKind::VirtualGpu(i),
-        ],
-    };
-    let mut last = String::new();
-    for kind in kinds {
-        let started = Device::wgpu_options()
-            .device_kind(kind)
-            .graphics_api(WgpuBackend::Vulkan)
-            .init_with_setup();
-        match started {
-            Ok((device, setup)) => {
-                let info = setup.adapter.get_info();
-                return Ok(Selected {
-                    device,
-                    backend: "vulkan",
-                    description: format!("vulkan (SPIR-V): {} ({:?})", info.name, info.device_type),
-                });
-            }
-            Err(e) => last = e.to_string(),
-        }
-    }
-    bail!(
-        "backend vulkan was requested but no Vulkan GPU is available ({last}); use --backend wgpu"
-    )
+    let kinds = index.map_or_else(|| vec![DeviceKind::DefaultDevice], gpu_kinds);
+    first_adapter(kinds, WgpuBackend::Vulkan, "vulkan").map_err(|last| {
+        anyhow::anyhow!(
+            "backend vulkan was requested but no Vulkan GPU is available ({last}); use \
+             --backend wgpu"
+        )
+    })
 }
 
 fn flex() -> Selected {
@@ -267,6 +262,12 @@ fn flex() -> Selected {
 
 /// Initialise wgpu on an adapter of `kind`, failing cleanly when there is none.
 pub fn wgpu(kind: DeviceKind) -> Result<Selected, String> {
+    wgpu_on(kind, WgpuBackend::Auto, "wgpu")
+}
+
+/// Initialise wgpu on an adapter of `kind` through graphics API `api` (`Auto`: wgpu's choice),
+/// reported as `backend`.
+fn wgpu_on(kind: DeviceKind, api: WgpuBackend, backend: &'static str) -> Result<Selected, String> {
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         // Mesa's drivers print an error per probe without it; any private directory will do.
         // SAFETY: set during start-up, before the wgpu runtime spawns threads.
@@ -274,14 +275,15 @@ pub fn wgpu(kind: DeviceKind) -> Result<Selected, String> {
     }
     let (device, setup) = Device::wgpu_options()
         .device_kind(kind)
+        .graphics_api(api)
         .init_with_setup()
         .map_err(|e| e.to_string())?;
     let info = setup.adapter.get_info();
     Ok(Selected {
         device,
-        backend: "wgpu",
+        backend,
         description: format!(
-            "wgpu: {} ({:?}, {:?})",
+            "{backend}: {} ({:?}, {:?})",
             info.name, info.device_type, info.backend
         ),
     })
