@@ -11,6 +11,11 @@
 //! log-sum-exp); one unit per key row in the key pass (`dK_j = Σ_i dS_ij q_i`,
 //! `dV_j = Σ_i P_ij dO_i` over the query blocks that list its block), so every sum is one unit's
 //! loop in a fixed order: no atomics, the same bits on every run.
+//! A unit reads the rows it reuses at every step of its loop (its query and output-gradient
+//! rows; in the key pass its key and value rows) from global memory once, into registers; the
+//! loops over the head width are unrolled (`d` is comptime), so those rows and the
+//! accumulators stay in registers rather than local memory. (On lavapipe this halved the time
+//! of one dense layer's forward + backward at n = 1024.)
 //!
 //! All-attention (Sukhbaatar et al. 2019) adds, each behind a comptime switch (so dense and
 //! sparse attention compile to the kernels without them): persistent slots as more keys of
@@ -161,10 +166,44 @@ fn group_of(head: usize, n_heads: u32, group_heads: u32) -> usize {
     (head % n_heads as usize) / group_heads as usize
 }
 
+/// `row[c] = t[base + c]`: a row a unit reuses for every key (or query) it visits, read from
+/// global memory once and kept in registers (the loops over `d` are unrolled, so the array's
+/// indices are constants).
+#[cube]
+fn load_row<F: Float>(row: &mut Array<F>, t: &Tensor<F>, base: usize, #[comptime] d: usize) {
+    #[unroll]
+    for c in 0..d {
+        row[c] = t[base + c];
+    }
+}
+
+/// A zeroed accumulator of `d` values.
+#[cube]
+fn zeros<F: Float>(#[comptime] d: usize) -> Array<F> {
+    let mut acc = Array::<F>::new(d);
+    #[unroll]
+    for c in 0..d {
+        acc[c] = F::new(0.0);
+    }
+    acc
+}
+
+/// `Σ_c a[c] · b[bb + c]` (`a` a row in registers).
+#[cube]
+fn dot_row<F: Float>(a: &Array<F>, b: &Tensor<F>, bb: usize, #[comptime] d: usize) -> F {
+    let mut s = F::new(0.0);
+    #[unroll]
+    for c in 0..d {
+        s += a[c] * b[bb + c];
+    }
+    s
+}
+
 /// `Σ_c a[ab + c] · b[bb + c]`.
 #[cube]
 fn dot<F: Float>(a: &Tensor<F>, ab: usize, b: &Tensor<F>, bb: usize, #[comptime] d: usize) -> F {
     let mut s = F::new(0.0);
+    #[unroll]
     for c in 0..d {
         s += a[ab + c] * b[bb + c];
     }
@@ -182,8 +221,21 @@ fn relative<F: Float>(
 ) -> F {
     let span = pe.shape(1);
     let mut s = F::new(0.0);
+    #[unroll]
     for c in 0..d {
         s += q[qb + c] * pe[c * span + delta];
+    }
+    s
+}
+
+/// [`relative`] with the query row in registers.
+#[cube]
+fn relative_row<F: Float>(q: &Array<F>, pe: &Tensor<F>, delta: usize, #[comptime] d: usize) -> F {
+    let span = pe.shape(1);
+    let mut s = F::new(0.0);
+    #[unroll]
+    for c in 0..d {
+        s += q[c] * pe[c * span + delta];
     }
     s
 }
@@ -220,6 +272,7 @@ fn accumulate<F: Float>(
     vb: usize,
     #[comptime] d: usize,
 ) {
+    #[unroll]
     for c in 0..d {
         acc[c] = acc[c] * corr + w * v[vb + c];
     }
@@ -281,11 +334,9 @@ fn forward_kernel<F: Float>(
             lo = row - reach;
         }
     }
-    let qb = pos * d;
-    let mut acc = Array::<F>::new(d);
-    for c in 0..d {
-        acc[c] = F::new(0.0);
-    }
+    let mut qr = Array::<F>::new(d);
+    load_row(&mut qr, q, pos * d, d);
+    let mut acc = zeros::<F>(d);
     let mut m = F::new(-1.0e30);
     let mut l = F::new(0.0);
     for idx in offsets[list] as usize..offsets[list + 1] as usize {
@@ -299,9 +350,9 @@ fn forward_kernel<F: Float>(
         }
         for j in first..end {
             let kb = (head * n + j) * d;
-            let mut s = dot(q, qb, k, kb, d);
+            let mut s = dot_row(&qr, k, kb, d);
             if f.relative {
-                s += relative(q, qb, pe, row - j, d);
+                s += relative_row(&qr, pe, row - j, d);
             }
             let m_new = F::max(m, s);
             let corr = F::exp(m - m_new);
@@ -323,7 +374,7 @@ fn forward_kernel<F: Float>(
         let first = (head % mk.shape(0)) * mem;
         for slot in 0..mem {
             let kb = (first + slot) * d;
-            let s = dot(q, qb, mk, kb, d);
+            let s = dot_row(&qr, mk, kb, d);
             let m_new = F::max(m, s);
             let corr = F::exp(m - m_new);
             let p = F::exp(s - m_new);
@@ -337,6 +388,7 @@ fn forward_kernel<F: Float>(
         }
     }
     let ob = pos * (d + 1);
+    #[unroll]
     for c in 0..d {
         out[ob + c] = acc[c] / l;
     }
@@ -406,12 +458,13 @@ fn backward_query_kernel<F: Float>(
     let qb = pos * d;
     let ob = pos * (d + 1);
     let lse = out[ob + d];
-    let dl = dot(grad, ob, out, ob, d);
+    let mut qr = Array::<F>::new(d);
+    load_row(&mut qr, q, qb, d);
+    let mut gr = Array::<F>::new(d);
+    load_row(&mut gr, grad, ob, d);
+    let dl = dot_row(&gr, out, ob, d);
     delta[pos] = dl;
-    let mut acc = Array::<F>::new(d);
-    for c in 0..d {
-        acc[c] = F::new(0.0);
-    }
+    let mut acc = zeros::<F>(d);
     let mut dz = F::new(0.0);
     for idx in offsets[list] as usize..offsets[list + 1] as usize {
         let mut first = items[idx] as usize * bs;
@@ -424,11 +477,11 @@ fn backward_query_kernel<F: Float>(
         }
         for j in first..end {
             let kb = (head * n + j) * d;
-            let mut s = dot(q, qb, k, kb, d);
+            let mut s = dot_row(&qr, k, kb, d);
             if f.relative {
-                s += relative(q, qb, pe, row - j, d);
+                s += relative_row(&qr, pe, row - j, d);
             }
-            let mut dp = dot(grad, ob, v, kb, d);
+            let mut dp = dot_row(&gr, v, kb, d);
             if f.dropout {
                 dp *= dropout_factor_cube::<F>(seed, pos, j, threshold, keep);
             }
@@ -442,11 +495,13 @@ fn backward_query_kernel<F: Float>(
                 e *= F::clamp(ratio, F::new(0.0), F::new(1.0));
             }
             let ds = e * diff;
+            #[unroll]
             for c in 0..d {
                 acc[c] += ds * k[kb + c];
             }
             if f.relative {
                 let span = pe.shape(1);
+                #[unroll]
                 for c in 0..d {
                     acc[c] += ds * pe[c * span + row - j];
                 }
@@ -458,17 +513,19 @@ fn backward_query_kernel<F: Float>(
         let first = (head % mk.shape(0)) * mem;
         for slot in 0..mem {
             let kb = (first + slot) * d;
-            let s = dot(q, qb, mk, kb, d);
-            let mut dp = dot(grad, ob, mv, kb, d);
+            let s = dot_row(&qr, mk, kb, d);
+            let mut dp = dot_row(&gr, mv, kb, d);
             if f.dropout {
                 dp *= dropout_factor_cube::<F>(seed, pos, n + slot, threshold, keep);
             }
             let ds = probability::<F>(s, lse, f.span) * (dp - dl);
+            #[unroll]
             for c in 0..d {
                 acc[c] += ds * mk[kb + c];
             }
         }
     }
+    #[unroll]
     for c in 0..d {
         dq[qb + c] = acc[c];
     }
@@ -496,6 +553,7 @@ fn key_terms<F: Float>(
 ) {
     let ds = e * (dp * factor - dl);
     let w = e * factor;
+    #[unroll]
     for c in 0..d {
         acc_k[c] += ds * q[qb + c];
         acc_v[c] += w * grad[ob + c];
@@ -536,12 +594,8 @@ fn backward_key_kernel<F: Float>(
     }
     let keep = F::cast_from(keep);
     let ramp = F::cast_from(ramp);
-    let mut acc_k = Array::<F>::new(d);
-    let mut acc_v = Array::<F>::new(d);
-    for c in 0..d {
-        acc_k[c] = F::new(0.0);
-        acc_v[c] = F::new(0.0);
-    }
+    let mut acc_k = zeros::<F>(d);
+    let mut acc_v = zeros::<F>(d);
     let head = pos / n;
     let key = pos % n;
     let bs = block as usize;
@@ -554,6 +608,10 @@ fn backward_key_kernel<F: Float>(
         reach = span_reach::<F>(zh, ramp);
     }
     let kb = pos * d;
+    let mut kr = Array::<F>::new(d);
+    load_row(&mut kr, k, kb, d);
+    let mut vr = Array::<F>::new(d);
+    load_row(&mut vr, v, kb, d);
     for idx in offsets[list] as usize..offsets[list + 1] as usize {
         let mut first = items[idx] as usize * bs;
         let mut end = (first + bs).min(n);
@@ -567,11 +625,11 @@ fn backward_key_kernel<F: Float>(
             let qi = head * n + i;
             let qb = qi * d;
             let ob = qi * (d + 1);
-            let mut s = dot(q, qb, k, kb, d);
+            let mut s = dot_row(&kr, q, qb, d);
             if f.relative {
                 s += relative(q, qb, pe, i - key, d);
             }
-            let dp = dot(grad, ob, v, kb, d);
+            let dp = dot_row(&vr, grad, ob, d);
             let mut e = probability::<F>(s, out[ob + d], f.span);
             if f.span {
                 let ratio = span_ratio::<F>(zh, ramp, i, key);
@@ -586,6 +644,7 @@ fn backward_key_kernel<F: Float>(
             );
         }
     }
+    #[unroll]
     for c in 0..d {
         dk[kb + c] = acc_k[c];
         dv[kb + c] = acc_v[c];
@@ -621,18 +680,18 @@ fn backward_memory_kernel<F: Float>(
     let slot = pos % mem;
     let kb = ((head % mk.shape(0)) * mem + slot) * d;
     let keep = F::cast_from(keep);
-    let mut acc_k = Array::<F>::new(d);
-    let mut acc_v = Array::<F>::new(d);
-    for c in 0..d {
-        acc_k[c] = F::new(0.0);
-        acc_v[c] = F::new(0.0);
-    }
+    let mut acc_k = zeros::<F>(d);
+    let mut acc_v = zeros::<F>(d);
+    let mut kr = Array::<F>::new(d);
+    load_row(&mut kr, mk, kb, d);
+    let mut vr = Array::<F>::new(d);
+    load_row(&mut vr, mv, kb, d);
     for i in 0..n {
         let qi = head * n + i;
         let qb = qi * d;
         let ob = qi * (d + 1);
-        let s = dot(q, qb, mk, kb, d);
-        let dp = dot(grad, ob, mv, kb, d);
+        let s = dot_row(&kr, q, qb, d);
+        let dp = dot_row(&vr, grad, ob, d);
         let e = probability::<F>(s, out[ob + d], f.span);
         let mut factor = F::new(1.0);
         if f.dropout {
@@ -643,6 +702,7 @@ fn backward_memory_kernel<F: Float>(
         );
     }
     let base = pos * d;
+    #[unroll]
     for c in 0..d {
         dmk[base + c] = acc_k[c];
         dmv[base + c] = acc_v[c];
@@ -681,9 +741,11 @@ fn backward_position_kernel<F: Float>(
     let dist = pos % span;
     let keep = F::cast_from(keep);
     let ramp = F::cast_from(ramp);
-    let mut acc = Array::<F>::new(d);
+    let mut acc = zeros::<F>(d);
+    let mut column = Array::<F>::new(d);
+    #[unroll]
     for c in 0..d {
-        acc[c] = F::new(0.0);
+        column[c] = pe[c * span + dist];
     }
     let mut zh = F::new(0.0);
     let mut reach = n;
@@ -698,7 +760,7 @@ fn backward_position_kernel<F: Float>(
             let qb = qi * d;
             let ob = qi * (d + 1);
             let kb = (head * n + key) * d;
-            let s = dot(q, qb, k, kb, d) + relative(q, qb, pe, dist, d);
+            let s = dot(q, qb, k, kb, d) + dot_row(&column, q, qb, d);
             let mut dp = dot(grad, ob, v, kb, d);
             if f.dropout {
                 dp *= dropout_factor_cube::<F>(seed, qi, key, threshold, keep);
@@ -708,11 +770,13 @@ fn backward_position_kernel<F: Float>(
                 e *= F::clamp(span_ratio::<F>(zh, ramp, dist, 0), F::new(0.0), F::new(1.0));
             }
             let ds = e * (dp - delta[qi]);
+            #[unroll]
             for c in 0..d {
                 acc[c] += ds * q[qb + c];
             }
         }
     }
+    #[unroll]
     for c in 0..d {
         dpe[(head * d + c) * span + dist] = acc[c];
     }
