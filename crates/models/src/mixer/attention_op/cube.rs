@@ -199,6 +199,17 @@ fn dot_row<F: Float>(a: &Array<F>, b: &Tensor<F>, bb: usize, #[comptime] d: usiz
     s
 }
 
+/// The first row of this unit's cube in the same head as `row` (cubes are consecutive
+/// flattened rows). Where each unit's loop would start at its own row (causal keys in the key
+/// pass, the span's first key in the others), the cube's units start together at the bound of
+/// this row instead and skip the steps below their own: units walking in step read the same
+/// key (or query) row at the same time, one broadcast load per warp rather than one load per
+/// unit from rows `d` floats apart.
+#[cube]
+fn first_in_step(row: usize) -> usize {
+    row - row.min(UNIT_POS as usize)
+}
+
 /// `Σ_c a[ab + c] · b[bb + c]`.
 #[cube]
 fn dot<F: Float>(a: &Tensor<F>, ab: usize, b: &Tensor<F>, bb: usize, #[comptime] d: usize) -> F {
@@ -327,11 +338,16 @@ fn forward_kernel<F: Float>(
     let ramp = F::cast_from(ramp);
     let mut zh = F::new(0.0);
     let mut lo = 0usize;
+    let mut lo_step = 0usize;
     if f.span {
         zh = span_of(z, head);
         let reach = span_reach::<F>(zh, ramp);
         if row > reach {
             lo = row - reach;
+        }
+        let row0 = first_in_step(row);
+        if row0 > reach {
+            lo_step = row0 - reach;
         }
     }
     let mut qr = Array::<F>::new(d);
@@ -346,27 +362,29 @@ fn forward_kernel<F: Float>(
             end = end.min(row + 1);
         }
         if f.span {
-            first = first.max(lo);
+            first = first.max(lo_step);
         }
         for j in first..end {
-            let kb = (head * n + j) * d;
-            let mut s = dot_row(&qr, k, kb, d);
-            if f.relative {
-                s += relative_row(&qr, pe, row - j, d);
+            if j >= lo {
+                let kb = (head * n + j) * d;
+                let mut s = dot_row(&qr, k, kb, d);
+                if f.relative {
+                    s += relative_row(&qr, pe, row - j, d);
+                }
+                let m_new = F::max(m, s);
+                let corr = F::exp(m - m_new);
+                let mut p = F::exp(s - m_new);
+                if f.span {
+                    p *= F::clamp(span_ratio::<F>(zh, ramp, row, j), F::new(0.0), F::new(1.0));
+                }
+                l = l * corr + p;
+                let mut w = p;
+                if f.dropout {
+                    w = p * dropout_factor_cube::<F>(seed, pos, j, threshold, keep);
+                }
+                accumulate(&mut acc, corr, w, v, kb, d);
+                m = m_new;
             }
-            let m_new = F::max(m, s);
-            let corr = F::exp(m - m_new);
-            let mut p = F::exp(s - m_new);
-            if f.span {
-                p *= F::clamp(span_ratio::<F>(zh, ramp, row, j), F::new(0.0), F::new(1.0));
-            }
-            l = l * corr + p;
-            let mut w = p;
-            if f.dropout {
-                w = p * dropout_factor_cube::<F>(seed, pos, j, threshold, keep);
-            }
-            accumulate(&mut acc, corr, w, v, kb, d);
-            m = m_new;
         }
     }
     if f.memory {
@@ -448,11 +466,16 @@ fn backward_query_kernel<F: Float>(
     let ramp = F::cast_from(ramp);
     let mut zh = F::new(0.0);
     let mut lo = 0usize;
+    let mut lo_step = 0usize;
     if f.span {
         zh = span_of(z, head);
         let reach = span_reach::<F>(zh, ramp);
         if row > reach {
             lo = row - reach;
+        }
+        let row0 = first_in_step(row);
+        if row0 > reach {
+            lo_step = row0 - reach;
         }
     }
     let qb = pos * d;
@@ -473,37 +496,39 @@ fn backward_query_kernel<F: Float>(
             end = end.min(row + 1);
         }
         if f.span {
-            first = first.max(lo);
+            first = first.max(lo_step);
         }
         for j in first..end {
-            let kb = (head * n + j) * d;
-            let mut s = dot_row(&qr, k, kb, d);
-            if f.relative {
-                s += relative_row(&qr, pe, row - j, d);
-            }
-            let mut dp = dot_row(&gr, v, kb, d);
-            if f.dropout {
-                dp *= dropout_factor_cube::<F>(seed, pos, j, threshold, keep);
-            }
-            let diff = dp - dl;
-            let mut e = probability::<F>(s, lse, f.span);
-            if f.span {
-                let ratio = span_ratio::<F>(zh, ramp, row, j);
-                if ratio >= F::new(0.0) && ratio <= F::new(1.0) {
-                    dz += e * diff / ramp;
+            if j >= lo {
+                let kb = (head * n + j) * d;
+                let mut s = dot_row(&qr, k, kb, d);
+                if f.relative {
+                    s += relative_row(&qr, pe, row - j, d);
                 }
-                e *= F::clamp(ratio, F::new(0.0), F::new(1.0));
-            }
-            let ds = e * diff;
-            #[unroll]
-            for c in 0..d {
-                acc[c] += ds * k[kb + c];
-            }
-            if f.relative {
-                let span = pe.shape(1);
+                let mut dp = dot_row(&gr, v, kb, d);
+                if f.dropout {
+                    dp *= dropout_factor_cube::<F>(seed, pos, j, threshold, keep);
+                }
+                let diff = dp - dl;
+                let mut e = probability::<F>(s, lse, f.span);
+                if f.span {
+                    let ratio = span_ratio::<F>(zh, ramp, row, j);
+                    if ratio >= F::new(0.0) && ratio <= F::new(1.0) {
+                        dz += e * diff / ramp;
+                    }
+                    e *= F::clamp(ratio, F::new(0.0), F::new(1.0));
+                }
+                let ds = e * diff;
                 #[unroll]
                 for c in 0..d {
-                    acc[c] += ds * pe[c * span + row - j];
+                    acc[c] += ds * k[kb + c];
+                }
+                if f.relative {
+                    let span = pe.shape(1);
+                    #[unroll]
+                    for c in 0..d {
+                        acc[c] += ds * pe[c * span + row - j];
+                    }
                 }
             }
         }
@@ -607,6 +632,10 @@ fn backward_key_kernel<F: Float>(
         zh = span_of(z, head);
         reach = span_reach::<F>(zh, ramp);
     }
+    let mut i_lo = 0usize;
+    if f.causal {
+        i_lo = key;
+    }
     let kb = pos * d;
     let mut kr = Array::<F>::new(d);
     load_row(&mut kr, k, kb, d);
@@ -616,32 +645,34 @@ fn backward_key_kernel<F: Float>(
         let mut first = items[idx] as usize * bs;
         let mut end = (first + bs).min(n);
         if f.causal {
-            first = first.max(key);
+            first = first.max(first_in_step(key));
         }
         if f.span {
             end = end.min(key + reach + 1);
         }
         for i in first..end {
-            let qi = head * n + i;
-            let qb = qi * d;
-            let ob = qi * (d + 1);
-            let mut s = dot_row(&kr, q, qb, d);
-            if f.relative {
-                s += relative(q, qb, pe, i - key, d);
+            if i >= i_lo {
+                let qi = head * n + i;
+                let qb = qi * d;
+                let ob = qi * (d + 1);
+                let mut s = dot_row(&kr, q, qb, d);
+                if f.relative {
+                    s += relative(q, qb, pe, i - key, d);
+                }
+                let dp = dot_row(&vr, grad, ob, d);
+                let mut e = probability::<F>(s, out[ob + d], f.span);
+                if f.span {
+                    let ratio = span_ratio::<F>(zh, ramp, i, key);
+                    e *= F::clamp(ratio, F::new(0.0), F::new(1.0));
+                }
+                let mut factor = F::new(1.0);
+                if f.dropout {
+                    factor = dropout_factor_cube::<F>(seed, qi, key, threshold, keep);
+                }
+                key_terms(
+                    &mut acc_k, &mut acc_v, e, dp, factor, delta[qi], q, qb, grad, ob, d,
+                );
             }
-            let dp = dot_row(&vr, grad, ob, d);
-            let mut e = probability::<F>(s, out[ob + d], f.span);
-            if f.span {
-                let ratio = span_ratio::<F>(zh, ramp, i, key);
-                e *= F::clamp(ratio, F::new(0.0), F::new(1.0));
-            }
-            let mut factor = F::new(1.0);
-            if f.dropout {
-                factor = dropout_factor_cube::<F>(seed, qi, key, threshold, keep);
-            }
-            key_terms(
-                &mut acc_k, &mut acc_v, e, dp, factor, delta[qi], q, qb, grad, ob, d,
-            );
         }
     }
     #[unroll]
