@@ -273,19 +273,22 @@ fn span_of<F: Float>(z: &Tensor<F>, head: usize) -> F {
     z[head % z.shape(0)]
 }
 
-/// `acc = acc · corr + w · v[vb..vb + d]`: one key's term of the online softmax.
+/// `acc += w · v[vb..vb + d]`: one key's term of the online softmax.
 #[cube]
-fn accumulate<F: Float>(
-    acc: &mut Array<F>,
-    corr: F,
-    w: F,
-    v: &Tensor<F>,
-    vb: usize,
-    #[comptime] d: usize,
-) {
+fn accumulate<F: Float>(acc: &mut Array<F>, w: F, v: &Tensor<F>, vb: usize, #[comptime] d: usize) {
     #[unroll]
     for c in 0..d {
-        acc[c] = acc[c] * corr + w * v[vb + c];
+        acc[c] += w * v[vb + c];
+    }
+}
+
+/// `acc *= corr`: the online softmax's rescaling, only when a key raises the running maximum
+/// (rare after the first keys, so most keys cost one `exp` and no rescale).
+#[cube]
+fn rescale<F: Float>(acc: &mut Array<F>, corr: F, #[comptime] d: usize) {
+    #[unroll]
+    for c in 0..d {
+        acc[c] *= corr;
     }
 }
 
@@ -371,19 +374,22 @@ fn forward_kernel<F: Float>(
                 if f.relative {
                     s += relative_row(&qr, pe, row - j, d);
                 }
-                let m_new = F::max(m, s);
-                let corr = F::exp(m - m_new);
-                let mut p = F::exp(s - m_new);
+                if s > m {
+                    let corr = F::exp(m - s);
+                    l *= corr;
+                    rescale(&mut acc, corr, d);
+                    m = s;
+                }
+                let mut p = F::exp(s - m);
                 if f.span {
                     p *= F::clamp(span_ratio::<F>(zh, ramp, row, j), F::new(0.0), F::new(1.0));
                 }
-                l = l * corr + p;
+                l += p;
                 let mut w = p;
                 if f.dropout {
                     w = p * dropout_factor_cube::<F>(seed, pos, j, threshold, keep);
                 }
-                accumulate(&mut acc, corr, w, v, kb, d);
-                m = m_new;
+                accumulate(&mut acc, w, v, kb, d);
             }
         }
     }
@@ -393,16 +399,19 @@ fn forward_kernel<F: Float>(
         for slot in 0..mem {
             let kb = (first + slot) * d;
             let s = dot_row(&qr, mk, kb, d);
-            let m_new = F::max(m, s);
-            let corr = F::exp(m - m_new);
-            let p = F::exp(s - m_new);
-            l = l * corr + p;
+            if s > m {
+                let corr = F::exp(m - s);
+                l *= corr;
+                rescale(&mut acc, corr, d);
+                m = s;
+            }
+            let p = F::exp(s - m);
+            l += p;
             let mut w = p;
             if f.dropout {
                 w = p * dropout_factor_cube::<F>(seed, pos, n + slot, threshold, keep);
             }
-            accumulate(&mut acc, corr, w, mv, kb, d);
-            m = m_new;
+            accumulate(&mut acc, w, mv, kb, d);
         }
     }
     let ob = pos * (d + 1);
