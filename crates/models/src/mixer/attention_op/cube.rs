@@ -14,8 +14,14 @@
 //! A unit reads the rows it reuses at every step of its loop (its query and output-gradient
 //! rows; in the key pass its key and value rows) from global memory once, into registers; the
 //! loops over the head width are unrolled (`d` is comptime), so those rows and the
-//! accumulators stay in registers rather than local memory. (On lavapipe this halved the time
-//! of one dense layer's forward + backward at n = 1024.)
+//! accumulators stay in registers rather than local memory. Rows of `q`, `k`, `v`, the
+//! persistent vectors and the output gradient are read as vectors of 4 lanes (2 or 1 where `d`
+//! is not a multiple of 4), a quarter of the load instructions; the query pass copies the
+//! output gradient out of the `[heads, n, d + 1]` layout (whose rows are not vector-aligned)
+//! into `[heads, n, d]` for the key, memory and position passes. Units of a cube walk keys in
+//! step ([`first_in_step`]), and the forward rescales its accumulator only when a key raises
+//! the running maximum. (On lavapipe, one dense layer's forward + backward at n = 1024 went
+//! from 4.6 s to 1.5–1.7 s with these; no GPU has measured them.)
 //!
 //! All-attention (Sukhbaatar et al. 2019) adds, each behind a comptime switch (so dense and
 //! sparse attention compile to the kernels without them): persistent slots as more keys of
@@ -166,37 +172,102 @@ fn group_of(head: usize, n_heads: u32, group_heads: u32) -> usize {
     (head % n_heads as usize) / group_heads as usize
 }
 
-/// `row[c] = t[base + c]`: a row a unit reuses for every key (or query) it visits, read from
-/// global memory once and kept in registers (the loops over `d` are unrolled, so the array's
-/// indices are constants).
+/// A row of `d` values as `d / line` vectors of `line` lanes (`line` divides `d`: 4, 2 or 1),
+/// so a unit reads a row of `q`, `k`, `v`, the persistent vectors or the output gradient with
+/// `d / line` vector loads rather than `d` scalar ones.
+type Row<F, N> = Array<Vector<F, N>>;
+
+/// `row[c] = t[base + c]` (vector indices): a row a unit reuses for every key (or query) it
+/// visits, read from global memory once and kept in registers (the loops over the row are
+/// unrolled, so the array's indices are constants).
 #[cube]
-fn load_row<F: Float>(row: &mut Array<F>, t: &Tensor<F>, base: usize, #[comptime] d: usize) {
+fn load_row<F: Float, N: Size>(
+    row: &mut Row<F, N>,
+    t: &Tensor<Vector<F, N>>,
+    base: usize,
+    #[comptime] w: usize,
+) {
     #[unroll]
-    for c in 0..d {
+    for c in 0..w {
         row[c] = t[base + c];
     }
 }
 
-/// A zeroed accumulator of `d` values.
+/// `row` from `w · line` consecutive scalars of `t` from `base` (rows of the forward's
+/// `[heads, n, d + 1]` output and of its gradient, whose stride does not keep vectors aligned).
 #[cube]
-fn zeros<F: Float>(#[comptime] d: usize) -> Array<F> {
-    let mut acc = Array::<F>::new(d);
+fn gather_row<F: Float, N: Size>(
+    row: &mut Row<F, N>,
+    t: &Tensor<F>,
+    base: usize,
+    stride: usize,
+    #[comptime] w: usize,
+    #[comptime] line: usize,
+) {
     #[unroll]
-    for c in 0..d {
-        acc[c] = F::new(0.0);
+    for c in 0..w {
+        let mut x = Vector::<F, N>::empty();
+        #[unroll]
+        for i in 0..line {
+            x.insert(i, t[base + (c * line + i) * stride]);
+        }
+        row[c] = x;
+    }
+}
+
+/// A zeroed accumulator row.
+#[cube]
+fn zeros<F: Float, N: Size>(#[comptime] w: usize) -> Row<F, N> {
+    let mut acc = Array::<Vector<F, N>>::new(w);
+    #[unroll]
+    for c in 0..w {
+        acc[c] = Vector::new(F::new(0.0));
     }
     acc
 }
 
-/// `Σ_c a[c] · b[bb + c]` (`a` a row in registers).
+/// The sum of a vector's lanes.
 #[cube]
-fn dot_row<F: Float>(a: &Array<F>, b: &Tensor<F>, bb: usize, #[comptime] d: usize) -> F {
+fn lanes<F: Float, N: Size>(x: Vector<F, N>, #[comptime] line: usize) -> F {
     let mut s = F::new(0.0);
     #[unroll]
-    for c in 0..d {
-        s += a[c] * b[bb + c];
+    for i in 0..line {
+        s += x.extract(i);
     }
     s
+}
+
+/// `Σ_c a[c] · b[bb + c]` (`a` a row in registers).
+#[cube]
+fn dot_row<F: Float, N: Size>(
+    a: &Row<F, N>,
+    b: &Tensor<Vector<F, N>>,
+    bb: usize,
+    #[comptime] w: usize,
+    #[comptime] line: usize,
+) -> F {
+    let mut s = Vector::<F, N>::new(F::new(0.0));
+    #[unroll]
+    for c in 0..w {
+        s += a[c] * b[bb + c];
+    }
+    lanes(s, line)
+}
+
+/// `Σ_c a[c] · b[c]` (two rows in registers).
+#[cube]
+fn dot_rows<F: Float, N: Size>(
+    a: &Row<F, N>,
+    b: &Row<F, N>,
+    #[comptime] w: usize,
+    #[comptime] line: usize,
+) -> F {
+    let mut s = Vector::<F, N>::new(F::new(0.0));
+    #[unroll]
+    for c in 0..w {
+        s += a[c] * b[c];
+    }
+    lanes(s, line)
 }
 
 /// The first row of this unit's cube in the same head as `row` (cubes are consecutive
@@ -208,47 +279,6 @@ fn dot_row<F: Float>(a: &Array<F>, b: &Tensor<F>, bb: usize, #[comptime] d: usiz
 #[cube]
 fn first_in_step(row: usize) -> usize {
     row - row.min(UNIT_POS as usize)
-}
-
-/// `Σ_c a[ab + c] · b[bb + c]`.
-#[cube]
-fn dot<F: Float>(a: &Tensor<F>, ab: usize, b: &Tensor<F>, bb: usize, #[comptime] d: usize) -> F {
-    let mut s = F::new(0.0);
-    #[unroll]
-    for c in 0..d {
-        s += a[ab + c] * b[bb + c];
-    }
-    s
-}
-
-/// The relative-position logit `q_row · key_pe[:, delta]` (`key_pe` is `[d, span]`).
-#[cube]
-fn relative<F: Float>(
-    q: &Tensor<F>,
-    qb: usize,
-    pe: &Tensor<F>,
-    delta: usize,
-    #[comptime] d: usize,
-) -> F {
-    let span = pe.shape(1);
-    let mut s = F::new(0.0);
-    #[unroll]
-    for c in 0..d {
-        s += q[qb + c] * pe[c * span + delta];
-    }
-    s
-}
-
-/// [`relative`] with the query row in registers.
-#[cube]
-fn relative_row<F: Float>(q: &Array<F>, pe: &Tensor<F>, delta: usize, #[comptime] d: usize) -> F {
-    let span = pe.shape(1);
-    let mut s = F::new(0.0);
-    #[unroll]
-    for c in 0..d {
-        s += q[c] * pe[c * span + delta];
-    }
-    s
 }
 
 /// The adaptive span's ratio `((z − δ) + ramp) / ramp` at distance `δ = row − key` (its
@@ -273,30 +303,88 @@ fn span_of<F: Float>(z: &Tensor<F>, head: usize) -> F {
     z[head % z.shape(0)]
 }
 
-/// `acc += w · v[vb..vb + d]`: one key's term of the online softmax.
+/// `acc += x · v[vb..vb + w]`.
 #[cube]
-fn accumulate<F: Float>(acc: &mut Array<F>, w: F, v: &Tensor<F>, vb: usize, #[comptime] d: usize) {
+fn accumulate<F: Float, N: Size>(
+    acc: &mut Row<F, N>,
+    x: F,
+    v: &Tensor<Vector<F, N>>,
+    vb: usize,
+    #[comptime] w: usize,
+) {
+    let x = Vector::<F, N>::new(x);
     #[unroll]
-    for c in 0..d {
-        acc[c] += w * v[vb + c];
+    for c in 0..w {
+        acc[c] += x * v[vb + c];
+    }
+}
+
+/// `acc += x · row`.
+#[cube]
+fn accumulate_row<F: Float, N: Size>(
+    acc: &mut Row<F, N>,
+    x: F,
+    row: &Row<F, N>,
+    #[comptime] w: usize,
+) {
+    let x = Vector::<F, N>::new(x);
+    #[unroll]
+    for c in 0..w {
+        acc[c] += x * row[c];
     }
 }
 
 /// `acc *= corr`: the online softmax's rescaling, only when a key raises the running maximum
 /// (rare after the first keys, so most keys cost one `exp` and no rescale).
 #[cube]
-fn rescale<F: Float>(acc: &mut Array<F>, corr: F, #[comptime] d: usize) {
+fn rescale<F: Float, N: Size>(acc: &mut Row<F, N>, corr: F, #[comptime] w: usize) {
+    let corr = Vector::<F, N>::new(corr);
     #[unroll]
-    for c in 0..d {
+    for c in 0..w {
         acc[c] *= corr;
     }
 }
 
-/// The comptime switches every kernel takes: head width, causality, and which optional parts
+/// `t[base + c · stride]` for the `d` lanes of `row` (scalar stores).
+#[cube]
+fn scatter_row<F: Float, N: Size>(
+    t: &mut Tensor<F>,
+    base: usize,
+    stride: usize,
+    row: &Row<F, N>,
+    #[comptime] w: usize,
+    #[comptime] line: usize,
+) {
+    #[unroll]
+    for c in 0..w {
+        #[unroll]
+        for i in 0..line {
+            t[base + (c * line + i) * stride] = row[c].extract(i);
+        }
+    }
+}
+
+/// `t[base + c] = row[c]` (vector stores).
+#[cube]
+fn store_row<F: Float, N: Size>(
+    t: &mut Tensor<Vector<F, N>>,
+    base: usize,
+    row: &Row<F, N>,
+    #[comptime] w: usize,
+) {
+    #[unroll]
+    for c in 0..w {
+        t[base + c] = row[c];
+    }
+}
+
+/// The comptime switches every kernel takes: head width, the vector width `line` of its rows
+/// (4, 2 or 1, dividing `d`; the launch's vector size), causality, and which optional parts
 /// are on (attention dropout, persistent memory, relative positions, adaptive span).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 struct Flags {
     d: usize,
+    line: usize,
     causal: bool,
     dropout: bool,
     memory: bool,
@@ -305,12 +393,12 @@ struct Flags {
 }
 
 #[cube(launch)]
-fn forward_kernel<F: Float>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    mk: &Tensor<F>,
-    mv: &Tensor<F>,
+fn forward_kernel<F: Float, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
+    mk: &Tensor<Vector<F, N>>,
+    mv: &Tensor<Vector<F, N>>,
     pe: &Tensor<F>,
     z: &Tensor<F>,
     offsets: &Tensor<u32>,
@@ -326,7 +414,8 @@ fn forward_kernel<F: Float>(
     #[comptime] f: Flags,
     #[define(F)] _dtype: ElemType,
 ) {
-    let d = comptime!(f.d);
+    let (d, line) = comptime!((f.d, f.line));
+    let w = comptime!(f.d / f.line);
     let n = q.shape(1);
     let pos = ABSOLUTE_POS;
     if pos >= q.shape(0) * n {
@@ -353,9 +442,10 @@ fn forward_kernel<F: Float>(
             lo_step = row0 - reach;
         }
     }
-    let mut qr = Array::<F>::new(d);
-    load_row(&mut qr, q, pos * d, d);
-    let mut acc = zeros::<F>(d);
+    let mut qr = Array::<Vector<F, N>>::new(w);
+    load_row(&mut qr, q, pos * w, w);
+    let mut acc = zeros::<F, N>(w);
+    let mut column = Array::<Vector<F, N>>::new(w);
     let mut m = F::new(-1.0e30);
     let mut l = F::new(0.0);
     for idx in offsets[list] as usize..offsets[list + 1] as usize {
@@ -369,15 +459,16 @@ fn forward_kernel<F: Float>(
         }
         for j in first..end {
             if j >= lo {
-                let kb = (head * n + j) * d;
-                let mut s = dot_row(&qr, k, kb, d);
+                let kb = (head * n + j) * w;
+                let mut s = dot_row(&qr, k, kb, w, line);
                 if f.relative {
-                    s += relative_row(&qr, pe, row - j, d);
+                    gather_row(&mut column, pe, row - j, pe.shape(1), w, line);
+                    s += dot_rows(&qr, &column, w, line);
                 }
                 if s > m {
                     let corr = F::exp(m - s);
                     l *= corr;
-                    rescale(&mut acc, corr, d);
+                    rescale(&mut acc, corr, w);
                     m = s;
                 }
                 let mut p = F::exp(s - m);
@@ -385,11 +476,11 @@ fn forward_kernel<F: Float>(
                     p *= F::clamp(span_ratio::<F>(zh, ramp, row, j), F::new(0.0), F::new(1.0));
                 }
                 l += p;
-                let mut w = p;
+                let mut x = p;
                 if f.dropout {
-                    w = p * dropout_factor_cube::<F>(seed, pos, j, threshold, keep);
+                    x = p * dropout_factor_cube::<F>(seed, pos, j, threshold, keep);
                 }
-                accumulate(&mut acc, w, v, kb, d);
+                accumulate(&mut acc, x, v, kb, w);
             }
         }
     }
@@ -397,28 +488,26 @@ fn forward_kernel<F: Float>(
         let mem = mk.shape(1);
         let first = (head % mk.shape(0)) * mem;
         for slot in 0..mem {
-            let kb = (first + slot) * d;
-            let s = dot_row(&qr, mk, kb, d);
+            let kb = (first + slot) * w;
+            let s = dot_row(&qr, mk, kb, w, line);
             if s > m {
                 let corr = F::exp(m - s);
                 l *= corr;
-                rescale(&mut acc, corr, d);
+                rescale(&mut acc, corr, w);
                 m = s;
             }
             let p = F::exp(s - m);
             l += p;
-            let mut w = p;
+            let mut x = p;
             if f.dropout {
-                w = p * dropout_factor_cube::<F>(seed, pos, n + slot, threshold, keep);
+                x = p * dropout_factor_cube::<F>(seed, pos, n + slot, threshold, keep);
             }
-            accumulate(&mut acc, w, mv, kb, d);
+            accumulate(&mut acc, x, mv, kb, w);
         }
     }
     let ob = pos * (d + 1);
-    #[unroll]
-    for c in 0..d {
-        out[ob + c] = acc[c] / l;
-    }
+    rescale(&mut acc, F::new(1.0) / l, w);
+    scatter_row(out, ob, 1, &acc, w, line);
     out[ob + d] = m + F::ln(l);
 }
 
@@ -434,20 +523,24 @@ fn probability<F: Float>(s: F, lse: F, #[comptime] span: bool) -> F {
     F::exp(x)
 }
 
+/// The query pass: one unit per query row, `Δ = rowsum(dO ∘ O)`, `dQ`, the row's share of the
+/// span gradient, and the row's output gradient copied out as `[heads, n, d]` vectors (`go`)
+/// for the other passes.
 #[cube(launch)]
-fn backward_query_kernel<F: Float>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    mk: &Tensor<F>,
-    mv: &Tensor<F>,
+fn backward_query_kernel<F: Float, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
+    mk: &Tensor<Vector<F, N>>,
+    mv: &Tensor<Vector<F, N>>,
     pe: &Tensor<F>,
     z: &Tensor<F>,
     out: &Tensor<F>,
     grad: &Tensor<F>,
     offsets: &Tensor<u32>,
     items: &Tensor<u32>,
-    dq: &mut Tensor<F>,
+    dq: &mut Tensor<Vector<F, N>>,
+    go: &mut Tensor<Vector<F, N>>,
     delta: &mut Tensor<F>,
     dz_rows: &mut Tensor<F>,
     block: u32,
@@ -460,7 +553,8 @@ fn backward_query_kernel<F: Float>(
     #[comptime] f: Flags,
     #[define(F)] _dtype: ElemType,
 ) {
-    let d = comptime!(f.d);
+    let (d, line) = comptime!((f.d, f.line));
+    let w = comptime!(f.d / f.line);
     let n = q.shape(1);
     let pos = ABSOLUTE_POS;
     if pos >= q.shape(0) * n {
@@ -487,16 +581,20 @@ fn backward_query_kernel<F: Float>(
             lo_step = row0 - reach;
         }
     }
-    let qb = pos * d;
+    let qb = pos * w;
     let ob = pos * (d + 1);
     let lse = out[ob + d];
-    let mut qr = Array::<F>::new(d);
-    load_row(&mut qr, q, qb, d);
-    let mut gr = Array::<F>::new(d);
-    load_row(&mut gr, grad, ob, d);
-    let dl = dot_row(&gr, out, ob, d);
+    let mut qr = Array::<Vector<F, N>>::new(w);
+    load_row(&mut qr, q, qb, w);
+    let mut gr = Array::<Vector<F, N>>::new(w);
+    gather_row(&mut gr, grad, ob, 1, w, line);
+    store_row(go, qb, &gr, w);
+    let mut or = Array::<Vector<F, N>>::new(w);
+    gather_row(&mut or, out, ob, 1, w, line);
+    let dl = dot_rows(&gr, &or, w, line);
     delta[pos] = dl;
-    let mut acc = zeros::<F>(d);
+    let mut acc = zeros::<F, N>(w);
+    let mut column = Array::<Vector<F, N>>::new(w);
     let mut dz = F::new(0.0);
     for idx in offsets[list] as usize..offsets[list + 1] as usize {
         let mut first = items[idx] as usize * bs;
@@ -509,12 +607,13 @@ fn backward_query_kernel<F: Float>(
         }
         for j in first..end {
             if j >= lo {
-                let kb = (head * n + j) * d;
-                let mut s = dot_row(&qr, k, kb, d);
+                let kb = (head * n + j) * w;
+                let mut s = dot_row(&qr, k, kb, w, line);
                 if f.relative {
-                    s += relative_row(&qr, pe, row - j, d);
+                    gather_row(&mut column, pe, row - j, pe.shape(1), w, line);
+                    s += dot_rows(&qr, &column, w, line);
                 }
-                let mut dp = dot_row(&gr, v, kb, d);
+                let mut dp = dot_row(&gr, v, kb, w, line);
                 if f.dropout {
                     dp *= dropout_factor_cube::<F>(seed, pos, j, threshold, keep);
                 }
@@ -528,16 +627,9 @@ fn backward_query_kernel<F: Float>(
                     e *= F::clamp(ratio, F::new(0.0), F::new(1.0));
                 }
                 let ds = e * diff;
-                #[unroll]
-                for c in 0..d {
-                    acc[c] += ds * k[kb + c];
-                }
+                accumulate(&mut acc, ds, k, kb, w);
                 if f.relative {
-                    let span = pe.shape(1);
-                    #[unroll]
-                    for c in 0..d {
-                        acc[c] += ds * pe[c * span + row - j];
-                    }
+                    accumulate_row(&mut acc, ds, &column, w);
                 }
             }
         }
@@ -546,23 +638,17 @@ fn backward_query_kernel<F: Float>(
         let mem = mk.shape(1);
         let first = (head % mk.shape(0)) * mem;
         for slot in 0..mem {
-            let kb = (first + slot) * d;
-            let s = dot_row(&qr, mk, kb, d);
-            let mut dp = dot_row(&gr, mv, kb, d);
+            let kb = (first + slot) * w;
+            let s = dot_row(&qr, mk, kb, w, line);
+            let mut dp = dot_row(&gr, mv, kb, w, line);
             if f.dropout {
                 dp *= dropout_factor_cube::<F>(seed, pos, n + slot, threshold, keep);
             }
             let ds = probability::<F>(s, lse, f.span) * (dp - dl);
-            #[unroll]
-            for c in 0..d {
-                acc[c] += ds * mk[kb + c];
-            }
+            accumulate(&mut acc, ds, mk, kb, w);
         }
     }
-    #[unroll]
-    for c in 0..d {
-        dq[qb + c] = acc[c];
-    }
+    store_row(dq, qb, &acc, w);
     if f.span {
         dz_rows[pos] = dz;
     }
@@ -572,43 +658,37 @@ fn backward_query_kernel<F: Float>(
 /// `P ∘ mask` (`e` is `P`, span-weighted where it applies).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn key_terms<F: Float>(
-    acc_k: &mut Array<F>,
-    acc_v: &mut Array<F>,
+fn key_terms<F: Float, N: Size>(
+    acc_k: &mut Row<F, N>,
+    acc_v: &mut Row<F, N>,
     e: F,
     dp: F,
     factor: F,
     dl: F,
-    q: &Tensor<F>,
+    q: &Tensor<Vector<F, N>>,
+    go: &Tensor<Vector<F, N>>,
     qb: usize,
-    grad: &Tensor<F>,
-    ob: usize,
-    #[comptime] d: usize,
+    #[comptime] w: usize,
 ) {
-    let ds = e * (dp * factor - dl);
-    let w = e * factor;
-    #[unroll]
-    for c in 0..d {
-        acc_k[c] += ds * q[qb + c];
-        acc_v[c] += w * grad[ob + c];
-    }
+    accumulate(acc_k, e * (dp * factor - dl), q, qb, w);
+    accumulate(acc_v, e * factor, go, qb, w);
 }
 
 /// The key pass: one unit per context key, `dK` and `dV` over the queries that see it.
 #[cube(launch)]
-fn backward_key_kernel<F: Float>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
+fn backward_key_kernel<F: Float, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
     pe: &Tensor<F>,
     z: &Tensor<F>,
     out: &Tensor<F>,
-    grad: &Tensor<F>,
+    go: &Tensor<Vector<F, N>>,
     delta: &Tensor<F>,
     offsets: &Tensor<u32>,
     items: &Tensor<u32>,
-    dk: &mut Tensor<F>,
-    dv: &mut Tensor<F>,
+    dk: &mut Tensor<Vector<F, N>>,
+    dv: &mut Tensor<Vector<F, N>>,
     block: u32,
     n_heads: u32,
     group_heads: u32,
@@ -619,7 +699,8 @@ fn backward_key_kernel<F: Float>(
     #[comptime] f: Flags,
     #[define(F)] _dtype: ElemType,
 ) {
-    let d = comptime!(f.d);
+    let (d, line) = comptime!((f.d, f.line));
+    let w = comptime!(f.d / f.line);
     let n = q.shape(1);
     let heads = q.shape(0);
     let pos = ABSOLUTE_POS;
@@ -628,8 +709,8 @@ fn backward_key_kernel<F: Float>(
     }
     let keep = F::cast_from(keep);
     let ramp = F::cast_from(ramp);
-    let mut acc_k = zeros::<F>(d);
-    let mut acc_v = zeros::<F>(d);
+    let mut acc_k = zeros::<F, N>(w);
+    let mut acc_v = zeros::<F, N>(w);
     let head = pos / n;
     let key = pos % n;
     let bs = block as usize;
@@ -645,11 +726,12 @@ fn backward_key_kernel<F: Float>(
     if f.causal {
         i_lo = key;
     }
-    let kb = pos * d;
-    let mut kr = Array::<F>::new(d);
-    load_row(&mut kr, k, kb, d);
-    let mut vr = Array::<F>::new(d);
-    load_row(&mut vr, v, kb, d);
+    let kb = pos * w;
+    let mut kr = Array::<Vector<F, N>>::new(w);
+    load_row(&mut kr, k, kb, w);
+    let mut vr = Array::<Vector<F, N>>::new(w);
+    load_row(&mut vr, v, kb, w);
+    let mut column = Array::<Vector<F, N>>::new(w);
     for idx in offsets[list] as usize..offsets[list + 1] as usize {
         let mut first = items[idx] as usize * bs;
         let mut end = (first + bs).min(n);
@@ -662,14 +744,14 @@ fn backward_key_kernel<F: Float>(
         for i in first..end {
             if i >= i_lo {
                 let qi = head * n + i;
-                let qb = qi * d;
-                let ob = qi * (d + 1);
-                let mut s = dot_row(&kr, q, qb, d);
+                let qb = qi * w;
+                let mut s = dot_row(&kr, q, qb, w, line);
                 if f.relative {
-                    s += relative(q, qb, pe, i - key, d);
+                    gather_row(&mut column, pe, i - key, pe.shape(1), w, line);
+                    s += dot_row(&column, q, qb, w, line);
                 }
-                let dp = dot_row(&vr, grad, ob, d);
-                let mut e = probability::<F>(s, out[ob + d], f.span);
+                let dp = dot_row(&vr, go, qb, w, line);
+                let mut e = probability::<F>(s, out[qi * (d + 1) + d], f.span);
                 if f.span {
                     let ratio = span_ratio::<F>(zh, ramp, i, key);
                     e *= F::clamp(ratio, F::new(0.0), F::new(1.0));
@@ -679,37 +761,35 @@ fn backward_key_kernel<F: Float>(
                     factor = dropout_factor_cube::<F>(seed, qi, key, threshold, keep);
                 }
                 key_terms(
-                    &mut acc_k, &mut acc_v, e, dp, factor, delta[qi], q, qb, grad, ob, d,
+                    &mut acc_k, &mut acc_v, e, dp, factor, delta[qi], q, go, qb, w,
                 );
             }
         }
     }
-    #[unroll]
-    for c in 0..d {
-        dk[kb + c] = acc_k[c];
-        dv[kb + c] = acc_v[c];
-    }
+    store_row(dk, kb, &acc_k, w);
+    store_row(dv, kb, &acc_v, w);
 }
 
 /// The persistent slots' pass: one unit per (flattened head, slot), that head's share of the
 /// slot's `dK` and `dV` over all its queries (summed over heads by [`shared_sum_kernel`]).
 #[cube(launch)]
-fn backward_memory_kernel<F: Float>(
-    q: &Tensor<F>,
-    mk: &Tensor<F>,
-    mv: &Tensor<F>,
+fn backward_memory_kernel<F: Float, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    mk: &Tensor<Vector<F, N>>,
+    mv: &Tensor<Vector<F, N>>,
     out: &Tensor<F>,
-    grad: &Tensor<F>,
+    go: &Tensor<Vector<F, N>>,
     delta: &Tensor<F>,
-    dmk: &mut Tensor<F>,
-    dmv: &mut Tensor<F>,
+    dmk: &mut Tensor<Vector<F, N>>,
+    dmv: &mut Tensor<Vector<F, N>>,
     seed: u32,
     threshold: u32,
     keep: f32,
     #[comptime] f: Flags,
     #[define(F)] _dtype: ElemType,
 ) {
-    let d = comptime!(f.d);
+    let (d, line) = comptime!((f.d, f.line));
+    let w = comptime!(f.d / f.line);
     let n = q.shape(1);
     let mem = mk.shape(1);
     let pos = ABSOLUTE_POS;
@@ -718,49 +798,44 @@ fn backward_memory_kernel<F: Float>(
     }
     let head = pos / mem;
     let slot = pos % mem;
-    let kb = ((head % mk.shape(0)) * mem + slot) * d;
+    let kb = ((head % mk.shape(0)) * mem + slot) * w;
     let keep = F::cast_from(keep);
-    let mut acc_k = zeros::<F>(d);
-    let mut acc_v = zeros::<F>(d);
-    let mut kr = Array::<F>::new(d);
-    load_row(&mut kr, mk, kb, d);
-    let mut vr = Array::<F>::new(d);
-    load_row(&mut vr, mv, kb, d);
+    let mut acc_k = zeros::<F, N>(w);
+    let mut acc_v = zeros::<F, N>(w);
+    let mut kr = Array::<Vector<F, N>>::new(w);
+    load_row(&mut kr, mk, kb, w);
+    let mut vr = Array::<Vector<F, N>>::new(w);
+    load_row(&mut vr, mv, kb, w);
     for i in 0..n {
         let qi = head * n + i;
-        let qb = qi * d;
-        let ob = qi * (d + 1);
-        let s = dot_row(&kr, q, qb, d);
-        let dp = dot_row(&vr, grad, ob, d);
-        let e = probability::<F>(s, out[ob + d], f.span);
+        let qb = qi * w;
+        let s = dot_row(&kr, q, qb, w, line);
+        let dp = dot_row(&vr, go, qb, w, line);
+        let e = probability::<F>(s, out[qi * (d + 1) + d], f.span);
         let mut factor = F::new(1.0);
         if f.dropout {
             factor = dropout_factor_cube::<F>(seed, qi, n + slot, threshold, keep);
         }
         key_terms(
-            &mut acc_k, &mut acc_v, e, dp, factor, delta[qi], q, qb, grad, ob, d,
+            &mut acc_k, &mut acc_v, e, dp, factor, delta[qi], q, go, qb, w,
         );
     }
-    let base = pos * d;
-    #[unroll]
-    for c in 0..d {
-        dmk[base + c] = acc_k[c];
-        dmv[base + c] = acc_v[c];
-    }
+    store_row(dmk, pos * w, &acc_k, w);
+    store_row(dmv, pos * w, &acc_v, w);
 }
 
 /// The relative positions' pass (dense causal keys): one unit per (flattened head, distance
 /// `δ`), `Σ_i dS[i, i − δ] q_i` into that head's `[d, span]` share of `d key_pe` (summed
 /// over heads by [`shared_sum_kernel`]); distances no pair spans get zeros.
 #[cube(launch)]
-fn backward_position_kernel<F: Float>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
+fn backward_position_kernel<F: Float, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
     pe: &Tensor<F>,
     z: &Tensor<F>,
     out: &Tensor<F>,
-    grad: &Tensor<F>,
+    go: &Tensor<Vector<F, N>>,
     delta: &Tensor<F>,
     dpe: &mut Tensor<F>,
     seed: u32,
@@ -770,7 +845,8 @@ fn backward_position_kernel<F: Float>(
     #[comptime] f: Flags,
     #[define(F)] _dtype: ElemType,
 ) {
-    let d = comptime!(f.d);
+    let (d, line) = comptime!((f.d, f.line));
+    let w = comptime!(f.d / f.line);
     let n = q.shape(1);
     let span = pe.shape(1);
     let pos = ABSOLUTE_POS;
@@ -781,12 +857,11 @@ fn backward_position_kernel<F: Float>(
     let dist = pos % span;
     let keep = F::cast_from(keep);
     let ramp = F::cast_from(ramp);
-    let mut acc = zeros::<F>(d);
-    let mut column = Array::<F>::new(d);
-    #[unroll]
-    for c in 0..d {
-        column[c] = pe[c * span + dist];
-    }
+    let mut acc = zeros::<F, N>(w);
+    let mut column = Array::<Vector<F, N>>::new(w);
+    gather_row(&mut column, pe, dist, span, w, line);
+    let mut qr = Array::<Vector<F, N>>::new(w);
+    let mut vr = Array::<Vector<F, N>>::new(w);
     let mut zh = F::new(0.0);
     let mut reach = n;
     if f.span {
@@ -797,29 +872,24 @@ fn backward_position_kernel<F: Float>(
         for i in dist..n {
             let key = i - dist;
             let qi = head * n + i;
-            let qb = qi * d;
-            let ob = qi * (d + 1);
-            let kb = (head * n + key) * d;
-            let s = dot(q, qb, k, kb, d) + dot_row(&column, q, qb, d);
-            let mut dp = dot(grad, ob, v, kb, d);
+            let qb = qi * w;
+            let kb = (head * n + key) * w;
+            load_row(&mut qr, q, qb, w);
+            let s = dot_row(&qr, k, kb, w, line) + dot_rows(&qr, &column, w, line);
+            load_row(&mut vr, v, kb, w);
+            let mut dp = dot_row(&vr, go, qb, w, line);
             if f.dropout {
                 dp *= dropout_factor_cube::<F>(seed, qi, key, threshold, keep);
             }
-            let mut e = probability::<F>(s, out[ob + d], f.span);
+            let mut e = probability::<F>(s, out[qi * (d + 1) + d], f.span);
             if f.span {
                 e *= F::clamp(span_ratio::<F>(zh, ramp, dist, 0), F::new(0.0), F::new(1.0));
             }
             let ds = e * (dp - delta[qi]);
-            #[unroll]
-            for c in 0..d {
-                acc[c] += ds * q[qb + c];
-            }
+            accumulate_row(&mut acc, ds, &qr, w);
         }
     }
-    #[unroll]
-    for c in 0..d {
-        dpe[(head * d + c) * span + dist] = acc[c];
-    }
+    scatter_row(dpe, head * d * span + dist, span, &acc, w, line);
 }
 
 /// `out[s, l] = Σ_{h ≡ s (mod shared)} Σ_r part[h, r, l]` in increasing `h`, then `r`: the
@@ -864,6 +934,14 @@ fn empty_like(like: &CubeTensor, shape: Vec<usize>) -> CubeTensor {
         Shape::from(shape),
         DType::F32,
     )
+}
+
+/// The vector width the kernels read rows with: 4, 2 or 1, the largest dividing `d`.
+fn line_of(d: usize) -> usize {
+    [4, 2, 1]
+        .into_iter()
+        .find(|line| d.is_multiple_of(*line))
+        .expect("1 divides d")
 }
 
 /// One unit per row of `rows`, in cubes of 64, the cubes spread over the grid's dimensions
@@ -1001,6 +1079,8 @@ impl Call {
              span need dense keys"
         );
         let placeholder = || empty_like(&q, vec![1]);
+        // Read as vectors: at least one whole vector.
+        let row_placeholder = || empty_like(&q, vec![d]);
         let (mk, mv, mem) = match parts.memory {
             Some([mk, mv]) => {
                 let [mem_heads, mem, mem_d] = dims3(&mk);
@@ -1010,7 +1090,7 @@ impl Call {
                 );
                 (into_contiguous(mk), into_contiguous(mv), mem)
             }
-            None => (placeholder(), placeholder(), 0),
+            None => (row_placeholder(), row_placeholder(), 0),
         };
         let (pe, span) = match parts.key_pe {
             Some(pe) => {
@@ -1034,6 +1114,7 @@ impl Call {
         Self {
             flags: Flags {
                 d,
+                line: line_of(d),
                 causal: keys.causal,
                 dropout: p > 0.0,
                 memory: mem > 0,
@@ -1071,6 +1152,7 @@ fn forward(c: &Call) -> CubeTensor {
         &c.q.client.clone(),
         count,
         dim,
+        c.flags.line,
         arg(&c.q),
         arg(&c.k),
         arg(&c.v),
@@ -1142,6 +1224,8 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
         new(vec![heads, n, d]),
         new(vec![heads, n, d]),
     );
+    // The output gradient without the log-sum-exp column, as vectors (the query pass writes it).
+    let go = new(vec![heads, n, d]);
     let delta = new(vec![heads, n]);
     let dz_rows = if f.span {
         new(vec![heads, n])
@@ -1151,7 +1235,7 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
     let [dmk, dmv] = if f.memory {
         [new(vec![heads, c.mem, d]), new(vec![heads, c.mem, d])]
     } else {
-        [placeholder(), placeholder()]
+        [new(vec![d]), new(vec![d])]
     };
     let client = c.q.client.clone();
     let dtype = dtype_to_storage_type(DType::F32);
@@ -1162,6 +1246,7 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
         &client,
         count,
         dim,
+        f.line,
         arg(&c.q),
         arg(&c.k),
         arg(&c.v),
@@ -1174,6 +1259,7 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
         arg(fwd_offsets),
         arg(fwd_items),
         arg(&dq),
+        arg(&go),
         arg(&delta),
         arg(&dz_rows),
         c.lists.block,
@@ -1192,13 +1278,14 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
         &client,
         count,
         dim,
+        f.line,
         arg(&c.q),
         arg(&c.k),
         arg(&c.v),
         arg(&c.pe),
         arg(&c.z),
         arg(&out),
-        arg(&grad),
+        arg(&go),
         arg(&delta),
         arg(bwd_offsets),
         arg(bwd_items),
@@ -1220,11 +1307,12 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
             &client,
             count,
             dim,
+            f.line,
             arg(&c.q),
             arg(&c.mk),
             arg(&c.mv),
             arg(&out),
-            arg(&grad),
+            arg(&go),
             arg(&delta),
             arg(&dmk),
             arg(&dmv),
@@ -1242,13 +1330,14 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
             &client,
             count,
             dim,
+            f.line,
             arg(&c.q),
             arg(&c.k),
             arg(&c.v),
             arg(&c.pe),
             arg(&c.z),
             arg(&out),
-            arg(&grad),
+            arg(&go),
             arg(&delta),
             arg(&part),
             c.seed,
@@ -1388,8 +1477,8 @@ mod tests {
 
     /// The CubeCL kernels on wgpu against softmax attention from tensor ops on the same device:
     /// outputs, log-sum-exps and the gradients of q, k and v, causal and bidirectional, at
-    /// lengths 1, 5 and 70 and head widths 8 and 24, dropout 0 and 0.3 (the reference applies
-    /// the kernels' hashed mask).
+    /// lengths 1 to 70 and head widths 8 and 24 (rows read as 4-lane vectors), 6 (2 lanes) and
+    /// 3 (scalars), dropout 0 and 0.3 (the reference applies the kernels' hashed mask).
     #[test]
     fn cube_kernels_equal_tensor_ops_in_values_and_gradients() {
         let Some(device) = wgpu() else {
@@ -1397,7 +1486,7 @@ mod tests {
         };
         let device = device.autodiff();
         let heads = 3;
-        for (n, d) in [(1usize, 8usize), (5, 24), (70, 8)] {
+        for (n, d) in [(1usize, 8usize), (5, 24), (70, 8), (9, 6), (11, 3)] {
             for causal in [true, false] {
                 let allowed: Vec<bool> = (0..heads * n * n)
                     .map(|i| !causal || i % n <= (i / n) % n)

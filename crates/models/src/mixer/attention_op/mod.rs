@@ -805,12 +805,12 @@ mod tests {
     /// tensor ops with the kernel's dropout `mask` (memory slot `s` is key `n + s` of its row),
     /// on `device` (an autodiff device): two batch rows of two heads (flattened head `h` uses
     /// memory head and span head `h mod 2`), 40 tokens, 5 persistent slots, dropout 0.3;
-    /// memory alone (causal and bidirectional), memory with the adaptive span (bidirectional;
+    /// head width 6 (the Cube kernels read its rows as 2-lane vectors); memory alone (causal and bidirectional), memory with the adaptive span (bidirectional;
     /// spans 10.5 and 30 with a ramp of 4, so some keys are past the span), and memory with
     /// relative positions (47 distances) and the span (causal). Outputs, log-sum-exps and the
     /// gradients of q, k, v, the memory keys and values, `key_pe` and `z`.
     pub(super) fn check_all_attention_on(device: &Device, mask: &MaskFn, name: &str) {
-        let (batch, n_heads, n, mem, d, span) = (2, 2, 40, 5, 8, 47);
+        let (batch, n_heads, n, mem, d, span) = (2, 2, 40, 5, 6, 47);
         let heads = batch * n_heads;
         let (p, seed, ramp) = (0.3f32, 23u32, 4.0f32);
         let cases = [
