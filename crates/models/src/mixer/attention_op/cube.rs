@@ -270,6 +270,93 @@ fn dot_rows<F: Float, N: Size>(
     lanes(s, line)
 }
 
+/// Where a query row's loop over its keys runs: its flattened head and row, its key list,
+/// the span's `z` for its head (0 without the span), and the first key with a non-zero span
+/// weight for this row (`lo`) and for the first row of its cube in the same head (`lo_step`,
+/// where the loop starts so that the cube's units walk keys in step; see [`first_in_step`]).
+#[derive(CubeType)]
+struct QueryKeys<F: Float> {
+    head: usize,
+    row: usize,
+    list: usize,
+    block: usize,
+    z: F,
+    lo: usize,
+    lo_step: usize,
+}
+
+/// Keys `first..end` of one listed key block.
+#[derive(CubeType)]
+struct KeyRun {
+    first: usize,
+    end: usize,
+}
+
+#[cube]
+impl<F: Float> QueryKeys<F> {
+    /// Query row `pos` (flattened) of `n` tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        pos: usize,
+        n: usize,
+        z: &Tensor<F>,
+        ramp: F,
+        block: u32,
+        n_heads: u32,
+        group_heads: u32,
+        #[comptime] span: bool,
+    ) -> QueryKeys<F> {
+        let head = pos / n;
+        let row = pos % n;
+        let block = block as usize;
+        let list = group_of(head, n_heads, group_heads) * n.div_ceil(block) + row / block;
+        let mut zh = F::new(0.0);
+        let mut lo = 0usize;
+        let mut lo_step = 0usize;
+        if span {
+            zh = span_of(z, head);
+            let reach = span_reach::<F>(zh, ramp);
+            if row > reach {
+                lo = row - reach;
+            }
+            let row0 = first_in_step(row);
+            if row0 > reach {
+                lo_step = row0 - reach;
+            }
+        }
+        QueryKeys::<F> {
+            head,
+            row,
+            list,
+            block,
+            z: zh,
+            lo,
+            lo_step,
+        }
+    }
+
+    /// The keys of list entry `idx` the cube walks (causal: up to this row; with the span:
+    /// from `lo_step`).
+    fn run(
+        &self,
+        items: &Tensor<u32>,
+        idx: usize,
+        n: usize,
+        #[comptime] causal: bool,
+        #[comptime] span: bool,
+    ) -> KeyRun {
+        let mut first = items[idx] as usize * self.block;
+        let mut end = (first + self.block).min(n);
+        if causal {
+            end = end.min(self.row + 1);
+        }
+        if span {
+            first = first.max(self.lo_step);
+        }
+        KeyRun { first, end }
+    }
+}
+
 /// The first row of this unit's cube in the same head as `row` (cubes are consecutive
 /// flattened rows). Where each unit's loop would start at its own row (causal keys in the key
 /// pass, the span's first key in the others), the cube's units start together at the bound of
@@ -421,44 +508,22 @@ fn forward_kernel<F: Float, N: Size>(
     if pos >= q.shape(0) * n {
         terminate!();
     }
-    let head = pos / n;
-    let row = pos % n;
-    let bs = block as usize;
-    let blocks = n.div_ceil(bs);
-    let list = group_of(head, n_heads, group_heads) * blocks + row / bs;
     let keep = F::cast_from(keep);
     let ramp = F::cast_from(ramp);
-    let mut zh = F::new(0.0);
-    let mut lo = 0usize;
-    let mut lo_step = 0usize;
-    if f.span {
-        zh = span_of(z, head);
-        let reach = span_reach::<F>(zh, ramp);
-        if row > reach {
-            lo = row - reach;
-        }
-        let row0 = first_in_step(row);
-        if row0 > reach {
-            lo_step = row0 - reach;
-        }
-    }
+    let at = QueryKeys::<F>::new(pos, n, z, ramp, block, n_heads, group_heads, f.span);
+    let head = at.head;
+    let row = at.row;
+    let zh = at.z;
     let mut qr = Array::<Vector<F, N>>::new(w);
     load_row(&mut qr, q, pos * w, w);
     let mut acc = zeros::<F, N>(w);
     let mut column = Array::<Vector<F, N>>::new(w);
     let mut m = F::new(-1.0e30);
     let mut l = F::new(0.0);
-    for idx in offsets[list] as usize..offsets[list + 1] as usize {
-        let mut first = items[idx] as usize * bs;
-        let mut end = (first + bs).min(n);
-        if f.causal {
-            end = end.min(row + 1);
-        }
-        if f.span {
-            first = first.max(lo_step);
-        }
-        for j in first..end {
-            if j >= lo {
+    for idx in offsets[at.list] as usize..offsets[at.list + 1] as usize {
+        let run = at.run(items, idx, n, f.causal, f.span);
+        for j in run.first..run.end {
+            if j >= at.lo {
                 let kb = (head * n + j) * w;
                 let mut s = dot_row(&qr, k, kb, w, line);
                 if f.relative {
@@ -560,27 +625,12 @@ fn backward_query_kernel<F: Float, N: Size>(
     if pos >= q.shape(0) * n {
         terminate!();
     }
-    let head = pos / n;
-    let row = pos % n;
-    let bs = block as usize;
-    let blocks = n.div_ceil(bs);
-    let list = group_of(head, n_heads, group_heads) * blocks + row / bs;
     let keep = F::cast_from(keep);
     let ramp = F::cast_from(ramp);
-    let mut zh = F::new(0.0);
-    let mut lo = 0usize;
-    let mut lo_step = 0usize;
-    if f.span {
-        zh = span_of(z, head);
-        let reach = span_reach::<F>(zh, ramp);
-        if row > reach {
-            lo = row - reach;
-        }
-        let row0 = first_in_step(row);
-        if row0 > reach {
-            lo_step = row0 - reach;
-        }
-    }
+    let at = QueryKeys::<F>::new(pos, n, z, ramp, block, n_heads, group_heads, f.span);
+    let head = at.head;
+    let row = at.row;
+    let zh = at.z;
     let qb = pos * w;
     let ob = pos * (d + 1);
     let lse = out[ob + d];
@@ -596,17 +646,10 @@ fn backward_query_kernel<F: Float, N: Size>(
     let mut acc = zeros::<F, N>(w);
     let mut column = Array::<Vector<F, N>>::new(w);
     let mut dz = F::new(0.0);
-    for idx in offsets[list] as usize..offsets[list + 1] as usize {
-        let mut first = items[idx] as usize * bs;
-        let mut end = (first + bs).min(n);
-        if f.causal {
-            end = end.min(row + 1);
-        }
-        if f.span {
-            first = first.max(lo_step);
-        }
-        for j in first..end {
-            if j >= lo {
+    for idx in offsets[at.list] as usize..offsets[at.list + 1] as usize {
+        let run = at.run(items, idx, n, f.causal, f.span);
+        for j in run.first..run.end {
+            if j >= at.lo {
                 let kb = (head * n + j) * w;
                 let mut s = dot_row(&qr, k, kb, w, line);
                 if f.relative {
