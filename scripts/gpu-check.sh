@@ -2,7 +2,8 @@
 # The GPU check of issue #9, as one script: backend parity (wgpu vs flex, every mixer family),
 # the `base` workload (configs/bench-base.toml) for STEPS steps with dense, FNet, sparse and
 # all-attention on wgpu (tokens/s, peak GPU memory, achieved GFLOP/s), the same models with the
-# PyTorch reference on CUDA when a torch with CUDA is there, and GPU memory over MEM_STEPS
+# PyTorch reference on CUDA when a torch with CUDA is there, the attention operation alone
+# (bench attention: fused kernels vs composed ops, TFLOP/s), and GPU memory over MEM_STEPS
 # training steps (burn#5212 / #4792 watch). Prints a markdown table; JSON lines go to OUT_DIR.
 #
 #   scripts/gpu-check.sh                      # on a GPU machine, binaries in target/release
@@ -32,8 +33,11 @@ status=0
 SIZE=()
 TORCH_SIZE=(--vocab 256 --d-model 768 --layers 12 --heads 12 --d-ff 3072 --seq 1024 --batch 8)
 HEADS=12 BLOCK=64
+# The attention operation alone (bench attention): lengths, batch rows, head width.
+ATTN=(--n 1024,4096,16384 --batch 1 --d-head 64)
 if [ "${SMOKE:-0}" = 1 ]; then
   STEPS=2 MEM_STEPS=20 WARMUP=1 HEADS=2 BLOCK=16
+  ATTN=(--n 64,128 --batch 1 --d-head 16 --repeats 1)
   SIZE=(--set model.d_model=32 --set model.n_layers=1 --set model.d_ff=64 --set model.seq_len=64
         --set train.batch_size=2)
   TORCH_SIZE=(--vocab 256 --d-model 32 --layers 1 --heads 2 --d-ff 64 --seq 64 --batch 2)
@@ -78,6 +82,10 @@ if ! "$BIN/bench" parity --backend "$BACKEND" | tee -a "$JSONL"; then
   status=1
 fi
 
+echo "== the attention operation alone on $BACKEND (fused vs composed)" >&2
+"$BIN/bench" attention --backend "$BACKEND" --heads "$HEADS" "${ATTN[@]}" | tee -a "$JSONL" \
+  || status=1
+
 have_cuda_torch=0
 if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   have_cuda_torch=1
@@ -111,7 +119,7 @@ mem=$("$BIN/bench" train --config configs/bench-small.toml --backend "$BACKEND" 
 
 "$PY" - "$JSONL" <<'PYEOF' | tee "$OUT_DIR/gpu-check.md"
 import json, sys
-rows, torch, memory = {}, {}, []
+rows, torch, memory, attention = {}, {}, [], []
 device = "?"
 for line in open(sys.argv[1]):
     r = json.loads(line)
@@ -128,6 +136,8 @@ for line in open(sys.argv[1]):
         torch[r["name"]] = r["result"]
     elif r.get("check") == "memory":
         memory = r["result"]["memory_series"]
+    elif r.get("kind") == "attention":
+        attention.append(r)
 print(f"\ndevice: {device}\n")
 print("| model | Mixlab tokens/s | peak device MiB | GFLOP/s | PyTorch CUDA tokens/s | PyTorch peak MiB | Mixlab / PyTorch |")
 print("|---|---|---|---|---|---|---|")
@@ -138,6 +148,16 @@ for name, m in rows.items():
     print(f"| {name} | {fmt(m['tokens_per_s'])} | {fmt(m.get('peak_device_memory_mb'))} | "
           f"{fmt(m.get('achieved_gflops'), '{:,.1f}')} | {fmt(t.get('tokens_per_s'))} | "
           f"{fmt(t.get('peak_device_memory_mb'))} | {fmt(ratio, '{:.2f}')} |")
+if attention:
+    a = attention[0]
+    print(f"\nattention operation alone (batch {a['batch']}, {a['heads']} heads, d_head {a['d_head']}, "
+          f"{'causal' if a['causal'] else 'bidirectional'}, forward + backward):\n")
+    print("| n | fused s | fused TFLOP/s | composed s | composed / fused | max abs diff |")
+    print("|---|---|---|---|---|---|")
+    for a in attention:
+        print(f"| {a['n']} | {a['fused_s']:.4f} | {a['fused_tflops']:.3g} | "
+              f"{fmt(a['composed_s'], '{:.4f}')} | {fmt(a['composed_over_fused'], '{:.2f}')} | "
+              f"{fmt(a['max_abs_diff'], '{:.1e}')} |")
 if "dense" in rows and "fnet" in rows:
     speedup = rows['dense']['step_s_median'] / rows['fnet']['step_s_median']
     print(f"\nFNet training step vs dense: {speedup:.2f}x (dense step time / FNet step time; target >= 1.8)")

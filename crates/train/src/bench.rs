@@ -292,6 +292,96 @@ pub fn mixing(
     Ok(lines)
 }
 
+/// The attention operation alone — no projections, no layout copies outside it — at each
+/// length: `[batch, heads, n, d_head]` queries, keys and values, forward + backward (gradients
+/// of all three), fused (the tiled operation: flex's kernel, CubeCL on wgpu/CUDA) against the
+/// composed tensor ops in the same run (skipped where its `n × n` scores would pass
+/// `composed_max_gb`). Each line: median times, the fused path's achieved TFLOP/s (attention's
+/// `4 · b · h · n² · d` forward FLOPs, 2.5× that backward, halved when causal), the composed
+/// path's time over the fused one, and the largest output difference between the two (a
+/// correctness check at full size). A GPU session reads kernel efficiency off `fused_tflops`.
+pub fn attention(
+    backend: &str,
+    lengths: &[usize],
+    (batch, heads, d_head): (usize, usize, usize),
+    causal: bool,
+    repeats: usize,
+    composed_max_gb: f64,
+) -> Result<Vec<Value>> {
+    use burn::tensor::{Distribution, Tensor};
+    use mixlab_models::mixer::{DenseAttentionConfig, Mixer, MixerConfig};
+    let selected = device::select(BackendChoice::parse(backend)?)?;
+    let ad = selected.device.clone().autodiff();
+    ad.seed(0);
+    let mut lines = vec![];
+    for &n in lengths {
+        let mut ctx = one_layer(heads * d_head, n);
+        ctx.fused_attention = true;
+        let Mixer::Dense(layer) = MixerConfig::Dense(DenseAttentionConfig {
+            n_heads: heads,
+            causal,
+        })
+        .init(&ctx, &ad) else {
+            unreachable!("a dense config builds a dense mixer")
+        };
+        let shape = [batch, heads, n, d_head];
+        let draw = || Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &ad);
+        let (q, k, v) = (draw(), draw(), draw());
+        let fused_on = mixlab_models::mixer::attention_fused_on(&ad, d_head);
+        // Forward + backward through one path; the first run warms up (kernel compilation).
+        let time = |fused: bool| -> (f64, Tensor<4>) {
+            let mut times = vec![];
+            let mut first = None;
+            for r in 0..=repeats {
+                let [q, k, v] = [&q, &k, &v].map(|t| t.clone().detach().require_grad());
+                let started = Instant::now();
+                let y = layer.attend_with(q.clone(), k.clone(), v.clone(), fused);
+                let grads = y.clone().sum().backward();
+                let g = [&q, &k, &v]
+                    .map(|t| t.grad(&grads).expect("a gradient").sum())
+                    .into_iter()
+                    .reduce(|a, b| a + b)
+                    .expect("three");
+                let _ = g.into_scalar::<f32>();
+                if r > 0 {
+                    times.push(started.elapsed().as_secs_f64());
+                } else {
+                    first = Some(y.detach());
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            (times[times.len() / 2], first.expect("one run"))
+        };
+        let scores_gb = (batch * heads * n * n * 4) as f64 / 1e9;
+        let (fused_s, fused_y) = time(fused_on);
+        let composed = (fused_on && 3.0 * scores_gb <= composed_max_gb).then(|| time(false));
+        let causal_share = if causal { 0.5 } else { 1.0 };
+        let flops = 3.5 * 4.0 * (batch * heads * n * n * d_head) as f64 * causal_share;
+        let max_abs_diff = composed.as_ref().map(|(_, y)| {
+            (fused_y.clone() - y.clone())
+                .abs()
+                .max()
+                .into_scalar::<f32>() as f64
+        });
+        lines.push(json!({
+            "kind": "attention",
+            "backend": selected.backend,
+            "n": n,
+            "batch": batch,
+            "heads": heads,
+            "d_head": d_head,
+            "causal": causal,
+            "fused": fused_on,
+            "fused_s": fused_s,
+            "fused_tflops": flops / fused_s / 1e12,
+            "composed_s": composed.as_ref().map(|(t, _)| *t),
+            "composed_over_fused": composed.as_ref().map(|(t, _)| t / fused_s),
+            "max_abs_diff": max_abs_diff,
+        }));
+    }
+    Ok(lines)
+}
+
 /// The context of a lone mixer layer measured at length `n` (no dropout, no positions).
 fn one_layer(d_model: usize, n: usize) -> mixlab_models::mixer::MixerContext {
     mixlab_models::mixer::MixerContext {

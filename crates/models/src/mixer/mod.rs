@@ -53,7 +53,7 @@ fn dropout_active(dropout: &Dropout, device: &Device) -> bool {
 /// Whether attention (dense, block-sparse or all-attention) of width `d_head` runs as the fused
 /// operation on `device`: always on flex; on the Cube backends when their kernels cover it
 /// (head width ≤ 256; `attention_op/cube.rs`).
-pub(crate) fn attention_fused_on(device: &Device, d_head: usize) -> bool {
+pub fn attention_fused_on(device: &Device, d_head: usize) -> bool {
     on_flex(device) || (on_cube(device) && attention_op::cube_supported(d_head))
 }
 

@@ -55,6 +55,36 @@ enum Command {
         #[arg(long, default_value = "wgpu")]
         backend: String,
     },
+    /// The attention operation alone (forward + backward of q, k, v): the fused tiled
+    /// operation against composed tensor ops, with the fused path's TFLOP/s and the largest
+    /// output difference between the two.
+    Attention {
+        /// Backend.
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        /// Sequence lengths.
+        #[arg(long, value_delimiter = ',', default_value = "256,512,1024,2048,4096")]
+        n: Vec<usize>,
+        /// Batch rows.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Heads.
+        #[arg(long, default_value_t = 12)]
+        heads: usize,
+        /// Head width.
+        #[arg(long, default_value_t = 64)]
+        d_head: usize,
+        /// Bidirectional instead of causal.
+        #[arg(long)]
+        bidirectional: bool,
+        /// Timed repeats per measurement (median reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Skip the composed path where its score tensors (about three `[batch, heads, n, n]`
+        /// f32) would pass this many GB.
+        #[arg(long, default_value_t = 4.0)]
+        composed_max_gb: f64,
+    },
     /// The mixing layer alone (forward + backward): FNet FFT vs FNet DFT vs dense attention.
     Mixing {
         /// Backend.
@@ -133,6 +163,25 @@ fn main() -> ExitCode {
             warmup,
             dry_run,
         } => (config, backend, devices, set, steps, warmup, dry_run),
+        Command::Attention {
+            backend,
+            n,
+            batch,
+            heads,
+            d_head,
+            bidirectional,
+            repeats,
+            composed_max_gb,
+        } => {
+            return print_json(mixlab_train::bench::attention(
+                &backend,
+                &n,
+                (batch, heads, d_head),
+                !bidirectional,
+                repeats.max(1),
+                composed_max_gb,
+            ));
+        }
         Command::Mixing {
             backend,
             d_model,

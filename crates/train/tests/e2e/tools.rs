@@ -1,5 +1,5 @@
-//! The other tools: bench (train, scaling, parity, dry-run), sample, pattern, report, and
-//! every tool's --help.
+//! The other tools: bench (train, scaling, attention, parity, dry-run), sample, pattern,
+//! report, and every tool's --help.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -309,6 +309,40 @@ fn bench_scaling_measures_dense_and_sparse_in_fresh_processes() {
     let summary = lines.last().unwrap();
     assert_eq!(summary["kind"], "scaling_summary");
     assert!(summary["mixers"]["sparse:bigbird/b64"]["dense_over_this"]["256"].is_number());
+}
+
+/// `bench attention` on flex: a line per length with the fused operation's time and TFLOP/s,
+/// the composed path's time beside it, and their outputs agreeing at the measured size.
+#[test]
+fn bench_attention_times_the_fused_operation_against_composed_ops() {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_bench")).args([
+        "attention",
+        "--n",
+        "48,96",
+        "--heads",
+        "3",
+        "--d-head",
+        "16",
+        "--batch",
+        "2",
+        "--repeats",
+        "1",
+    ]));
+    ok(&out);
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for (line, n) in lines.iter().zip([48, 96]) {
+        assert_eq!(line["kind"], "attention");
+        assert_eq!(line["n"], n);
+        assert_eq!(line["fused"], true, "flex has the fused operation");
+        assert!(line["fused_tflops"].as_f64().unwrap() > 0.0);
+        assert!(line["composed_over_fused"].as_f64().unwrap() > 0.0);
+        let diff = line["max_abs_diff"].as_f64().unwrap();
+        assert!(diff < 1e-4, "fused and composed differ by {diff}");
+    }
 }
 
 /// `report` over two runs: a markdown row per run (params, best valid at its step, density)
