@@ -34,6 +34,14 @@
 //! [`supported`] says which head widths the kernels take; the mixers use their composed
 //! tensor-op path otherwise.
 //!
+//! **Bounds.** The kernels launch unchecked (no bounds test on every buffer access): every
+//! index is in bounds by construction — units past the last row return first; rows are
+//! `pos · w + c` with `c < w` in contiguous tensors of the shapes [`Call`] checks; key and query
+//! indices come from the block lists, which hold blocks of the tensors' own length; `key_pe`
+//! distances are `i − j ≥ 0` for causal keys with `span ≥ n` (validated before any kernel runs);
+//! an absent part's empty placeholder is never read (its comptime switch is off). The tests run
+//! ragged lengths (n = 1, 5, 37, 70) and widths (3, 6) so a wrong bound shows as a wrong value.
+//!
 //! Burn's `Cube` is `Fusion<CubeBackend>`: the operation resolves its fusion inputs to Cube
 //! tensors (running the queued fused work they depend on), launches, and registers its
 //! outputs back with the fusion client.
@@ -479,7 +487,7 @@ struct Flags {
     span: bool,
 }
 
-#[cube(launch)]
+#[cube(launch_unchecked)]
 fn forward_kernel<F: Float, N: Size>(
     q: &Tensor<Vector<F, N>>,
     k: &Tensor<Vector<F, N>>,
@@ -591,7 +599,7 @@ fn probability<F: Float>(s: F, lse: F, #[comptime] span: bool) -> F {
 /// The query pass: one unit per query row, `Δ = rowsum(dO ∘ O)`, `dQ`, the row's share of the
 /// span gradient, and the row's output gradient copied out as `[heads, n, d]` vectors (`go`)
 /// for the other passes.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 fn backward_query_kernel<F: Float, N: Size>(
     q: &Tensor<Vector<F, N>>,
     k: &Tensor<Vector<F, N>>,
@@ -718,7 +726,7 @@ fn key_terms<F: Float, N: Size>(
 }
 
 /// The key pass: one unit per context key, `dK` and `dV` over the queries that see it.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 fn backward_key_kernel<F: Float, N: Size>(
     q: &Tensor<Vector<F, N>>,
     k: &Tensor<Vector<F, N>>,
@@ -815,7 +823,7 @@ fn backward_key_kernel<F: Float, N: Size>(
 
 /// The persistent slots' pass: one unit per (flattened head, slot), that head's share of the
 /// slot's `dK` and `dV` over all its queries (summed over heads by [`shared_sum_kernel`]).
-#[cube(launch)]
+#[cube(launch_unchecked)]
 fn backward_memory_kernel<F: Float, N: Size>(
     q: &Tensor<Vector<F, N>>,
     mk: &Tensor<Vector<F, N>>,
@@ -870,7 +878,7 @@ fn backward_memory_kernel<F: Float, N: Size>(
 /// The relative positions' pass (dense causal keys): one unit per (flattened head, distance
 /// `δ`), `Σ_i dS[i, i − δ] q_i` into that head's `[d, span]` share of `d key_pe` (summed
 /// over heads by [`shared_sum_kernel`]); distances no pair spans get zeros.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 fn backward_position_kernel<F: Float, N: Size>(
     q: &Tensor<Vector<F, N>>,
     k: &Tensor<Vector<F, N>>,
@@ -939,7 +947,7 @@ fn backward_position_kernel<F: Float, N: Size>(
 /// per-head shares of a gradient shared by heads (memory heads, `key_pe`, span heads), summed
 /// in a fixed order by one unit per output element. `part` is `[heads, rows, len]`, `out`
 /// `[shared, len]`.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 fn shared_sum_kernel<F: Float>(
     part: &Tensor<F>,
     out: &mut Tensor<F>,
@@ -1191,31 +1199,34 @@ fn forward(c: &Call) -> CubeTensor {
     let (count, dim) = launch_shape(&c.q, c.heads * c.n);
     let [offsets, items] = &c.lists.fwd;
     let arg = |t: &CubeTensor| t.clone().into_tensor_arg();
-    forward_kernel::launch(
-        &c.q.client.clone(),
-        count,
-        dim,
-        c.flags.line,
-        arg(&c.q),
-        arg(&c.k),
-        arg(&c.v),
-        arg(&c.mk),
-        arg(&c.mv),
-        arg(&c.pe),
-        arg(&c.z),
-        arg(offsets),
-        arg(items),
-        arg(&out),
-        c.lists.block,
-        c.lists.n_heads,
-        c.lists.group_heads,
-        c.seed,
-        c.threshold,
-        c.keep,
-        c.ramp,
-        c.flags,
-        dtype_to_storage_type(DType::F32),
-    );
+    // SAFETY: in bounds by construction (module doc, "Bounds").
+    unsafe {
+        forward_kernel::launch_unchecked(
+            &c.q.client.clone(),
+            count,
+            dim,
+            c.flags.line,
+            arg(&c.q),
+            arg(&c.k),
+            arg(&c.v),
+            arg(&c.mk),
+            arg(&c.mv),
+            arg(&c.pe),
+            arg(&c.z),
+            arg(offsets),
+            arg(items),
+            arg(&out),
+            c.lists.block,
+            c.lists.n_heads,
+            c.lists.group_heads,
+            c.seed,
+            c.threshold,
+            c.keep,
+            c.ramp,
+            c.flags,
+            dtype_to_storage_type(DType::F32),
+        );
+    }
     out
 }
 
@@ -1231,18 +1242,21 @@ fn shared_sum(part: &CubeTensor, shared: usize, rows: usize, shape: Vec<usize>) 
         "shared_sum: shapes"
     );
     let (count, dim) = launch_shape(part, shared * len);
-    shared_sum_kernel::launch(
-        &part.client.clone(),
-        count,
-        dim,
-        part.clone().into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        heads as u32,
-        shared as u32,
-        rows as u32,
-        len as u32,
-        dtype_to_storage_type(DType::F32),
-    );
+    // SAFETY: in bounds by construction (module doc, "Bounds").
+    unsafe {
+        shared_sum_kernel::launch_unchecked(
+            &part.client.clone(),
+            count,
+            dim,
+            part.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            heads as u32,
+            shared as u32,
+            rows as u32,
+            len as u32,
+            dtype_to_storage_type(DType::F32),
+        );
+    }
     out
 }
 
@@ -1260,6 +1274,11 @@ struct Grads {
 fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
     let [out, grad] = [out, grad].map(into_contiguous);
     let (heads, n, d, f) = (c.heads, c.n, c.flags.d, c.flags);
+    assert!(
+        dims3(&out) == [heads, n, d + 1] && dims3(&grad) == [heads, n, d + 1],
+        "tiled_attention on Cube: the output and its gradient must be [{heads}, {n}, {}]",
+        d + 1
+    );
     let new = |shape: Vec<usize>| empty_like(&c.q, shape);
     let placeholder = || new(vec![1]);
     let (dq, dk, dv) = (
@@ -1285,91 +1304,44 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
     let arg = |t: &CubeTensor| t.clone().into_tensor_arg();
     let (count, dim) = launch_shape(&c.q, heads * n);
     let [fwd_offsets, fwd_items] = &c.lists.fwd;
-    backward_query_kernel::launch(
-        &client,
-        count,
-        dim,
-        f.line,
-        arg(&c.q),
-        arg(&c.k),
-        arg(&c.v),
-        arg(&c.mk),
-        arg(&c.mv),
-        arg(&c.pe),
-        arg(&c.z),
-        arg(&out),
-        arg(&grad),
-        arg(fwd_offsets),
-        arg(fwd_items),
-        arg(&dq),
-        arg(&go),
-        arg(&delta),
-        arg(&dz_rows),
-        c.lists.block,
-        c.lists.n_heads,
-        c.lists.group_heads,
-        c.seed,
-        c.threshold,
-        c.keep,
-        c.ramp,
-        f,
-        dtype,
-    );
-    let (count, dim) = launch_shape(&c.q, heads * n);
-    let [bwd_offsets, bwd_items] = &c.lists.bwd;
-    backward_key_kernel::launch(
-        &client,
-        count,
-        dim,
-        f.line,
-        arg(&c.q),
-        arg(&c.k),
-        arg(&c.v),
-        arg(&c.pe),
-        arg(&c.z),
-        arg(&out),
-        arg(&go),
-        arg(&delta),
-        arg(bwd_offsets),
-        arg(bwd_items),
-        arg(&dk),
-        arg(&dv),
-        c.lists.block,
-        c.lists.n_heads,
-        c.lists.group_heads,
-        c.seed,
-        c.threshold,
-        c.keep,
-        c.ramp,
-        f,
-        dtype,
-    );
-    if f.memory {
-        let (count, dim) = launch_shape(&c.q, heads * c.mem);
-        backward_memory_kernel::launch(
+    // SAFETY: in bounds by construction (module doc, "Bounds").
+    unsafe {
+        backward_query_kernel::launch_unchecked(
             &client,
             count,
             dim,
             f.line,
             arg(&c.q),
+            arg(&c.k),
+            arg(&c.v),
             arg(&c.mk),
             arg(&c.mv),
+            arg(&c.pe),
+            arg(&c.z),
             arg(&out),
+            arg(&grad),
+            arg(fwd_offsets),
+            arg(fwd_items),
+            arg(&dq),
             arg(&go),
             arg(&delta),
-            arg(&dmk),
-            arg(&dmv),
+            arg(&dz_rows),
+            c.lists.block,
+            c.lists.n_heads,
+            c.lists.group_heads,
             c.seed,
             c.threshold,
             c.keep,
+            c.ramp,
             f,
             dtype,
         );
     }
-    let key_pe = f.relative.then(|| {
-        let part = new(vec![heads, d, c.span]);
-        let (count, dim) = launch_shape(&c.q, heads * c.span);
-        backward_position_kernel::launch(
+    let (count, dim) = launch_shape(&c.q, heads * n);
+    let [bwd_offsets, bwd_items] = &c.lists.bwd;
+    // SAFETY: in bounds by construction (module doc, "Bounds").
+    unsafe {
+        backward_key_kernel::launch_unchecked(
             &client,
             count,
             dim,
@@ -1382,7 +1354,13 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
             arg(&out),
             arg(&go),
             arg(&delta),
-            arg(&part),
+            arg(bwd_offsets),
+            arg(bwd_items),
+            arg(&dk),
+            arg(&dv),
+            c.lists.block,
+            c.lists.n_heads,
+            c.lists.group_heads,
             c.seed,
             c.threshold,
             c.keep,
@@ -1390,6 +1368,59 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
             f,
             dtype,
         );
+    }
+    if f.memory {
+        let (count, dim) = launch_shape(&c.q, heads * c.mem);
+        // SAFETY: in bounds by construction (module doc, "Bounds").
+        unsafe {
+            backward_memory_kernel::launch_unchecked(
+                &client,
+                count,
+                dim,
+                f.line,
+                arg(&c.q),
+                arg(&c.mk),
+                arg(&c.mv),
+                arg(&out),
+                arg(&go),
+                arg(&delta),
+                arg(&dmk),
+                arg(&dmv),
+                c.seed,
+                c.threshold,
+                c.keep,
+                f,
+                dtype,
+            );
+        }
+    }
+    let key_pe = f.relative.then(|| {
+        let part = new(vec![heads, d, c.span]);
+        let (count, dim) = launch_shape(&c.q, heads * c.span);
+        // SAFETY: in bounds by construction (module doc, "Bounds").
+        unsafe {
+            backward_position_kernel::launch_unchecked(
+                &client,
+                count,
+                dim,
+                f.line,
+                arg(&c.q),
+                arg(&c.k),
+                arg(&c.v),
+                arg(&c.pe),
+                arg(&c.z),
+                arg(&out),
+                arg(&go),
+                arg(&delta),
+                arg(&part),
+                c.seed,
+                c.threshold,
+                c.keep,
+                c.ramp,
+                f,
+                dtype,
+            );
+        }
         shared_sum(&part, 1, 1, vec![d, c.span])
     });
     let memory = f.memory.then(|| {
