@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod block;
+pub mod cache;
 pub mod gelu_op;
 pub mod init;
 pub mod linear;
@@ -21,7 +22,8 @@ pub mod mlp;
 pub mod norm_op;
 pub mod pattern;
 
-pub use block::{Block, BlockConfig};
+pub use block::{Block, BlockConfig, NormPlacement};
+pub use cache::{CacheConfig, CacheStart, CacheView, LmCache, Window};
 pub use lm::{AttentionLayout, Lm, LmConfig, Position, attention_positions};
 pub use mixer::{
     AttentionImpl, DenseAttention, DenseAttentionConfig, Mixer, MixerConfig, PersistentAttention,

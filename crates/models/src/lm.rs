@@ -1,5 +1,6 @@
-//! The language model: token embedding, position information, `n_layers` pre-norm [`Block`]s,
-//! a final LayerNorm and an output head (tied to the token embedding or not).
+//! The language model: token embedding, position information, `n_layers` [`Block`]s (pre- or
+//! post-norm), a final LayerNorm (pre-norm only) and an output head (tied to the token
+//! embedding or not).
 
 use burn::module::{Module, Param};
 use burn::nn::{
@@ -9,7 +10,8 @@ use burn::nn::{
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::block::{Block, BlockConfig};
+use crate::block::{Block, BlockConfig, NormPlacement};
+use crate::cache::{CacheConfig, CacheStart, CacheView, LmCache, Window};
 use crate::mixer::{AttentionImpl, MixerConfig, MixerContext};
 use crate::{ModelError, init};
 
@@ -77,6 +79,14 @@ pub struct LmConfig {
     pub rope_theta: f32,
     /// Share the output head with the token embedding.
     pub tie_embeddings: bool,
+    /// Where the blocks' LayerNorms sit: `pre` (GPT-2: before each sublayer, plus a final
+    /// LayerNorm) or `post` (BERT, FNet, all-attention: after each residual add, no final
+    /// LayerNorm).
+    pub norm: NormPlacement,
+    /// A cache of earlier positions for every attention layer (`[model.cache]`; segment-level
+    /// recurrence): each query sees `span` keys back, across blocks of its stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheConfig>,
     /// The token mixer of every block (unless `layers` or the hybrid keys say otherwise).
     pub mixer: MixerConfig,
     /// Per-layer mixers, input first (`[[model.layers]]` tables with a `kind`); when given it
@@ -108,6 +118,8 @@ impl Default for LmConfig {
             position: Position::Learned,
             rope_theta: 10_000.0,
             tie_embeddings: true,
+            norm: NormPlacement::Pre,
+            cache: None,
             mixer: MixerConfig::default(),
             layers: vec![],
             num_attention_layers: 0,
@@ -124,12 +136,24 @@ impl LmConfig {
             d_model: self.d_model,
             n_layers: self.n_layers,
             dropout: self.dropout,
-            max_seq_len: self.seq_len,
+            // RoPE rotates by position within `[cache ; block]`.
+            max_seq_len: self.seq_len + self.cache_span(),
             rope_theta: (self.position == Position::Rope).then_some(self.rope_theta),
             relative_positions: self.position == Position::Relative,
             layer: 0,
             fused_attention: self.attention_impl == AttentionImpl::Fused,
         }
+    }
+
+    /// The cache's span, 0 without a cache.
+    pub fn cache_span(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.span)
+    }
+
+    /// Distances the relative-position keys cover: the window length (`seq_len`, or the
+    /// cache's span when larger).
+    pub fn relative_distances(&self) -> usize {
+        self.seq_len.max(self.cache_span())
     }
 
     /// The mixer of each layer, input first, after `layers` and the hybrid shorthand.
@@ -231,6 +255,28 @@ impl LmConfig {
         for mixer in &mixers {
             mixer.validate(&ctx)?;
         }
+        if let Some(cache) = &self.cache {
+            cache.validate()?;
+            if let Some(m) = mixers.iter().find(|m| !m.takes_cache()) {
+                return Err(ModelError::invalid(
+                    "cache",
+                    "{ .. }",
+                    format!(
+                        "a cache of earlier positions is for dense and persistent attention, \
+                         not kind = \"{}\": leave [model.cache] out",
+                        m.kind()
+                    ),
+                ));
+            }
+            if self.position == Position::Learned {
+                return Err(ModelError::invalid(
+                    "position",
+                    "\"learned\"",
+                    "a cache needs positions that move with the query: use \"relative\" \
+                     (persistent), \"rope\" or \"none\" with [model.cache]",
+                ));
+            }
+        }
         if self.position == Position::Relative {
             let widths: Vec<usize> = mixers
                 .iter()
@@ -268,6 +314,7 @@ impl LmConfig {
                 ..self.mixer_context()
             },
             d_ff: (self.d_ff > 0).then_some(self.d_ff),
+            norm: self.norm,
         };
         Ok(Lm {
             token_embedding: embedding(vocab_size),
@@ -278,7 +325,7 @@ impl LmConfig {
                     .find_map(|m| m.d_head(self.d_model))
                     .expect("validated");
                 Param::from_tensor(Tensor::random(
-                    [d_head, self.seq_len],
+                    [d_head, self.relative_distances()],
                     Distribution::Normal(0.0, 1.0),
                     device,
                 ))
@@ -289,10 +336,17 @@ impl LmConfig {
                 .enumerate()
                 .map(|(layer, m)| block(layer, m).init(device))
                 .collect(),
-            norm_final: LayerNormConfig::new(self.d_model).init(device),
+            norm_final: (self.norm == NormPlacement::Pre)
+                .then(|| LayerNormConfig::new(self.d_model).init(device)),
             head: (!self.tie_embeddings)
                 .then(|| init::linear(self.d_model, vocab_size, false, init::STD, device)),
             seq_len: self.seq_len,
+            cache_span: self.cache_span(),
+            cache_self: self.cache.as_ref().is_some_and(|c| c.include_self),
+            cache_masked: self
+                .cache
+                .as_ref()
+                .is_some_and(|c| c.start == CacheStart::Masked),
         })
     }
 }
@@ -311,12 +365,18 @@ pub struct Lm {
     pub dropout: Dropout,
     /// The blocks, input first.
     pub blocks: Vec<Block>,
-    /// LayerNorm before the head.
-    pub norm_final: LayerNorm,
+    /// LayerNorm before the head (pre-norm models; a post-norm model's last block ends in one).
+    pub norm_final: Option<LayerNorm>,
     /// Untied output head `d_model -> vocab`; `None` when tied to `token_embedding`.
     pub head: Option<Linear>,
     /// Longest sequence accepted.
     pub seq_len: usize,
+    /// Keys a query sees back through the cache (`model.cache.span`); 0: no cache.
+    pub cache_span: usize,
+    /// Whether a cached query is one of its own keys.
+    pub cache_self: bool,
+    /// Whether a stream's start is masked (else zero vectors).
+    pub cache_masked: bool,
 }
 
 impl Lm {
@@ -324,14 +384,100 @@ impl Lm {
     pub fn regularization(&self) -> Option<Tensor<1>> {
         self.blocks
             .iter()
-            .filter_map(|b| b.mixer.regularization(self.seq_len))
+            .filter_map(|b| b.mixer.regularization(self.span_basis()))
             .reduce(|a, b| a + b)
+    }
+
+    /// What an adaptive span's fraction is a fraction of: the cache's span, or `seq_len`.
+    pub fn span_basis(&self) -> usize {
+        if self.cache_span > 0 {
+            self.cache_span
+        } else {
+            self.seq_len
+        }
+    }
+
+    /// The window of every cached query, if the model has a cache.
+    pub fn window(&self) -> Option<Window> {
+        (self.cache_span > 0).then_some(Window {
+            span: self.cache_span,
+            include_self: self.cache_self,
+        })
+    }
+
+    /// The cache of `batch` streams at their start: zero vectors (`start = "zeros"`, all
+    /// valid) or nothing valid (`"masked"`); `None` without a cache.
+    pub fn new_cache(&self, batch: usize, device: &Device) -> Option<LmCache> {
+        let span = self.window()?.span;
+        let d_model = self.token_embedding.weight.dims()[1];
+        Some(LmCache {
+            layers: (0..self.blocks.len())
+                .map(|_| Tensor::zeros([batch, span, d_model], device))
+                .collect(),
+            valid: vec![if self.cache_masked { 0 } else { span }; batch],
+        })
     }
 
     /// # Shapes
     /// - `tokens`: `[batch, seq]` ids, `seq <= seq_len`
     /// - output: `[batch, seq, vocab]` logits
+    ///
+    /// A model with a cache sees `tokens` as the start of `batch` streams (a fresh
+    /// [`new_cache`](Self::new_cache)); [`forward_cached`](Self::forward_cached) continues one.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        if let Some(cache) = self.new_cache(tokens.dims()[0], &tokens.device()) {
+            return self.forward_cached(tokens, &cache).0;
+        }
+        let (x, key_pe) = self.embed(tokens);
+        let mut x = x;
+        for block in &self.blocks {
+            x = block.forward(x, key_pe.as_ref());
+        }
+        self.output(x)
+    }
+
+    /// The next block of `batch` streams after `cache`: the logits, and the cache for the block
+    /// after it (each layer's last `span` inputs over `[cache ; block]`, detached: no gradient
+    /// reaches earlier blocks).
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` ids, `seq <= seq_len`; `cache` of `batch` rows
+    /// - output: `[batch, seq, vocab]` logits
+    ///
+    /// # Panics
+    /// Without a cache (`model.cache`), or with one of another batch size or layer count.
+    pub fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &LmCache) -> (Tensor<3>, LmCache) {
+        let window = self.window().expect("forward_cached needs model.cache");
+        let [batch, seq] = tokens.dims();
+        assert!(
+            cache.batch() == batch && cache.layers.len() == self.blocks.len(),
+            "a cache of {} rows and {} layers for {batch} rows and {} layers",
+            cache.batch(),
+            cache.layers.len(),
+            self.blocks.len()
+        );
+        let view = CacheView {
+            window,
+            valid: cache.valid.clone(),
+        };
+        let (mut x, key_pe) = self.embed(tokens);
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        for (block, past) in self.blocks.iter().zip(&cache.layers) {
+            let span = past.dims()[1];
+            let all = Tensor::cat(vec![past.clone(), x.clone()], 1);
+            layers.push(all.narrow(1, seq, span).detach());
+            x = block.forward_cached(x, past.clone(), key_pe.as_ref(), &view);
+        }
+        let valid = cache
+            .valid
+            .iter()
+            .map(|v| (v + seq).min(window.span))
+            .collect();
+        (self.output(x), LmCache { layers, valid })
+    }
+
+    /// Token embedding plus learned positions, dropout; and the relative-position keys.
+    fn embed(&self, tokens: Tensor<2, Int>) -> (Tensor<3>, Option<Tensor<2>>) {
         let [batch, seq] = tokens.dims();
         assert!(
             seq <= self.seq_len,
@@ -345,12 +491,16 @@ impl Lm {
             let [_, _, d_model] = x.dims();
             x = x + pos.forward(positions).expand([batch, seq, d_model]);
         }
-        let mut x = self.dropout.forward(x);
         let key_pe = self.key_pe.as_ref().map(|p| p.val());
-        for block in &self.blocks {
-            x = block.forward(x, key_pe.as_ref());
-        }
-        let x = crate::norm_op::layer_norm(&self.norm_final, x);
+        (self.dropout.forward(x), key_pe)
+    }
+
+    /// Final norm (pre-norm models) and the output head.
+    fn output(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = match &self.norm_final {
+            Some(norm) => crate::norm_op::layer_norm(norm, x),
+            None => x,
+        };
         match &self.head {
             Some(head) => crate::linear::forward(head, x),
             // Tied head: logits = x · Eᵀ, `[batch·seq, d_model] x [d_model, vocab]`.
@@ -406,9 +556,18 @@ mod tests {
     #[test]
     fn future_tokens_do_not_change_past_logits_exactly() {
         for (name, device) in devices() {
-            for position in [Position::Learned, Position::Rope] {
+            for (position, norm) in [
+                (Position::Learned, NormPlacement::Pre),
+                (Position::Rope, NormPlacement::Pre),
+                (Position::Learned, NormPlacement::Post),
+            ] {
                 device.seed(11);
-                let model = tiny(position, true).init(&device).unwrap();
+                let model = LmConfig {
+                    norm,
+                    ..tiny(position, true)
+                }
+                .init(&device)
+                .unwrap();
                 let (batch, seq, vocab) = (2, 8, 11);
                 let a = tokens(batch, seq, vocab, 1, &device);
                 for t in 0..seq - 1 {
@@ -477,10 +636,19 @@ mod tests {
             }
         }
         for (name, device) in devices() {
-            for (position, tie) in [(Position::Learned, true), (Position::Rope, false)] {
+            for (position, tie, norm) in [
+                (Position::Learned, true, NormPlacement::Pre),
+                (Position::Rope, false, NormPlacement::Pre),
+                (Position::Learned, false, NormPlacement::Post),
+            ] {
                 let ad = device.clone().autodiff();
                 ad.seed(5);
-                let model = tiny(position, tie).init(&ad).unwrap();
+                let model = LmConfig {
+                    norm,
+                    ..tiny(position, tie)
+                }
+                .init(&ad)
+                .unwrap();
                 let loss = cross_entropy_sum(
                     model.forward(tokens(2, 8, 11, 2, &ad)),
                     tokens(2, 8, 11, 3, &ad),
@@ -502,6 +670,66 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn post_norm_model_has_no_final_norm_and_ends_in_its_last_blocks_norm() {
+        for (name, device) in devices() {
+            let pre = tiny(Position::Learned, false).init(&device).unwrap();
+            let post_config = LmConfig {
+                norm: NormPlacement::Post,
+                ..tiny(Position::Learned, false)
+            };
+            let post = post_config.init(&device).unwrap();
+            assert!(pre.norm_final.is_some() && post.norm_final.is_none());
+            assert!(post.blocks.iter().all(|b| b.post_norm));
+            assert!(pre.blocks.iter().all(|b| !b.post_norm));
+            assert_eq!(
+                pre.num_params() - post.num_params(),
+                2 * 16,
+                "{name}: the final norm's gamma and beta"
+            );
+            // The logits are the head applied to the last block's (normalised) output.
+            let ids = tokens(2, 8, 11, 6, &device);
+            let mut x = post.token_embedding.forward(ids.clone());
+            let positions = Tensor::<1, Int>::arange(0..8, &device).reshape([1, 8]);
+            x = x + post
+                .pos_embedding
+                .as_ref()
+                .unwrap()
+                .forward(positions)
+                .expand([2, 8, 16]);
+            for block in &post.blocks {
+                x = block.forward(x, None);
+            }
+            let head = post.head.as_ref().unwrap();
+            let expected = to_vec(head.forward(x));
+            let got = to_vec(post.forward(ids));
+            let diff = expected
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(diff < 1e-5, "{name}: {diff}");
+        }
+    }
+
+    #[test]
+    fn post_norm_model_overfits_one_batch_on_flex() {
+        let device = burn::tensor::Device::flex().autodiff();
+        device.seed(7);
+        let config = LmConfig {
+            norm: NormPlacement::Post,
+            ..tiny(Position::Learned, true)
+        };
+        let model = config.init(&device).unwrap();
+        let inputs = tokens(4, 8, 11, 4, &device);
+        let targets = tokens(4, 8, 11, 5, &device);
+        let losses = crate::test_util::overfit(model, |m| {
+            cross_entropy_sum(m.forward(inputs.clone()), targets.clone(), None).div_scalar(32.0)
+        });
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(last < 0.1 * first, "loss {first} -> {last}");
     }
 
     #[test]

@@ -212,6 +212,14 @@ impl Config {
                 self.optim.eps
             );
         }
+        if self.model.cache.is_some() {
+            bail!(
+                "model.cache: the trainer does not yet carry a cache from step to step \
+                 (stateful training over `stream` batches is still to come), so every window \
+                 would start a fresh stream: leave [model.cache] out to train (the models \
+                 crate's Lm::forward_cached takes the cache)"
+            );
+        }
         let t = &self.train;
         for (key, value) in [
             ("train.steps", t.steps),
@@ -351,6 +359,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 2") && err.contains("steps"), "{err}");
+    }
+
+    #[test]
+    fn norm_placement_parses_and_a_wrong_one_names_key_line_and_choices() {
+        let c = Config::parse("[model]\nnorm = \"post\"\n", "n.toml", &[]).unwrap();
+        assert_eq!(c.model.norm, mixlab_models::NormPlacement::Post);
+        assert_eq!(
+            Config::default().model.norm,
+            mixlab_models::NormPlacement::Pre
+        );
+        let err = Config::parse("[model]\nnorm = \"middle\"\n", "n.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("n.toml") && err.contains("line 2") && err.contains("norm"),
+            "{err}"
+        );
+        assert!(err.contains("pre") && err.contains("post"), "{err}");
+    }
+
+    #[test]
+    fn a_cache_parses_but_training_with_it_is_refused_naming_the_key() {
+        let c = Config::parse(
+            "[model]\nposition = \"none\"\n[model.cache]\nspan = 64\nstart = \"masked\"\n",
+            "c.toml",
+            &[],
+        )
+        .unwrap();
+        let cache = c.model.cache.clone().unwrap();
+        assert_eq!(cache.span, 64);
+        assert_eq!(cache.start, mixlab_models::CacheStart::Masked);
+        assert!(!cache.include_self);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("model.cache"), "{err}");
     }
 
     #[test]

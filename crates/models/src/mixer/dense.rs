@@ -12,6 +12,7 @@ use burn::tensor::{Bool, Device, Tensor, activation};
 use serde::{Deserialize, Serialize};
 
 use super::MixerContext;
+use crate::cache::CacheView;
 use crate::{ModelError, init};
 
 /// Settings of [`DenseAttention`] under `[model.mixer]` with `kind = "dense"`.
@@ -95,6 +96,16 @@ impl DenseAttentionConfig {
             fused: ctx.fused_attention,
         }
     }
+}
+
+/// The score of a key outside a cached query's window: far below any real score, but finite,
+/// so a row with no visible key gives no NaN (its weights are zeroed after the softmax).
+pub(crate) const MASKED: f32 = -1.0e30;
+
+/// Softmax over the last dimension of scores whose `hidden` entries hold [`MASKED`], those
+/// weights then set to exactly zero (so a row with no visible key is all zeros, not uniform).
+pub(crate) fn masked_softmax(scores: Tensor<4>, hidden: Tensor<4, Bool>) -> Tensor<4> {
+    activation::softmax(scores, 3).mask_fill(hidden, 0.0)
 }
 
 fn divisors(n: usize) -> Vec<usize> {
@@ -195,6 +206,52 @@ impl DenseAttention {
         }
         let weights = self.attn_dropout.forward(activation::softmax(scores, 3));
         weights.matmul(v)
+    }
+
+    /// The mixer over a block `x` with its `cache` of earlier inputs (segment-level recurrence,
+    /// [`crate::cache`]): queries from `x`, keys and values from `[cache ; x]`, each query over
+    /// its window. RoPE rotates by position within `[cache ; x]` (only distances matter).
+    /// Composed tensor ops on every backend.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, n, d_model]`, `cache`: `[batch, s, d_model]`
+    /// - output: `[batch, n, d_model]`
+    pub fn forward_cached(&self, x: Tensor<3>, cache: Tensor<3>, view: &CacheView) -> Tensor<3> {
+        let [batch, n, d_model] = x.dims();
+        let s = cache.dims()[1];
+        let (q, k, v) = self.project(Tensor::cat(vec![cache, x], 1));
+        let q = q.narrow(2, s, n);
+        let y = self.attend_cached(q, k, v, view); // [batch, n_heads, n, d_head]
+        let y = y.swap_dims(1, 2).reshape([batch, n, d_model]);
+        self.resid_dropout
+            .forward(crate::linear::forward(&self.proj, y))
+    }
+
+    /// Scaled dot-product attention of `n` queries over `s + n` keys `[cache ; block]`, each
+    /// query over its window (a query with no key in it — possible at a masked stream start
+    /// without self — gives zeros).
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, n_heads, n, d_head]`; `k`, `v`: `[batch, n_heads, s + n, d_head]`
+    /// - output: `[batch, n_heads, n, d_head]`
+    pub fn attend_cached(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        view: &CacheView,
+    ) -> Tensor<4> {
+        let [batch, n_heads, n, d_head] = q.dims();
+        let keys = k.dims()[2];
+        let scale = 1.0 / (d_head as f64).sqrt();
+        let (hidden, _) = view.masks(n, keys - n, &q.device());
+        let hidden = hidden.expand([batch, n_heads, n, keys]);
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(scale)
+            .mask_fill(hidden.clone(), MASKED);
+        let weights = masked_softmax(scores, hidden);
+        self.attn_dropout.forward(weights).matmul(v)
     }
 
     /// The fused path over the keys `keys` (dense here; the sparse mixer passes its pattern).

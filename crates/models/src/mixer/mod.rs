@@ -186,6 +186,12 @@ impl MixerConfig {
         }
     }
 
+    /// Whether the mixer can attend over a cache of earlier blocks (dense and all-attention;
+    /// FNet mixes a fixed window, and sparse patterns are laid over one window).
+    pub fn takes_cache(&self) -> bool {
+        matches!(self, MixerConfig::Dense(_) | MixerConfig::Persistent(_))
+    }
+
     /// Width of one head, for mixers that have heads.
     pub fn d_head(&self, d_model: usize) -> Option<usize> {
         let n_heads = match self {
@@ -244,6 +250,28 @@ impl Mixer {
             Mixer::Persistent(m) => m.forward(x, key_pe),
             Mixer::Fourier(m) => m.forward(x),
             Mixer::Sparse(m) => m.forward(x),
+        }
+    }
+
+    /// [`forward`](Self::forward) for a block with the `cache` of its stream's earlier inputs
+    /// ([`crate::cache`]); dense and all-attention only ([`MixerConfig::takes_cache`]).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, n, d_model]`, `cache`: `[batch, s, d_model]`
+    /// - output: `[batch, n, d_model]`
+    pub fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        cache: Tensor<3>,
+        key_pe: Option<&Tensor<2>>,
+        view: &crate::cache::CacheView,
+    ) -> Tensor<3> {
+        match self {
+            Mixer::Dense(m) => m.forward_cached(x, cache, view),
+            Mixer::Persistent(m) => m.forward_cached(x, cache, key_pe, view),
+            Mixer::Fourier(_) | Mixer::Sparse(_) => {
+                panic!("a cache is for dense and persistent attention (LmConfig::validate)")
+            }
         }
     }
 

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::MixerContext;
 use super::dense::{DenseAttention, DenseAttentionConfig};
 use crate::ModelError;
+use crate::cache::CacheView;
 
 /// Settings of [`PersistentAttention`] under `[model.mixer]` with `kind = "persistent"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -234,9 +235,35 @@ impl PersistentAttention {
         if fused {
             return self.attend_tiled(q, k, v, key_pe);
         }
-        let [batch, n_heads, seq, d_head] = q.dims();
+        let [_, _, seq, d_head] = q.dims();
         let scale = 1.0 / (d_head as f64).sqrt();
         let context = self.context_scores(q.clone(), k, key_pe).mul_scalar(scale); // [batch, n_heads, seq, seq]
+        let span = self.span_fraction.as_ref().map(|fraction| {
+            span_mask(fraction.val(), seq, self.span_ramp, &context.device()).unsqueeze::<4>()
+        });
+        self.joint_softmax(q, context, v, |e| match span {
+            Some(mask) => e * mask,
+            None => e,
+        })
+    }
+
+    /// The joint softmax over `[context ; memory]` and its output, from the scaled context
+    /// scores; `weigh` multiplies the exponentiated context scores by their masks (adaptive
+    /// span; a cached layer's window) before the joint normalisation.
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, n_heads, n, d_head]`; `context`: `[batch, n_heads, n, keys]`;
+    ///   `v`: `[batch, n_heads, keys, d_head]`
+    /// - output: `[batch, n_heads, n, d_head]`
+    fn joint_softmax(
+        &self,
+        q: Tensor<4>,
+        context: Tensor<4>,
+        v: Tensor<4>,
+        weigh: impl FnOnce(Tensor<4>) -> Tensor<4>,
+    ) -> Tensor<4> {
+        let [batch, n_heads, seq, d_head] = q.dims();
+        let scale = 1.0 / (d_head as f64).sqrt();
         // Per head, all queries at once: [n_heads, batch·seq, d_head].
         let by_head =
             |t: Tensor<4>, width: usize| t.swap_dims(0, 1).reshape([n_heads, batch * seq, width]);
@@ -258,11 +285,7 @@ impl PersistentAttention {
             let y = self.attn.attn_dropout.forward(e_memory).matmul(values);
             memory_part = Some((y, sum));
         }
-        let mut e_context = (context - max).exp();
-        if let Some(fraction) = &self.span_fraction {
-            let mask = span_mask(fraction.val(), seq, self.span_ramp, &e_context.device());
-            e_context = e_context * mask.unsqueeze::<4>();
-        }
+        let e_context = weigh((context - max).exp());
         let mut norm = e_context.clone().sum_dim(3); // [batch, n_heads, seq, 1]
         // Dropout on unnormalised weights = dropout on normalised ones (the norm is per row).
         let mut y = self.attn.attn_dropout.forward(e_context).matmul(v);
@@ -270,7 +293,97 @@ impl PersistentAttention {
             norm = norm + from_heads(sum, 1);
             y = y + from_heads(y_memory, d_head);
         }
-        y / norm
+        // A cached row with no visible key and no memory has norm 0 (and output 0); every
+        // other row's norm is far above the floor, which then changes nothing.
+        y / norm.clamp_min(1e-30)
+    }
+
+    /// The mixer over a block `x` with its `cache` of earlier inputs ([`crate::cache`]):
+    /// queries from `x`, keys and values from `[cache ; x]`, each query over its window, plus
+    /// the persistent memory (always visible). Composed tensor ops on every backend.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, n, d_model]`, `cache`: `[batch, s, d_model]`
+    /// - `key_pe`: `[d_head, ≥ span]`, or `None`
+    /// - output: `[batch, n, d_model]`
+    pub fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        cache: Tensor<3>,
+        key_pe: Option<&Tensor<2>>,
+        view: &CacheView,
+    ) -> Tensor<3> {
+        let [batch, n, d_model] = x.dims();
+        let s = cache.dims()[1];
+        let (q, k, v) = self.attn.project(Tensor::cat(vec![cache, x], 1));
+        let q = q.narrow(2, s, n);
+        let y = self.attend_cached(q, k, v, key_pe, view); // [batch, n_heads, n, d_head]
+        let y = y.swap_dims(1, 2).reshape([batch, n, d_model]);
+        self.attn
+            .resid_dropout
+            .forward(crate::linear::forward(&self.attn.proj, y))
+    }
+
+    /// All-attention of `n` queries over the `s + n` keys `[cache ; block]` and the persistent
+    /// memory. Query `i` sees the keys of its window ([`crate::cache::Window`]); the
+    /// relative-position term of a key at distance `δ` is `q_i · key_pe[:, δ − δ_min]`
+    /// (`δ_min` = 0 with self, 1 without, so `span` columns serve `span` distances); the
+    /// adaptive span is `z = clamp(fraction, 0, 1) · span`. A query with no key and no memory
+    /// gives zeros.
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, n_heads, n, d_head]`; `k`, `v`: `[batch, n_heads, s + n, d_head]`
+    /// - output: `[batch, n_heads, n, d_head]`
+    pub fn attend_cached(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        key_pe: Option<&Tensor<2>>,
+        view: &CacheView,
+    ) -> Tensor<4> {
+        let [batch, n_heads, n, d_head] = q.dims();
+        let keys = k.dims()[2];
+        let device = q.device();
+        let scale = 1.0 / (d_head as f64).sqrt();
+        let span = view.window.span;
+        let (hidden, distance) = view.masks(n, keys - n, &device);
+        let hidden = hidden.expand([batch, n_heads, n, keys]);
+        let mut context = q.clone().matmul(k.swap_dims(2, 3)); // [batch, n_heads, n, keys]
+        if let Some(pe) = key_pe {
+            let by_distance = q
+                .clone()
+                .matmul(pe.clone().narrow(1, 0, span).unsqueeze::<4>());
+            let column = distance
+                .clone()
+                .sub_scalar(view.window.min_distance() as i64)
+                .clamp(0, span as i64 - 1)
+                .unsqueeze::<4>()
+                .expand([batch, n_heads, n, keys]);
+            context = context + by_distance.gather(3, column);
+        }
+        let context = context
+            .mul_scalar(scale)
+            .mask_fill(hidden.clone(), super::dense::MASKED);
+        let ramp = self.span_fraction.as_ref().map(|fraction| {
+            let z = fraction
+                .val()
+                .clamp(0.0, 1.0)
+                .mul_scalar(span as f64)
+                .reshape([1, n_heads, 1, 1]);
+            let r = self.span_ramp as f64;
+            (z - distance.float().unsqueeze::<4>())
+                .add_scalar(r)
+                .div_scalar(r)
+                .clamp(0.0, 1.0) // [1, n_heads, n, keys]
+        });
+        self.joint_softmax(q, context, v, |e| {
+            let e = e.mask_fill(hidden, 0.0);
+            match ramp {
+                Some(m) => e * m,
+                None => e,
+            }
+        })
     }
 
     /// The persistent keys and values as used, `[n_heads, N, d_head]` each: reparameterised

@@ -430,6 +430,7 @@ fn default_memory_has_the_parameter_count_of_the_ffn_it_replaces() {
                 ..mixer_ctx.clone()
             },
             d_ff: Some(d_ff),
+            norm: crate::NormPlacement::Pre,
         }
         .init(&device);
         let all_attn = BlockConfig {
@@ -439,6 +440,7 @@ fn default_memory_has_the_parameter_count_of_the_ffn_it_replaces() {
             }),
             ctx: mixer_ctx,
             d_ff: None,
+            norm: crate::NormPlacement::Pre,
         }
         .init(&device);
         let crate::Mixer::Persistent(m) = &all_attn.mixer else {
