@@ -715,35 +715,23 @@ mod tests {
     }
 
     #[test]
-    fn post_norm_model_overfits_one_batch_on_flex() {
+    fn tiny_pre_and_post_norm_models_overfit_one_batch_on_flex() {
         let device = burn::tensor::Device::flex().autodiff();
-        device.seed(7);
-        let config = LmConfig {
-            norm: NormPlacement::Post,
-            ..tiny(Position::Learned, true)
-        };
-        let model = config.init(&device).unwrap();
-        let inputs = tokens(4, 8, 11, 4, &device);
-        let targets = tokens(4, 8, 11, 5, &device);
-        let losses = crate::test_util::overfit(model, |m| {
-            cross_entropy_sum(m.forward(inputs.clone()), targets.clone(), None).div_scalar(32.0)
-        });
-        let (first, last) = (losses[0], *losses.last().unwrap());
-        assert!(last < 0.1 * first, "loss {first} -> {last}");
-    }
-
-    #[test]
-    fn tiny_model_overfits_one_batch_on_flex() {
-        let device = burn::tensor::Device::flex().autodiff();
-        device.seed(7);
-        let model = tiny(Position::Learned, true).init(&device).unwrap();
-        let inputs = tokens(4, 8, 11, 4, &device);
-        let targets = tokens(4, 8, 11, 5, &device);
-        let losses = crate::test_util::overfit(model, |m| {
-            cross_entropy_sum(m.forward(inputs.clone()), targets.clone(), None).div_scalar(32.0)
-        });
-        let (first, last) = (losses[0], *losses.last().unwrap());
-        assert!(last < 0.1 * first, "loss {first} -> {last}");
+        for norm in [NormPlacement::Pre, NormPlacement::Post] {
+            device.seed(7);
+            let config = LmConfig {
+                norm,
+                ..tiny(Position::Learned, true)
+            };
+            let model = config.init(&device).unwrap();
+            let inputs = tokens(4, 8, 11, 4, &device);
+            let targets = tokens(4, 8, 11, 5, &device);
+            let losses = crate::test_util::overfit(model, |m| {
+                cross_entropy_sum(m.forward(inputs.clone()), targets.clone(), None).div_scalar(32.0)
+            });
+            let (first, last) = (losses[0], *losses.last().unwrap());
+            assert!(last < 0.1 * first, "{norm:?}: loss {first} -> {last}");
+        }
     }
 
     #[test]

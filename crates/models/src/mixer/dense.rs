@@ -217,11 +217,22 @@ impl DenseAttention {
     /// - `x`: `[batch, n, d_model]`, `cache`: `[batch, s, d_model]`
     /// - output: `[batch, n, d_model]`
     pub fn forward_cached(&self, x: Tensor<3>, cache: Tensor<3>, view: &CacheView) -> Tensor<3> {
+        self.cached_layer(x, cache, |q, k, v| self.attend_cached(q, k, v, view))
+    }
+
+    /// A cached layer around its attention: queries from `x`, keys and values from
+    /// `[cache ; x]` (`attend` maps them to `[batch, n_heads, n, d_head]`), the output
+    /// projection and its dropout.
+    pub(crate) fn cached_layer(
+        &self,
+        x: Tensor<3>,
+        cache: Tensor<3>,
+        attend: impl FnOnce(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>,
+    ) -> Tensor<3> {
         let [batch, n, d_model] = x.dims();
         let s = cache.dims()[1];
         let (q, k, v) = self.project(Tensor::cat(vec![cache, x], 1));
-        let q = q.narrow(2, s, n);
-        let y = self.attend_cached(q, k, v, view); // [batch, n_heads, n, d_head]
+        let y = attend(q.narrow(2, s, n), k, v);
         let y = y.swap_dims(1, 2).reshape([batch, n, d_model]);
         self.resid_dropout
             .forward(crate::linear::forward(&self.proj, y))

@@ -313,15 +313,9 @@ impl PersistentAttention {
         key_pe: Option<&Tensor<2>>,
         view: &CacheView,
     ) -> Tensor<3> {
-        let [batch, n, d_model] = x.dims();
-        let s = cache.dims()[1];
-        let (q, k, v) = self.attn.project(Tensor::cat(vec![cache, x], 1));
-        let q = q.narrow(2, s, n);
-        let y = self.attend_cached(q, k, v, key_pe, view); // [batch, n_heads, n, d_head]
-        let y = y.swap_dims(1, 2).reshape([batch, n, d_model]);
-        self.attn
-            .resid_dropout
-            .forward(crate::linear::forward(&self.attn.proj, y))
+        self.attn.cached_layer(x, cache, |q, k, v| {
+            self.attend_cached(q, k, v, key_pe, view)
+        })
     }
 
     /// All-attention of `n` queries over the `s + n` keys `[cache ; block]` and the persistent
