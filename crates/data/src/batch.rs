@@ -100,18 +100,10 @@ impl Batch {
     /// first `batch % parts` get the extra row), for data parallelism; empty shards are left
     /// out, so fewer than `parts` come back when `batch < parts`.
     pub fn split(&self, parts: usize) -> Vec<Batch> {
-        let parts = parts.max(1);
-        let (base, extra) = (self.batch / parts, self.batch % parts);
-        let mut start = 0;
-        let mut out = Vec::with_capacity(parts);
-        for i in 0..parts {
-            let len = base + usize::from(i < extra);
-            if len > 0 {
-                out.push(self.rows(start, start + len));
-            }
-            start += len;
-        }
-        out
+        shard_rows(self.batch, parts)
+            .into_iter()
+            .map(|r| self.rows(r.start, r.end))
+            .collect()
     }
 
     /// Total loss weight: the number of targets that count.
@@ -121,6 +113,24 @@ impl Batch {
             None => (self.batch * self.seq) as f64,
         }
     }
+}
+
+/// The rows of each of `parts` contiguous shards of `rows` rows ([`Batch::split`]): sizes
+/// differ by at most one (the first `rows % parts` get the extra row); empty shards are left
+/// out. What else follows a batch's rows (a model's cache) is cut by the same ranges.
+pub fn shard_rows(rows: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.max(1);
+    let (base, extra) = (rows / parts, rows % parts);
+    let mut start = 0;
+    let mut out = Vec::with_capacity(parts);
+    for i in 0..parts {
+        let len = base + usize::from(i < extra);
+        if len > 0 {
+            out.push(start..start + len);
+        }
+        start += len;
+    }
+    out
 }
 
 /// How training batches are drawn. Both are pure functions of `(seed, batch index)`, so a run
@@ -169,14 +179,30 @@ fn random_batch(tokens: &[u32], batch: usize, seq: usize, seed: u64, index: u64)
 /// `batch` equal slices of `tokens`) at window `index mod windows_per_stream`.
 pub fn stream_batch(tokens: &[u32], batch: usize, seq: usize, index: u64) -> Batch {
     let stream_len = tokens.len() / batch;
+    let offset = (index % stream_windows(tokens.len(), batch, seq)) as usize * seq;
+    windows_at(tokens, seq, (0..batch).map(|r| r * stream_len + offset))
+}
+
+/// Windows of `seq` inputs in each of the `batch` streams of `len` tokens (one epoch of the
+/// `stream` sampler, after which every stream starts over).
+///
+/// # Panics
+/// If a stream is shorter than one window of `seq + 1` tokens.
+pub fn stream_windows(len: usize, batch: usize, seq: usize) -> u64 {
+    let stream_len = len / batch;
     assert!(
         stream_len > seq,
         "streams of {stream_len} tokens < one window of {}",
         seq + 1
     );
-    let windows = ((stream_len - 1) / seq) as u64;
-    let offset = (index % windows) as usize * seq;
-    windows_at(tokens, seq, (0..batch).map(|r| r * stream_len + offset))
+    ((stream_len - 1) / seq) as u64
+}
+
+/// Whether batch `index` of the `stream` sampler starts its streams over (the first batch of
+/// an epoch): a model carrying a cache from batch to batch resets it there, since the window
+/// before is not the text before.
+pub fn stream_restarts(len: usize, batch: usize, seq: usize, index: u64) -> bool {
+    index.is_multiple_of(stream_windows(len, batch, seq))
 }
 
 /// A next-token batch of the windows of `seq + 1` tokens starting at `starts`.
@@ -244,6 +270,52 @@ pub fn eval_windows(
             Batch {
                 batch: chunk.len(),
                 seq,
+                tokens: out,
+                weights: Some(weights),
+                masked_inputs: None,
+            }
+        })
+        .collect()
+}
+
+/// Evaluation batches over a whole split for a model with a cache (Transformer-XL's and
+/// Sukhbaatar et al.'s `--full-eval-mode`): the split's targets are cut into `streams`
+/// contiguous streams (their lengths differ by at most one; fewer streams when the split is
+/// tiny), read block by block: batch `k` holds block `k` of every stream, so a model carries its
+/// cache from one batch to the next, starting each stream with a fresh one. Every token but the
+/// split's first is scored exactly once (weight 1). The last batch is the streams' last, partial
+/// block (`seq` shorter than the others'); in it a stream that ended already is padded with the
+/// tokens after it at weight 0. `max_batches` keeps only the first blocks of every stream.
+pub fn stream_eval_batches(
+    tokens: &[u32],
+    streams: usize,
+    seq: usize,
+    max_batches: Option<usize>,
+) -> Vec<Batch> {
+    let targets = tokens.len().saturating_sub(1);
+    let rows = streams.min(targets);
+    if rows == 0 || seq == 0 {
+        return vec![];
+    }
+    let (base, extra) = (targets / rows, targets % rows);
+    let longest = base + usize::from(extra > 0);
+    let blocks = longest.div_ceil(seq);
+    let blocks = max_batches.map_or(blocks, |m| m.min(blocks));
+    let last = tokens.len() - 1;
+    (0..blocks)
+        .map(|k| {
+            let n = seq.min(longest - k * seq);
+            let mut out = Vec::with_capacity(rows * (n + 1));
+            let mut weights = Vec::with_capacity(rows * n);
+            for r in 0..rows {
+                let start = r * base + r.min(extra) + k * seq;
+                let len = base + usize::from(r < extra);
+                out.extend((0..=n).map(|j| tokens[(start + j).min(last)]));
+                weights.extend((0..n).map(|j| if k * seq + j < len { 1.0 } else { 0.0 }));
+            }
+            Batch {
+                batch: rows,
+                seq: n,
                 tokens: out,
                 weights: Some(weights),
                 masked_inputs: None,
@@ -401,6 +473,76 @@ mod tests {
             b1,
             "the seed does not matter"
         );
+    }
+
+    #[test]
+    fn stream_restarts_mark_each_epochs_first_batch() {
+        // 2 streams of 50 tokens, windows of 10 + 1: 4 windows per stream.
+        let restarts: Vec<u64> = (0..10)
+            .filter(|&i| stream_restarts(100, 2, 10, i))
+            .collect();
+        assert_eq!(restarts, vec![0, 4, 8]);
+        assert_eq!(stream_windows(100, 2, 10), 4);
+        assert_eq!(shard_rows(7, 3), vec![0..3, 3..5, 5..7]);
+        assert_eq!(
+            shard_rows(2, 3),
+            vec![0..1, 1..2],
+            "empty shards are left out"
+        );
+    }
+
+    #[test]
+    fn stream_eval_batches_score_every_token_once_in_stream_order() {
+        let tokens: Vec<u32> = (0..101).collect();
+        for (streams, seq) in [(8, 5), (3, 10), (1, 100), (4, 7), (7, 1), (200, 4), (3, 34)] {
+            let batches = stream_eval_batches(&tokens, streams, seq, None);
+            let rows = streams.min(100);
+            let mut scored = vec![];
+            // Each row of batch k + 1 continues the same row of batch k.
+            let mut next: Vec<Option<i64>> = vec![None; rows];
+            for (k, b) in batches.iter().enumerate() {
+                assert_eq!(b.batch, rows, "{streams} streams, seq {seq}");
+                assert!(
+                    b.seq == seq || k == batches.len() - 1,
+                    "only the last is short"
+                );
+                let (inputs, targets) = b.inputs_targets();
+                let w = b.weights.as_ref().unwrap();
+                for r in 0..rows {
+                    let row = &inputs[r * b.seq..(r + 1) * b.seq];
+                    if let Some(expected) = next[r]
+                        && w[r * b.seq] == 1.0
+                    {
+                        assert_eq!(row[0], expected, "stream {r} continues at batch {k}");
+                    }
+                    next[r] = Some(row[b.seq - 1] + 1);
+                    for j in 0..b.seq {
+                        let i = r * b.seq + j;
+                        if w[i] == 1.0 {
+                            assert_eq!(targets[i], inputs[i] + 1, "a scored target follows");
+                            scored.push(targets[i]);
+                        } else {
+                            // Padding only after a stream's end, in the last block.
+                            assert_eq!(k, batches.len() - 1);
+                            assert!(
+                                w[i..(r + 1) * b.seq].iter().all(|&x| x == 0.0),
+                                "padding is the row's tail"
+                            );
+                        }
+                    }
+                }
+            }
+            scored.sort();
+            assert_eq!(
+                scored,
+                (1..101).collect::<Vec<i64>>(),
+                "{streams} streams, seq {seq}"
+            );
+        }
+        let capped = stream_eval_batches(&tokens, 4, 5, Some(2));
+        assert_eq!(capped.len(), 2, "max_batches keeps the first blocks");
+        assert_eq!(capped[1].tokens[0], 5, "of every stream");
+        assert!(stream_eval_batches(&tokens[..1], 4, 5, None).is_empty());
     }
 
     #[test]

@@ -15,7 +15,10 @@ pub mod fetch;
 mod fuzz;
 pub mod text;
 
-pub use batch::{Batch, Sampler, eval_windows, stream_batch};
+pub use batch::{
+    Batch, Sampler, eval_windows, shard_rows, stream_batch, stream_eval_batches, stream_restarts,
+    stream_windows,
+};
 pub use catalogue::{Corpus, LoadRequest, corpus_dir, load, load_cached, sources};
 pub use copy::CopyTask;
 pub use fetch::{Download, FetchEvent, downloads, fetch};
@@ -52,6 +55,9 @@ pub struct DataConfig {
     /// context; default (and at most) `seq_len`, i.e. non-overlapping windows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_stride: Option<usize>,
+    /// With a cache (`[model.cache]`): evaluation reads a split as this many contiguous
+    /// streams, the cache carried from block to block (Sukhbaatar et al.'s batch 8).
+    pub eval_streams: usize,
     /// Alphabet size of the copy task (the separator is one more symbol).
     pub n_symbols: usize,
     /// Where tokenised corpora are cached (memory-mapped on later runs).
@@ -69,6 +75,7 @@ impl Default for DataConfig {
             test_fraction: 0.0,
             sampler: Sampler::Random,
             eval_stride: None,
+            eval_streams: 8,
             n_symbols: 16,
             cache_dir: PathBuf::from("datasets/.cache"),
         }

@@ -153,6 +153,52 @@ impl LmCache {
     pub fn batch(&self) -> usize {
         self.valid.len()
     }
+
+    /// Rows `rows` of the cache (the streams of a shard of the batch).
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> LmCache {
+        assert!(
+            rows.end <= self.batch(),
+            "rows {rows:?} of {}",
+            self.batch()
+        );
+        LmCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.clone().narrow(0, rows.start, rows.len()))
+                .collect(),
+            valid: self.valid[rows].to_vec(),
+        }
+    }
+
+    /// The caches of consecutive shards, rejoined in order on `device`.
+    pub fn cat(parts: Vec<LmCache>, device: &Device) -> LmCache {
+        let n_layers = parts.first().map_or(0, |p| p.layers.len());
+        let mut layers: Vec<Vec<Tensor<3>>> = vec![Vec::with_capacity(parts.len()); n_layers];
+        let mut valid = vec![];
+        for part in parts {
+            for (all, layer) in layers.iter_mut().zip(part.layers) {
+                all.push(layer.to_device(device));
+            }
+            valid.extend(part.valid);
+        }
+        LmCache {
+            layers: layers.into_iter().map(|l| Tensor::cat(l, 0)).collect(),
+            valid,
+        }
+    }
+
+    /// The cache on `device`.
+    pub fn to_device(self, device: &Device) -> LmCache {
+        LmCache {
+            layers: self
+                .layers
+                .into_iter()
+                .map(|l| l.to_device(device))
+                .collect(),
+            valid: self.valid,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -94,6 +94,8 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
     let mut times = vec![];
     let mut peak_device_mb = 0f64;
     let mut memory_series = vec![];
+    // A model with a cache carries it from step to step, as training does.
+    let mut cache = model.new_cache(batch_size, &ad);
     for i in 0..warmup + steps {
         let batch = batch_at(i as u64);
         let batch = match objective {
@@ -111,14 +113,16 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
         };
         let started = Instant::now();
         let mut accumulator = GradientsAccumulator::new();
-        let loss = accumulate_micro_batch(
+        let (loss, next) = accumulate_micro_batch(
             &fork_replicas(&model, &replicas),
             &batch,
+            cache.as_ref(),
             &replicas,
             batch.weight_sum(),
             Extras::default(),
             &mut accumulator,
         )?;
+        cache = next;
         let (grads, norm) = clip_global_norm(&model, accumulator.grads(), config.optim.grad_clip);
         // The trainer's one read per step (loss and norm together), timed as it runs.
         read_scalars(std::iter::once(loss).chain(norm).collect());

@@ -1,5 +1,6 @@
 //! Checkpoints: `<run>/checkpoints/step-<N>/` holding the model (`model.bpk`), the optimizer
-//! state (`optim.bpk`), the schedule state (`scheduler.json`) and a `manifest.json`.
+//! state (`optim.bpk`), the schedule state (`scheduler.json`), for a model with a cache the
+//! cache of every stream (`cache.bin`, [`crate::stream_cache`]) and a `manifest.json`.
 //!
 //! Crash safety: a checkpoint is written into `step-<N>.partial/`, the manifest last, each file
 //! fsynced, then the directory is renamed to `step-<N>/` and the parent fsynced. Only a
@@ -49,14 +50,26 @@ pub struct Manifest {
     /// SHA-256 of every other file of the checkpoint, checked before a resume trusts it.
     #[serde(default)]
     pub files: std::collections::BTreeMap<String, String>,
+    /// The shape of `cache.bin`, for a model with a cache (`[model.cache]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::stream_cache::CacheMeta>,
 }
 
 fn one() -> usize {
     1
 }
 
-/// The checkpoint files a manifest vouches for.
+/// The checkpoint files a manifest vouches for (and `cache.bin` when it describes a cache).
 const FILES: [&str; 3] = ["model.bpk", "optim.bpk", "scheduler.json"];
+
+/// The files of the checkpoint `manifest` describes.
+fn files(manifest: &Manifest) -> Vec<&'static str> {
+    let mut out = FILES.to_vec();
+    if manifest.cache.is_some() {
+        out.push(crate::stream_cache::FILE);
+    }
+    out
+}
 
 fn sha256_file(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
@@ -70,7 +83,7 @@ fn sha256_file(path: &Path) -> Result<String> {
 /// Check every file of the checkpoint in `dir` against its manifest.
 pub fn verify(dir: &Path) -> Result<Manifest> {
     let manifest = read_manifest(dir)?;
-    for name in FILES {
+    for name in files(&manifest) {
         let expected = manifest
             .files
             .get(name)
@@ -124,6 +137,7 @@ pub fn save(
     model: &Lm,
     optim: &ModuleOptimizer,
     scheduler: &SchedulerState,
+    cache: Option<&crate::stream_cache::HostCache>,
     manifest: &Manifest,
     keep: usize,
 ) -> Result<PathBuf> {
@@ -159,6 +173,11 @@ pub fn save(
             &partial.join("scheduler.json"),
             serde_json::to_string_pretty(scheduler)?.as_bytes(),
         )?;
+        let mut manifest = manifest.clone();
+        if let Some(cache) = cache {
+            write_synced(&partial.join(crate::stream_cache::FILE), &cache.to_bytes())?;
+            manifest.cache = Some(cache.meta.clone());
+        }
         if let Some(ms) = std::env::var("MIXLAB_FAULT_SLOW_CHECKPOINT_MS")
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
@@ -167,8 +186,7 @@ pub fn save(
             // mid-write (model and optimizer written, manifest not yet).
             std::thread::sleep(std::time::Duration::from_millis(ms));
         }
-        let mut manifest = manifest.clone();
-        for f in FILES {
+        for f in files(&manifest) {
             File::open(partial.join(f))?.sync_all()?;
             manifest
                 .files
@@ -353,6 +371,7 @@ mod tests {
             valid_loss,
             world_size: 1,
             files: Default::default(),
+            cache: None,
         };
         fs::write(
             dir.join("manifest.json"),

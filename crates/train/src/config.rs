@@ -202,6 +202,36 @@ impl Config {
         Ok(config)
     }
 
+    /// A model with a cache trains on contiguous streams, one per batch row, and scores
+    /// next tokens.
+    fn validate_cache(&self) -> Result<()> {
+        if self.data.corpus == mixlab_data::Corpus::Copy {
+            bail!(
+                "model.cache with data.corpus = \"copy\": the copy task's rows are independent \
+                 sequences, not streams a cache could follow; use a text corpus or remove \
+                 [model.cache]"
+            );
+        }
+        if self.data.sampler != mixlab_data::Sampler::Stream {
+            bail!(
+                "model.cache needs data.sampler = \"stream\" (each batch row one contiguous \
+                 stream, the cache following it from step to step); the random sampler's \
+                 windows have no text before them to cache"
+            );
+        }
+        if self.train.objective != Objective::Causal {
+            bail!(
+                "model.cache with train.objective = \"masked\": the cache carries earlier \
+                 positions of a left-to-right stream; use objective = \"causal\" or remove \
+                 [model.cache]"
+            );
+        }
+        if self.data.eval_streams == 0 {
+            bail!("data.eval_streams = 0: must be at least 1 (the paper's is 8)");
+        }
+        Ok(())
+    }
+
     /// Cross-section checks that the types alone cannot express; each error names the key.
     pub fn validate(&self) -> Result<()> {
         if self.train.precision == Precision::F16 && self.optim.eps < 6.2e-5 {
@@ -213,12 +243,7 @@ impl Config {
             );
         }
         if self.model.cache.is_some() {
-            bail!(
-                "model.cache: the trainer does not yet carry a cache from step to step \
-                 (stateful training over `stream` batches is still to come), so every window \
-                 would start a fresh stream: leave [model.cache] out to train (the models \
-                 crate's Lm::forward_cached takes the cache)"
-            );
+            self.validate_cache()?;
         }
         let t = &self.train;
         for (key, value) in [
@@ -380,19 +405,36 @@ mod tests {
     }
 
     #[test]
-    fn a_cache_parses_but_training_with_it_is_refused_naming_the_key() {
-        let c = Config::parse(
-            "[model]\nposition = \"none\"\n[model.cache]\nspan = 64\nstart = \"masked\"\n",
-            "c.toml",
-            &[],
-        )
-        .unwrap();
+    fn a_cache_parses_and_needs_stream_batches_of_a_text_corpus() {
+        let text = "[model]\nposition = \"none\"\n[model.cache]\nspan = 64\nstart = \"masked\"\n\
+                    [data]\ncorpus = \"text\"\nsampler = \"stream\"\n";
+        let c = Config::parse(text, "c.toml", &[]).unwrap();
         let cache = c.model.cache.clone().unwrap();
         assert_eq!(cache.span, 64);
         assert_eq!(cache.start, mixlab_models::CacheStart::Masked);
         assert!(!cache.include_self);
-        let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("model.cache"), "{err}");
+        c.validate().unwrap();
+        for (set, keys) in [
+            (
+                "data.sampler=random",
+                &["model.cache", "data.sampler", "stream"][..],
+            ),
+            ("data.corpus=copy", &["model.cache", "data.corpus"][..]),
+            (
+                "train.objective=masked",
+                &["model.cache", "train.objective"][..],
+            ),
+            ("data.eval_streams=0", &["data.eval_streams"][..]),
+        ] {
+            let err = Config::parse(text, "c.toml", &[set.into()])
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            for key in keys {
+                assert!(err.contains(key), "--set {set}: {err}");
+            }
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod report;
 pub mod resume;
 pub mod sample;
 pub mod source;
+pub mod stream_cache;
 pub mod summary;
 pub mod telemetry;
 pub mod trainer;

@@ -19,8 +19,8 @@ use anyhow::{Result, anyhow};
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
-use mixlab_data::Batch;
-use mixlab_models::{Lm, loss::cross_entropy_sum};
+use mixlab_data::{Batch, shard_rows};
+use mixlab_models::{Lm, LmCache, loss::cross_entropy_sum};
 
 use crate::source::to_tensors;
 
@@ -43,34 +43,44 @@ pub fn fork_replicas(model: &Lm, devices: &[Device]) -> Vec<Lm> {
         .collect()
 }
 
+/// What one shard's forward and backward gives back.
+type ShardOutcome = (GradientsParams, Tensor<1>, Option<LmCache>);
+
 /// Forward and backward of `batch` split across `devices`, each shard on its replica
 /// ([`fork_replicas`]), gradients summed into `accumulator` on the main device. Every shard's
-/// loss is divided by `weight` (the loss weight of the whole optimiser step). Returns the
-/// shards' summed loss (without the penalty) as a `[1]` tensor on the main device, not read
-/// back: the step reads it once, with the gradient norm ([`crate::optim::read_scalars`]).
+/// loss is divided by `weight` (the loss weight of the whole optimiser step). A model with a
+/// cache continues `cache` (one row per batch row, on the main device; each shard takes its
+/// rows to its device). Returns the shards' summed loss (without the penalty) as a `[1]`
+/// tensor on the main device, not read back (the step reads it once, with the gradient norm:
+/// [`crate::optim::read_scalars`]), and the cache for the next batch of the same streams.
 pub fn accumulate_micro_batch(
     replicas: &[Lm],
     batch: &Batch,
+    cache: Option<&LmCache>,
     devices: &[Device],
     weight: f64,
     extras: Extras,
     accumulator: &mut GradientsAccumulator<Lm>,
-) -> Result<Tensor<1>> {
+) -> Result<(Tensor<1>, Option<LmCache>)> {
     let model = &replicas[0];
-    let shards = batch.split(devices.len());
-    if shards.len() == 1 {
-        let (grads, loss) = shard_step(model, &shards[0], &devices[0], weight, extras)?;
+    let ranges = shard_rows(batch.batch, devices.len());
+    if ranges.len() == 1 {
+        let (grads, loss, next) = shard_step(model, batch, cache, &devices[0], weight, extras)?;
         accumulator.accumulate(model, grads);
-        return Ok(loss);
+        return Ok((loss, next));
     }
-    let results: Vec<Result<(GradientsParams, Tensor<1>)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = shards
+    let results: Vec<Result<ShardOutcome>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ranges
             .into_iter()
             .zip(replicas.iter().cloned().zip(devices.iter().cloned()))
             .enumerate()
-            .map(|(i, (shard, (replica, device)))| {
+            .map(|(i, (rows, (replica, device)))| {
                 let extras = if i == 0 { extras } else { Extras::default() };
-                scope.spawn(move || shard_step(&replica, &shard, &device, weight, extras))
+                let shard = batch.rows(rows.start, rows.end);
+                let cache = cache.map(|c| c.rows(rows).to_device(&device));
+                scope.spawn(move || {
+                    shard_step(&replica, &shard, cache.as_ref(), &device, weight, extras)
+                })
             })
             .collect();
         handles
@@ -89,8 +99,10 @@ pub fn accumulate_micro_batch(
             .collect()
     });
     let mut loss: Option<Tensor<1>> = None;
+    let mut caches = vec![];
     for result in results {
-        let (grads, shard_loss) = result?;
+        let (grads, shard_loss, next) = result?;
+        caches.extend(next);
         accumulator.accumulate(model, grads.to_device(&devices[0], model));
         loss = Some(match loss {
             Some(sum) => {
@@ -100,19 +112,28 @@ pub fn accumulate_micro_batch(
             None => shard_loss,
         });
     }
-    Ok(loss.expect("at least one shard"))
+    let next = (!caches.is_empty()).then(|| LmCache::cat(caches, &devices[0]));
+    Ok((loss.expect("at least one shard"), next))
 }
 
-/// One device's forward and backward.
+/// One device's forward and backward (continuing `cache`, if the model has one).
 fn shard_step(
     model: &Lm,
     shard: &Batch,
+    cache: Option<&LmCache>,
     device: &Device,
     weight: f64,
     extras: Extras,
-) -> Result<(GradientsParams, Tensor<1>)> {
+) -> Result<ShardOutcome> {
     let (inputs, targets, weights) = to_tensors(shard, device);
-    let mut loss = cross_entropy_sum(model.forward(inputs), targets, weights).div_scalar(weight);
+    let (logits, next) = match cache {
+        Some(cache) => {
+            let (logits, next) = model.forward_cached(inputs, cache);
+            (logits, Some(next))
+        }
+        None => (model.forward(inputs), None),
+    };
+    let mut loss = cross_entropy_sum(logits, targets, weights).div_scalar(weight);
     if extras.poison {
         loss = loss.mul_scalar(f64::NAN);
     }
@@ -122,5 +143,9 @@ fn shard_step(
     {
         loss = loss + penalty.div_scalar(divisor);
     }
-    Ok((GradientsParams::from_grads(loss.backward(), model), value))
+    Ok((
+        GradientsParams::from_grads(loss.backward(), model),
+        value,
+        next,
+    ))
 }

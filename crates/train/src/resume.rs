@@ -43,6 +43,7 @@ pub fn resume_point(
             dir.display()
         );
     };
+    check_cache(&ckpt, &manifest, config)?;
     if manifest.architecture_hash != config.architecture_hash() {
         bail!(
             "checkpoint {} was written by a different architecture:\n{}\nhint: resume \
@@ -53,6 +54,30 @@ pub fn resume_point(
         );
     }
     Ok(Some((ckpt, manifest)))
+}
+
+/// A model with a cache resumes only from a checkpoint that holds one, of one row per stream
+/// of the configured batch (and a model without one from a checkpoint without).
+fn check_cache(ckpt: &Path, manifest: &Manifest, config: &Config) -> Result<()> {
+    let span = config.model.cache.as_ref().map(|c| c.span);
+    match (&manifest.cache, span) {
+        (None, Some(_)) => bail!(
+            "checkpoint {} holds no cache (its run had no [model.cache]) but the config has              model.cache: a cached run resumes only from a cached run's checkpoint; remove              [model.cache] or start a new run with --set train.run_dir=runs/NEW",
+            ckpt.display()
+        ),
+        (Some(_), None) => bail!(
+            "checkpoint {} holds a cache (its run had [model.cache]) but the config has no              model.cache: resume without --config to use the run's own config.toml",
+            ckpt.display()
+        ),
+        (Some(meta), Some(_)) if meta.rows != config.train.batch_size => bail!(
+            "checkpoint {} holds the cache of {} streams but train.batch_size = {}: a cached              run keeps one stream per row, so resume with --set train.batch_size={}",
+            ckpt.display(),
+            meta.rows,
+            config.train.batch_size,
+            meta.rows
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Where a run stands when its checkpoint is written (what the manifest records beside the
@@ -66,6 +91,8 @@ pub struct Progress<'a> {
     pub backend: &'a str,
     /// MPI ranks of the run (1 without MPI).
     pub world_size: usize,
+    /// Every stream's cache, for a model with one.
+    pub cache: Option<&'a crate::stream_cache::HostCache>,
 }
 
 /// Write the checkpoint of `progress.step` (model, optimiser, schedule, manifest last).
@@ -81,6 +108,7 @@ pub fn write_checkpoint(
         valid_loss,
         backend,
         world_size,
+        cache,
     } = progress;
     let manifest = Manifest {
         format: checkpoint::FORMAT,
@@ -94,6 +122,7 @@ pub fn write_checkpoint(
         valid_loss,
         world_size,
         files: Default::default(),
+        cache: None,
     };
     let scheduler = SchedulerState {
         step,
@@ -105,6 +134,7 @@ pub fn write_checkpoint(
         model,
         optim,
         &scheduler,
+        cache,
         &manifest,
         config.train.keep_checkpoints,
     )?;

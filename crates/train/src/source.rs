@@ -2,12 +2,91 @@
 
 use anyhow::{Context, Result, bail};
 
-use crate::config::Objective;
+use crate::config::{Config, Objective};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use mixlab_data::{
     Batch, CopyTask, Corpus, DataConfig, DataError, LoadRequest, Sampler, Splits, Tokenizer,
-    corpus_dir, eval_windows,
+    corpus_dir, eval_windows, stream_eval_batches, stream_restarts,
 };
+
+/// How a split is scored; every printed and logged evaluation names it, so numbers of two
+/// protocols are never set side by side unawares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// A model without a cache: windows of `seq` tokens starting every `stride`
+    /// (`data.eval_stride`), `batch` to a batch; each token scored once, with at least
+    /// `seq - stride` tokens of context.
+    Windows {
+        /// Rows per batch (`train.batch_size`).
+        batch: usize,
+        /// Window length (`model.seq_len`).
+        seq: usize,
+        /// Distance between window starts.
+        stride: usize,
+    },
+    /// A model with a cache: the split as `streams` contiguous streams
+    /// (`data.eval_streams`), read in blocks of `seq` with the cache carried from block to
+    /// block (Sukhbaatar et al.'s and Transformer-XL's full evaluation); each token scored
+    /// once.
+    Streams {
+        /// Streams (rows of every batch).
+        streams: usize,
+        /// Block length (`model.seq_len`).
+        seq: usize,
+    },
+}
+
+impl Protocol {
+    /// The protocol of `config`'s model.
+    pub fn of(config: &Config) -> Self {
+        let seq = config.model.seq_len;
+        match config.model.cache {
+            Some(_) => Protocol::Streams {
+                streams: config.data.eval_streams,
+                seq,
+            },
+            None => Protocol::Windows {
+                batch: config.train.batch_size,
+                seq,
+                stride: config.data.eval_stride.unwrap_or(seq),
+            },
+        }
+    }
+
+    /// Its name in log lines and `metrics.jsonl`, e.g. `windows 256/128` (length / stride)
+    /// or `streams 8x256 cached`.
+    pub fn describe(&self) -> String {
+        match *self {
+            Protocol::Windows { seq, stride, .. } => format!("windows {seq}/{stride}"),
+            Protocol::Streams { streams, seq } => format!("streams {streams}x{seq} cached"),
+        }
+    }
+
+    /// Its batches over `tokens` (at most `max_batches`).
+    pub fn batches(&self, tokens: &[u32], max_batches: Option<usize>) -> Vec<Batch> {
+        match *self {
+            Protocol::Windows { batch, seq, stride } => {
+                eval_windows(tokens, batch, seq, stride, max_batches)
+            }
+            Protocol::Streams { streams, seq } => {
+                stream_eval_batches(tokens, streams, seq, max_batches)
+            }
+        }
+    }
+
+    fn rows(&self) -> usize {
+        match *self {
+            Protocol::Windows { batch, .. } => batch,
+            Protocol::Streams { streams, .. } => streams,
+        }
+    }
+
+    fn seq(&self) -> usize {
+        match *self {
+            Protocol::Windows { seq, .. } | Protocol::Streams { seq, .. } => seq,
+        }
+    }
+}
 
 /// How losses are reported besides nats per token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,8 +128,6 @@ pub enum Source {
         sampler: Sampler,
         /// Seed of the sampler.
         seed: u64,
-        /// Evaluation stride (<= seq).
-        stride: usize,
     },
 }
 
@@ -215,7 +292,6 @@ impl Source {
                     splits,
                     sampler: config.sampler,
                     seed,
-                    stride,
                 })
             }
         };
@@ -299,32 +375,38 @@ impl Source {
         }
     }
 
-    /// Validation batches: at most `max_batches` (`None` = the whole split).
-    pub fn valid_batches(
-        &self,
-        batch: usize,
-        seq: usize,
-        max_batches: Option<usize>,
-    ) -> Vec<Batch> {
+    /// Whether training batch `index` (of `batch` rows of `seq`) starts the `stream`
+    /// sampler's streams over, where a model's cache is reset; never for other samplers.
+    pub fn stream_restarts(&self, batch: usize, seq: usize, index: u64) -> bool {
         match self {
-            Source::Copy { valid, .. } => (0..max_batches.unwrap_or(8) as u64)
-                .map(|i| valid.batch(batch, i))
-                .collect(),
-            Source::Text { splits, stride, .. } => {
-                eval_windows(&splits.valid, batch, seq, *stride, max_batches)
-            }
+            Source::Text {
+                splits,
+                sampler: Sampler::Stream,
+                ..
+            } => stream_restarts(splits.train.len(), batch, seq, index),
+            _ => false,
         }
     }
 
-    /// Test batches over the whole test split, when the corpus has one.
-    pub fn test_batches(&self, batch: usize, seq: usize) -> Option<Vec<Batch>> {
+    /// Validation batches under `protocol`: at most `max_batches` (`None` = the whole split).
+    pub fn valid_batches(&self, protocol: &Protocol, max_batches: Option<usize>) -> Vec<Batch> {
+        match self {
+            Source::Copy { valid, .. } => (0..max_batches.unwrap_or(8) as u64)
+                .map(|i| valid.batch(protocol.rows(), i))
+                .collect(),
+            Source::Text { splits, .. } => protocol.batches(&splits.valid, max_batches),
+        }
+    }
+
+    /// Test batches over the whole test split under `protocol`, when the corpus has one.
+    pub fn test_batches(&self, protocol: &Protocol) -> Option<Vec<Batch>> {
         match self {
             Source::Copy { .. } => None,
-            Source::Text { splits, stride, .. } => splits
+            Source::Text { splits, .. } => splits
                 .test
                 .as_ref()
-                .filter(|t| t.len() > seq)
-                .map(|t| eval_windows(t, batch, seq, *stride, None)),
+                .filter(|t| t.len() > protocol.seq())
+                .map(|t| protocol.batches(t, None)),
         }
     }
 }

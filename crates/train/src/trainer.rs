@@ -11,8 +11,8 @@ use burn::module::Module;
 use burn::optim::{GradientsAccumulator, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use mixlab_data::Batch;
-use mixlab_models::{Lm, loss::cross_entropy_sum};
+use mixlab_data::{Batch, shard_rows};
+use mixlab_models::{Lm, LmCache, loss::cross_entropy_sum};
 use serde_json::json;
 
 use crate::checkpoint;
@@ -23,7 +23,8 @@ use crate::metrics::MetricsLog;
 use crate::optim::{adamw, clip_global_norm, learning_rate, read_scalars};
 use crate::parallel::{Extras, accumulate_micro_batch, fork_replicas};
 use crate::resume::{Progress, report_changes, resume_point, write_checkpoint};
-use crate::source::{Source, Unit, to_tensors};
+use crate::source::{Protocol, Source, Unit, to_tensors};
+use crate::stream_cache::HostCache;
 use crate::summary::run_summary;
 use crate::world::World;
 
@@ -135,8 +136,14 @@ struct Trainer<'w> {
     optim: ModuleOptimizer,
     /// Rank 0's metrics file (`None` on the other ranks).
     metrics: Option<MetricsLog>,
+    /// How validation and test splits are scored.
+    protocol: Protocol,
     /// The validation batches of every evaluation but the last (which takes the whole split).
     valid_batches: Vec<Batch>,
+    /// A model with a cache: the cache of this rank's streams (`cache_rows` of the global
+    /// batch), on the main device, carried from micro-batch to micro-batch.
+    cache: Option<LmCache>,
+    cache_rows: std::ops::Range<usize>,
     progress: ProgressBar,
     /// The step this session started at, and the steps done so far.
     start: usize,
@@ -167,6 +174,12 @@ impl<'w> Trainer<'w> {
     fn tokens_per_step(&self) -> f64 {
         let t = &self.config.train;
         (t.batch_size * t.grad_accum * self.config.model.seq_len) as f64
+    }
+
+    /// A fresh cache (a stream's start) for this rank's rows, on the main device.
+    fn fresh_cache(&self) -> Option<LmCache> {
+        self.model()
+            .new_cache(self.cache_rows.len(), &self.replicas[0])
     }
 
     /// The model (between optimiser steps it is always there).
@@ -234,6 +247,20 @@ impl<'w> Trainer<'w> {
             start = manifest.step;
             valid_loss = manifest.valid_loss;
         }
+        // This rank's rows of every global batch ([`Trainer::step_batches`]) and their cache.
+        let cache_rows = shard_rows(t.batch_size, world.size()).swap_remove(world.rank());
+        let cache = match (&resume_from, model.window()) {
+            (_, None) => None,
+            (Some((ckpt, manifest)), Some(_)) => {
+                let meta = manifest
+                    .cache
+                    .as_ref()
+                    .expect("resume_point checks the cache");
+                let host = HostCache::read(ckpt, meta)?;
+                Some(host.to_cache(&model, cache_rows.clone(), &replicas[0]))
+            }
+            (None, Some(_)) => model.new_cache(cache_rows.len(), &replicas[0]),
+        };
         let metrics = if world.is_root() {
             let keep = resume_from.as_ref().map(|(_, m)| m.step);
             let metrics = MetricsLog::open(&run_dir, keep)?;
@@ -244,14 +271,11 @@ impl<'w> Trainer<'w> {
             None
         };
 
+        let protocol = Protocol::of(&config);
         let valid_batches = for_evaluation(
             &source,
             &config,
-            source.valid_batches(
-                t.batch_size,
-                config.model.seq_len,
-                (t.eval_batches > 0).then_some(t.eval_batches),
-            ),
+            source.valid_batches(&protocol, (t.eval_batches > 0).then_some(t.eval_batches)),
         );
         Ok(Self {
             unit: source.unit(&config.data),
@@ -269,7 +293,10 @@ impl<'w> Trainer<'w> {
             model: Some(model),
             optim,
             metrics,
+            protocol,
             valid_batches,
+            cache,
+            cache_rows,
             start,
             step: start,
             train_loss: None,
@@ -304,21 +331,30 @@ impl<'w> Trainer<'w> {
         let mut loss_sum: Option<Tensor<1>> = None;
         let models = fork_replicas(self.model(), &self.replicas);
         let mut accumulator = GradientsAccumulator::<Lm>::new();
-        for batch in &batches {
+        let seq = self.config.model.seq_len;
+        for (m, batch) in batches.iter().enumerate() {
+            // Where the streams start over, so does the cache (the window before is not the
+            // text before).
+            let index = (self.step * t.grad_accum + m) as u64;
+            if self.cache.is_some() && self.source.stream_restarts(t.batch_size, seq, index) {
+                self.cache = self.fresh_cache();
+            }
             let extras = Extras {
                 // The penalty once per optimiser step in total, spread over the micro-batches
                 // (on rank 0: the ranks' gradients are summed).
                 penalty_divisor: world.is_root().then_some(t.grad_accum as f64),
                 poison: self.poison_step == Some(self.step),
             };
-            let loss = accumulate_micro_batch(
+            let (loss, next) = accumulate_micro_batch(
                 &models,
                 batch,
+                self.cache.as_ref(),
                 &self.replicas,
                 weight,
                 extras,
                 &mut accumulator,
             )?;
+            self.cache = next;
             loss_sum = Some(match loss_sum {
                 Some(sum) => sum + loss,
                 None => loss,
@@ -376,6 +412,10 @@ impl<'w> Trainer<'w> {
             ),
             NonFinite::Skip => {
                 self.skipped += 1;
+                // The cache may hold the non-finite values: its streams go on from a fresh one.
+                if self.cache.is_some() {
+                    self.cache = self.fresh_cache();
+                }
                 say_root(
                     world,
                     &self.progress,
@@ -471,25 +511,25 @@ impl<'w> Trainer<'w> {
             return Ok(());
         }
         let t = &self.config.train;
-        let seq = self.config.model.seq_len;
         let device = &self.selected.device;
         let for_eval = |batches| for_evaluation(&self.source, &self.config, batches);
         let full;
         let batches = if last && t.eval_batches > 0 {
-            full = for_eval(self.source.valid_batches(t.batch_size, seq, None));
+            full = for_eval(self.source.valid_batches(&self.protocol, None));
             &full
         } else {
             &self.valid_batches
         };
         let mut splits = vec![("valid", evaluate(self.model(), batches, device))];
-        if last && let Some(test) = self.source.test_batches(t.batch_size, seq) {
+        if last && let Some(test) = self.source.test_batches(&self.protocol) {
             splits.push(("test", evaluate(self.model(), &for_eval(test), device)));
         }
+        let protocol = self.protocol.describe();
         for (split, (loss, tokens)) in splits {
             if split == "valid" {
                 self.valid_loss = Some(loss);
             }
-            let mut extra = vec![("tokens", json!(tokens))];
+            let mut extra = vec![("tokens", json!(tokens)), ("protocol", json!(protocol))];
             let shown = match self.unit.metric(loss) {
                 Some((name, value)) => {
                     extra.push((name, json!(value)));
@@ -503,7 +543,7 @@ impl<'w> Trainer<'w> {
             say(
                 &self.progress,
                 format!(
-                    "step {}: {split} loss {loss:.4} {shown} ({tokens} tokens)",
+                    "step {}: {split} loss {loss:.4} {shown} ({tokens} tokens, {protocol})",
                     self.step
                 ),
             );
@@ -511,8 +551,17 @@ impl<'w> Trainer<'w> {
         Ok(())
     }
 
-    /// A checkpoint of the current step, written by rank 0 while the others wait.
+    /// A checkpoint of the current step, written by rank 0 while the others wait (a cache is
+    /// first gathered from every rank).
     fn checkpoint(&self) -> Result<()> {
+        let cache = self.cache.as_ref().map(|c| {
+            HostCache::gather(
+                self.world,
+                c,
+                self.cache_rows.clone(),
+                self.config.train.batch_size,
+            )
+        });
         if self.world.is_root() {
             write_checkpoint(
                 &self.config,
@@ -524,6 +573,7 @@ impl<'w> Trainer<'w> {
                     valid_loss: self.valid_loss,
                     backend: self.selected.backend,
                     world_size: self.world.size(),
+                    cache: cache.as_ref(),
                 },
             )?;
         }
@@ -675,13 +725,26 @@ pub fn for_evaluation(
 }
 
 /// Mean loss (nats per scored token) of `model` over `batches` and the number of tokens
-/// scored, without autodiff and with dropout off.
+/// scored, without autodiff and with dropout off. A model with a cache reads the batches as
+/// consecutive blocks of the same streams ([`Protocol::Streams`]) and carries its cache from
+/// one to the next, starting from a fresh one.
 pub fn evaluate(model: &Lm, batches: &[mixlab_data::Batch], device: &Device) -> (f64, u64) {
     let model = model.valid();
     let (mut sum, mut weight) = (0.0, 0.0);
+    let mut cache = batches
+        .first()
+        .and_then(|b| model.new_cache(b.batch, device));
     for batch in batches {
         let (inputs, targets, weights) = to_tensors(batch, device);
-        let loss = cross_entropy_sum(model.forward(inputs), targets, weights);
+        let logits = match cache.take() {
+            Some(past) => {
+                let (logits, next) = model.forward_cached(inputs, &past);
+                cache = Some(next);
+                logits
+            }
+            None => model.forward(inputs),
+        };
+        let loss = cross_entropy_sum(logits, targets, weights);
         sum += f64::from(loss.into_scalar::<f32>());
         weight += batch.weight_sum();
     }

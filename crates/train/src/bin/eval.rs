@@ -1,6 +1,8 @@
 //! `eval`: evaluate a run's newest valid checkpoint on its whole valid or test split with the
-//! run's protocol (windows of `seq_len`, `data.eval_stride`, every token scored once), printing
-//! one JSON line: loss (nats/token), bpc or ppl, tokens scored, tokens/s.
+//! run's protocol, every token scored once: windows of `seq_len` every `data.eval_stride`
+//! tokens, or for a model with a cache `data.eval_streams` contiguous streams with the cache
+//! carried from block to block. Prints one JSON line: loss (nats/token), bpc or ppl, tokens
+//! scored, tokens/s, and the protocol.
 //!
 //! ```text
 //! cargo run --release --bin eval -- --run runs/dense --split test
@@ -14,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use mixlab_train::checkpoint;
 use mixlab_train::device::{self, BackendChoice};
-use mixlab_train::source::Source;
+use mixlab_train::source::{Protocol, Source};
 use mixlab_train::trainer::{evaluate, for_evaluation};
 use mixlab_train::{Config, print_json};
 use serde_json::json;
@@ -44,10 +46,11 @@ fn run(cli: &Cli) -> Result<serde_json::Value> {
     let config = Config::load(&cli.run.join("config.toml"), &cli.set)?;
     let (t, seq) = (&config.train, config.model.seq_len);
     let source = Source::build(&config.data, seq, t.batch_size, t.seed)?;
+    let protocol = Protocol::of(&config);
     let batches = match cli.split.as_str() {
-        "valid" => source.valid_batches(t.batch_size, seq, None),
+        "valid" => source.valid_batches(&protocol, None),
         "test" => source
-            .test_batches(t.batch_size, seq)
+            .test_batches(&protocol)
             .context("this corpus has no test split")?,
         other => bail!("--split {other}: use valid or test"),
     };
@@ -68,6 +71,7 @@ fn run(cli: &Cli) -> Result<serde_json::Value> {
         "tokens": tokens,
         "tokens_per_s": batches.iter().map(|b| (b.batch * b.seq) as f64).sum::<f64>() / seconds,
         "backend": selected.backend,
+        "protocol": protocol.describe(),
     });
     if let Some((name, value)) = source.unit(&config.data).metric(loss) {
         line[name] = json!(value);

@@ -57,6 +57,81 @@ keep_checkpoints = 2
 log_every = 1
 "#;
 
+/// A byte-level run of a model with a cache over [`write_corpus`]'s text (`{path}` stands for
+/// it): dense attention without positions, a span of 20 over blocks of 8 (it reaches two and a
+/// half blocks back), 4 streams, 2 micro-batches a step. The training split's streams hold 15
+/// blocks, so the 16 micro-batches of 8 steps start the streams over once (batch 15).
+pub const CACHED: &str = r#"
+[model]
+d_model = 32
+n_layers = 2
+d_ff = 64
+seq_len = 8
+dropout = 0.1
+position = "none"
+
+[model.mixer]
+kind = "dense"
+n_heads = 4
+
+[model.cache]
+span = 20
+
+[data]
+corpus = "text"
+path = "{path}"
+level = "byte"
+valid_fraction = 0.2
+sampler = "stream"
+eval_streams = 3
+cache_dir = ""
+
+[optim]
+lr = 3e-3
+warmup_steps = 3
+
+[train]
+backend = "flex"
+steps = 8
+batch_size = 4
+grad_accum = 2
+eval_every = 4
+eval_batches = 2
+checkpoint_every = 4
+keep_checkpoints = 2
+log_every = 1
+"#;
+
+/// 640 bytes of text in `dir`: sentences of a small vocabulary drawn by a fixed generator.
+pub fn write_corpus(dir: &Path) -> PathBuf {
+    const WORDS: [&str; 12] = [
+        "the", "cache", "reaches", "back", "past", "its", "block", "and", "a", "stream", "goes",
+        "on",
+    ];
+    let mut state = 12345u64;
+    let mut text = String::new();
+    while text.len() < 640 {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        text.push_str(WORDS[(state >> 33) as usize % WORDS.len()]);
+        text.push(if (state >> 20).is_multiple_of(7) {
+            '.'
+        } else {
+            ' '
+        });
+    }
+    text.truncate(640);
+    write_named(dir, "corpus.txt", &text)
+}
+
+/// [`CACHED`] over a fresh [`write_corpus`] in `dir`, with `edit` applied to its text.
+pub fn write_cached_config(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
+    let corpus = write_corpus(dir);
+    let text = CACHED.replace("{path}", &corpus.display().to_string());
+    write_named(dir, "cached.toml", &edit(text))
+}
+
 pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     write_named(dir, "tiny.toml", text)
 }

@@ -248,3 +248,63 @@ fn a_build_without_mpi_refuses_to_run_as_one_of_several_ranks() {
         "{stderr}"
     );
 }
+
+/// A cache where it cannot follow its streams is refused naming the keys, and a checkpoint
+/// resumes only into a config with the same cache: one-line errors, exit 1, nothing written.
+#[test]
+fn a_cache_is_refused_where_it_cannot_follow_its_streams() {
+    let dir = scratch("cache-errors");
+    let config = write_cached_config(&dir, |t| t);
+    for (set, needles) in [
+        (
+            "data.sampler=\"random\"",
+            &["model.cache", "data.sampler"][..],
+        ),
+        ("model.position=\"learned\"", &["position", "cache"][..]),
+        ("model.cache.span=0", &["cache.span"][..]),
+    ] {
+        let run_dir = dir.join("refused");
+        let out = train_with(&config, &run_dir, &[set]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{set}: {stderr}");
+        for needle in needles {
+            assert!(stderr.contains(needle), "{set}: `{needle}` in {stderr}");
+        }
+        assert!(!stderr.contains("panicked"), "{set}: {stderr}");
+        assert!(!run_dir.exists(), "{set}: the run directory was created");
+    }
+    // A run without a cache, resumed into the cached config.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let plain = write_named(
+        &dir,
+        "plain.toml",
+        &text.replace("[model.cache]\nspan = 20\n", ""),
+    );
+    let run_dir = dir.join("plain");
+    ok(&train_with(&plain, &run_dir, &["train.steps=4"]));
+    let out = run(train_bin()
+        .arg("--config")
+        .arg(&config)
+        .arg("--resume")
+        .arg(&run_dir));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("holds no cache") && stderr.contains("model.cache"),
+        "{stderr}"
+    );
+    // A cached run resumed with another number of streams.
+    let run_dir = dir.join("cached");
+    ok(&train_with(&config, &run_dir, &["train.steps=4"]));
+    let out = run(train_bin()
+        .arg("--resume")
+        .arg(&run_dir)
+        .args(["--set", "train.batch_size=2"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("4 streams") && stderr.contains("train.batch_size"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -167,6 +167,59 @@ fn two_ranks_train_like_one_process_and_resume_at_another_world_size() {
     assert_same_run("one process resumed by 2 ranks", &one, &cut);
 }
 
+/// A model with a cache under `mpirun -np 2`: each rank carries the cache of its own 2 of the
+/// 4 streams, a checkpoint gathers every stream's. The 2-rank run takes the steps of one
+/// process; cut at step 4 and resumed by 2 ranks it repeats itself bit for bit; resumed by
+/// one process (which takes all 4 streams' caches) it ends where the others do.
+#[test]
+fn two_ranks_carry_their_streams_caches_and_resume_at_any_world_size() {
+    let Some(mut two_ranks) = mpirun(2, &[]) else {
+        return;
+    };
+    let dir = scratch("mpi-cached");
+    let config = write_cached_config(&dir, |t| t.replace("dropout = 0.1", "dropout = 0.0"));
+    let one = dir.join("one");
+    ok(&run(with_run_dir(&mut train_bin(), &config, &one)));
+    let ranks = dir.join("ranks");
+    ok(&run(with_run_dir(&mut two_ranks, &config, &ranks)));
+    assert_same_run("2 ranks with a cache vs one process", &one, &ranks);
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ranks.join("checkpoints/step-8/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        manifest["cache"]["rows"], 4,
+        "every stream's cache: {manifest}"
+    );
+
+    // 2 ranks -> 2 ranks: bit for bit.
+    let cut = dir.join("cut");
+    ok(&run(with_run_dir(
+        &mut mpirun(2, &[]).unwrap(),
+        &config,
+        &cut,
+    )));
+    std::fs::remove_dir_all(cut.join("checkpoints/step-8")).unwrap();
+    ok(&run(mpirun(2, &[]).unwrap().arg("--resume").arg(&cut)));
+    let (a, b) = (
+        losses(&metrics(&ranks), "train"),
+        losses(&metrics(&cut), "train"),
+    );
+    assert_eq!(a.len(), 8);
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert_eq!(x.to_bits(), y.to_bits(), "step {step}: {x} vs {y}");
+    }
+    assert!(
+        checkpoint_weights(&ranks, 8) == checkpoint_weights(&cut, 8),
+        "the resumed 2-rank run's final weights differ"
+    );
+
+    // 2 ranks -> 1 process.
+    std::fs::remove_dir_all(cut.join("checkpoints/step-8")).unwrap();
+    ok(&run(train_bin().arg("--resume").arg(&cut)));
+    assert_same_run("2 ranks with a cache resumed by one process", &one, &cut);
+}
+
 /// A long 2-rank run, started in the background with its output captured.
 fn spawn_long_run(cmd: &mut Command, run_dir: &Path, checkpoint_every: usize) -> Child {
     let config = repo_config("quickstart");

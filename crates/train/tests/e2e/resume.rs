@@ -17,18 +17,64 @@ fn resumed_run_repeats_the_uninterrupted_losses_bit_for_bit() {
         "model.d_ff=0",
     ];
     for (name, extra) in [("dense", &[][..]), ("persistent", &persistent[..])] {
-        resumed_run_repeats(name, extra);
+        let dir = scratch(&format!("resume-{name}"));
+        let config = write_config(&dir, TINY);
+        resumed_run_repeats(name, &dir, &config, extra);
     }
 }
 
-fn resumed_run_repeats(name: &str, extra: &[&str]) {
-    let dir = scratch(&format!("resume-{name}"));
-    let config = write_config(&dir, TINY);
+/// A model with a cache (dense; all-attention with relative positions, persistent memory and
+/// adaptive span), trained on 4 streams in 2 micro-batches a step: resumed at step 4 it
+/// repeats the uninterrupted losses bit for bit (the cache travels in the checkpoint, the
+/// streams restart at the same batch), and its evaluations are the cached protocol's.
+#[test]
+fn a_cached_run_resumes_bit_for_bit_with_its_cache() {
+    let persistent = [
+        "--set",
+        "model.mixer={kind=\"persistent\",n_heads=4,n_persistent=4,adaptive_span=true,span_ramp=4}",
+        "--set",
+        "model.d_ff=0",
+        "--set",
+        "model.position=\"relative\"",
+        "--set",
+        "model.norm=\"post\"",
+    ];
+    for (name, extra) in [("dense", &[][..]), ("persistent", &persistent[..])] {
+        let dir = scratch(&format!("resume-cached-{name}"));
+        let config = write_cached_config(&dir, |t| t);
+        resumed_run_repeats(&format!("cached {name}"), &dir, &config, extra);
+        let full = dir.join("full");
+        let manifest: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(full.join("checkpoints/step-8/manifest.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(manifest["cache"]["rows"], 4, "{manifest}");
+        assert_eq!(manifest["cache"]["span"], 20);
+        assert!(manifest["files"]["cache.bin"].is_string(), "{manifest}");
+        let bytes = std::fs::metadata(full.join("checkpoints/step-8/cache.bin"))
+            .unwrap()
+            .len();
+        assert_eq!(
+            bytes,
+            2 * 4 * 20 * 32 * 4,
+            "layers x rows x span x d_model f32"
+        );
+        let valid: Vec<_> = metrics(&full)
+            .into_iter()
+            .filter(|l| l["split"] == "valid")
+            .collect();
+        assert_eq!(valid[0]["protocol"], "streams 3x8 cached");
+        // The last evaluation takes the whole split: 128 bytes, 127 targets.
+        assert_eq!(valid.last().unwrap()["tokens"], 127);
+    }
+}
+
+fn resumed_run_repeats(name: &str, dir: &Path, config: &Path, extra: &[&str]) {
     let train = |run_dir: &Path| {
         let dir = format!("train.run_dir=\"{}\"", run_dir.display());
         ok(&run(train_bin()
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .args(extra)
             .args(["--set", &dir])));
     };
@@ -165,22 +211,33 @@ fn resuming_with_another_architecture_is_refused() {
 /// resume point and the final weights are bit-identical to an uninterrupted run.
 #[test]
 fn kill_9_anywhere_then_resume_is_bit_identical_on_flex() {
-    kill_9_trials("flex");
+    kill_9_trials("flex", false);
 }
 
 #[test]
 fn kill_9_anywhere_then_resume_is_bit_identical_on_ndarray() {
-    kill_9_trials("ndarray");
+    kill_9_trials("ndarray", false);
 }
 
-fn kill_9_trials(backend: &str) {
-    let dir = scratch(&format!("kill9-{backend}"));
-    let text = TINY
-        .replace("backend = \"flex\"", &format!("backend = \"{backend}\""))
-        .replace("steps = 8", "steps = 12")
-        .replace("checkpoint_every = 4", "checkpoint_every = 2")
-        .replace("keep_checkpoints = 2", "keep_checkpoints = 3");
-    let config = write_config(&dir, &text);
+/// The same with a cache: the cache of every stream is part of each checkpoint.
+#[test]
+fn kill_9_anywhere_then_resume_is_bit_identical_with_a_cache() {
+    kill_9_trials("flex", true);
+}
+
+fn kill_9_trials(backend: &str, cached: bool) {
+    let dir = scratch(&format!("kill9-{backend}-{cached}"));
+    let edit = |text: String| {
+        text.replace("backend = \"flex\"", &format!("backend = \"{backend}\""))
+            .replace("steps = 8", "steps = 12")
+            .replace("checkpoint_every = 4", "checkpoint_every = 2")
+            .replace("keep_checkpoints = 2", "keep_checkpoints = 3")
+    };
+    let config = if cached {
+        write_cached_config(&dir, edit)
+    } else {
+        write_config(&dir, &edit(TINY.to_string()))
+    };
     let straight = dir.join("straight");
     ok(&train_with(&config, &straight, &[]));
     let reference = losses(&metrics(&straight), "train");

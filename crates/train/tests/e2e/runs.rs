@@ -75,12 +75,19 @@ fn a_run_writes_config_metrics_and_complete_checkpoints() {
 fn data_parallel_over_two_devices_matches_one_device_and_resumes() {
     let dir = scratch("data-parallel");
     let config = write_config(&dir, &TINY.replace("dropout = 0.1", "dropout = 0.0"));
-    let sets = ["train.batch_size=7", "train.grad_accum=2"];
+    data_parallel_matches_one_device(&dir, &config, ["train.batch_size=7", "train.grad_accum=2"]);
+    // A model with a cache: each device continues the cache of its rows (3 and 2 of 5).
+    let dir = scratch("data-parallel-cached");
+    let config = write_cached_config(&dir, |t| t.replace("dropout = 0.1", "dropout = 0.0"));
+    data_parallel_matches_one_device(&dir, &config, ["train.batch_size=5", "train.grad_accum=2"]);
+}
+
+fn data_parallel_matches_one_device(dir: &Path, config: &Path, sets: [&str; 2]) {
     let one = dir.join("one");
-    ok(&train_with(&config, &one, &sets));
+    ok(&train_with(config, &one, &sets));
     let two = dir.join("two");
     let devices = "train.devices=[\"flex\", \"ndarray\"]";
-    let out = train_with(&config, &two, &[sets[0], sets[1], devices]);
+    let out = train_with(config, &two, &[sets[0], sets[1], devices]);
     ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -111,7 +118,7 @@ fn data_parallel_over_two_devices_matches_one_device_and_resumes() {
     assert!(rel <= 1e-5, "weights after 8 steps differ by {rel:e}");
 
     let cut = dir.join("cut");
-    ok(&train_with(&config, &cut, &[sets[0], sets[1], devices]));
+    ok(&train_with(config, &cut, &[sets[0], sets[1], devices]));
     std::fs::remove_dir_all(cut.join("checkpoints/step-8")).unwrap();
     let out = run(train_bin().arg("--resume").arg(&cut));
     ok(&out);
