@@ -162,6 +162,7 @@ mod tests {
                 max_seq_len: 6,
                 rope_theta: None,
                 relative_positions: false,
+                bias: true,
                 layer: 0,
                 fused_attention: true,
             },

@@ -79,6 +79,14 @@ pub struct LmConfig {
     pub rope_theta: f32,
     /// Share the output head with the token embedding.
     pub tie_embeddings: bool,
+    /// Biases in the attention mixers' query/key/value and output projections (GPT-2: yes;
+    /// Sukhbaatar et al.'s all-attention: no).
+    #[serde(skip_serializing_if = "is_true")]
+    pub attention_bias: bool,
+    /// A bias on the untied output head (Sukhbaatar et al.'s `out_emb`: yes; GPT-2: no head
+    /// of its own).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub head_bias: bool,
     /// Where the blocks' LayerNorms sit: `pre` (GPT-2: before each sublayer, plus a final
     /// LayerNorm) or `post` (BERT, FNet, all-attention: after each residual add, no final
     /// LayerNorm).
@@ -106,6 +114,10 @@ pub struct LmConfig {
     pub attention_impl: AttentionImpl,
 }
 
+fn is_true(value: &bool) -> bool {
+    *value
+}
+
 impl Default for LmConfig {
     fn default() -> Self {
         Self {
@@ -118,6 +130,8 @@ impl Default for LmConfig {
             position: Position::Learned,
             rope_theta: 10_000.0,
             tie_embeddings: true,
+            attention_bias: true,
+            head_bias: false,
             norm: NormPlacement::Pre,
             cache: None,
             mixer: MixerConfig::default(),
@@ -140,6 +154,7 @@ impl LmConfig {
             max_seq_len: self.seq_len + self.cache_span(),
             rope_theta: (self.position == Position::Rope).then_some(self.rope_theta),
             relative_positions: self.position == Position::Relative,
+            bias: self.attention_bias,
             layer: 0,
             fused_attention: self.attention_impl == AttentionImpl::Fused,
         }
@@ -235,6 +250,14 @@ impl LmConfig {
             if value == 0 {
                 return Err(ModelError::invalid(field, 0, "must be at least 1"));
             }
+        }
+        if self.head_bias && self.tie_embeddings {
+            return Err(ModelError::invalid(
+                "head_bias",
+                true,
+                "the tied head is the token embedding and has no bias; set \
+                 tie_embeddings = false for an output layer of its own with a bias",
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(ModelError::invalid(
@@ -339,7 +362,7 @@ impl LmConfig {
             norm_final: (self.norm == NormPlacement::Pre)
                 .then(|| LayerNormConfig::new(self.d_model).init(device)),
             head: (!self.tie_embeddings)
-                .then(|| init::linear(self.d_model, vocab_size, false, init::STD, device)),
+                .then(|| init::linear(self.d_model, vocab_size, self.head_bias, init::STD, device)),
             seq_len: self.seq_len,
             cache_span: self.cache_span(),
             cache_self: self.cache.as_ref().is_some_and(|c| c.include_self),
@@ -636,15 +659,19 @@ mod tests {
             }
         }
         for (name, device) in devices() {
-            for (position, tie, norm) in [
-                (Position::Learned, true, NormPlacement::Pre),
-                (Position::Rope, false, NormPlacement::Pre),
-                (Position::Learned, false, NormPlacement::Post),
+            // `paper`: Sukhbaatar et al.'s biases (none in the projections, one on the head).
+            for (position, tie, norm, paper) in [
+                (Position::Learned, true, NormPlacement::Pre, false),
+                (Position::Rope, false, NormPlacement::Pre, false),
+                (Position::Learned, false, NormPlacement::Post, false),
+                (Position::None, false, NormPlacement::Post, true),
             ] {
                 let ad = device.clone().autodiff();
                 ad.seed(5);
                 let model = LmConfig {
                     norm,
+                    attention_bias: !paper,
+                    head_bias: paper,
                     ..tiny(position, tie)
                 }
                 .init(&ad)
@@ -670,6 +697,57 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn projection_and_head_biases_follow_the_config() {
+        let device = Device::flex();
+        let count = |c: LmConfig| c.init(&device).unwrap().num_params();
+        let base = tiny(Position::Learned, false);
+        let p = count(base.clone());
+        // 2 layers x (3·16 query/key/value + 16 output) biases.
+        let no_bias = LmConfig {
+            attention_bias: false,
+            ..base.clone()
+        };
+        assert_eq!(count(no_bias.clone()), p - 2 * 64);
+        let model = no_bias.init(&device).unwrap();
+        let attn = match &model.blocks[0].mixer {
+            crate::mixer::Mixer::Dense(a) => a,
+            other => panic!("{other:?}"),
+        };
+        assert!(attn.qkv.bias.is_none() && attn.proj.bias.is_none());
+        let head_bias = LmConfig {
+            head_bias: true,
+            ..base.clone()
+        };
+        assert_eq!(
+            count(head_bias.clone()),
+            p + 11,
+            "one bias per vocabulary entry"
+        );
+        // The head's bias is added to every position's logits.
+        let mut model = head_bias.init(&device).unwrap();
+        let x = tokens(2, 8, 11, 1, &device);
+        let before = to_vec(model.forward(x.clone()));
+        let head = model.head.as_mut().unwrap();
+        let b = head.bias.take().unwrap();
+        head.bias = Some(Param::from_tensor(b.val().add_scalar(0.5)));
+        let after = to_vec(model.forward(x));
+        for (a, b) in before.iter().zip(&after) {
+            assert!((b - a - 0.5).abs() < 1e-5, "{a} -> {b}");
+        }
+        let err = LmConfig {
+            head_bias: true,
+            ..tiny(Position::Learned, true)
+        }
+        .init(&device)
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("head_bias") && err.contains("tie_embeddings"),
+            "{err}"
+        );
     }
 
     #[test]

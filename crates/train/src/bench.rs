@@ -395,6 +395,7 @@ fn one_layer(d_model: usize, n: usize) -> mixlab_models::mixer::MixerContext {
         max_seq_len: n,
         rope_theta: None,
         relative_positions: false,
+        bias: true,
         layer: 0,
         fused_attention: true,
     }

@@ -499,10 +499,32 @@ mod tests {
                 let c = Config::load(&path, &[]).unwrap();
                 c.validate()
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let mut model = c.model.clone();
+                model.vocab_size.get_or_insert(256);
+                model
+                    .validate()
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 n += 1;
             }
         }
         assert!(n >= 2, "configs/ should hold the shipped configs");
+    }
+
+    /// `configs/allattn.toml` builds the paper's small enwik8 model: 39M parameters (18 layers
+    /// of 4·d² bias-free projections, 2·N·d persistent vectors and one LayerNorm, an untied 256-byte head
+    /// with a bias, relative keys over the 8192-position span).
+    #[test]
+    fn the_allattn_config_is_the_papers_39m_model() {
+        let path = crate::crate_dir().join("../../configs/allattn.toml");
+        let mut model = Config::load(&path, &[]).unwrap().model;
+        model.vocab_size = Some(256);
+        use burn::module::Module;
+        let lm = model.init(&burn::tensor::Device::flex()).unwrap();
+        let (d, n, layers) = (512, 1024, 18);
+        let per_layer = 4 * d * d + 2 * n * d + 2 * d + 8; // + its one LayerNorm, 8 spans
+        let expected = layers * per_layer + 2 * 256 * d + 256 + 64 * 8192;
+        assert_eq!(lm.num_params(), expected);
+        assert!((38_000_000..40_000_000).contains(&expected), "{expected}");
     }
 
     /// Fuzzing the config loader (proptest): shipped configs with random edits, random

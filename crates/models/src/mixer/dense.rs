@@ -76,11 +76,11 @@ impl DenseAttentionConfig {
     pub(crate) fn init(&self, ctx: &MixerContext, device: &Device) -> DenseAttention {
         let d_head = ctx.d_model / self.n_heads;
         DenseAttention {
-            qkv: init::linear(ctx.d_model, 3 * ctx.d_model, true, init::STD, device),
+            qkv: init::linear(ctx.d_model, 3 * ctx.d_model, ctx.bias, init::STD, device),
             proj: init::linear(
                 ctx.d_model,
                 ctx.d_model,
-                true,
+                ctx.bias,
                 init::residual_std(ctx.n_layers),
                 device,
             ),
@@ -295,6 +295,7 @@ mod tests {
             max_seq_len: 16,
             rope_theta: rope.then_some(10_000.0),
             relative_positions: false,
+            bias: true,
             layer: 0,
             fused_attention: true,
         }

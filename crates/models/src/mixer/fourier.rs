@@ -638,6 +638,7 @@ mod tests {
             max_seq_len: 64,
             rope_theta: None,
             relative_positions: false,
+            bias: true,
             layer: 0,
             fused_attention: true,
         }

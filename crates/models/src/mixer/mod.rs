@@ -139,6 +139,8 @@ pub struct MixerContext {
     pub rope_theta: Option<f32>,
     /// The model passes a relative-position key embedding (`position = "relative"`).
     pub relative_positions: bool,
+    /// Biases in the attention projections (`model.attention_bias`).
+    pub bias: bool,
     /// Index of this block, input first (sparse patterns alternate with the layer).
     pub layer: usize,
     /// Whether attention may use the fused operations (`model.attention_impl = "fused"`).

@@ -548,6 +548,7 @@ mod tests {
             max_seq_len: 64,
             rope_theta: None,
             relative_positions: false,
+            bias: true,
             layer,
             fused_attention: true,
         }

@@ -16,6 +16,7 @@ pub(super) fn ctx(d_model: usize, relative: bool) -> MixerContext {
         max_seq_len: 8,
         rope_theta: None,
         relative_positions: relative,
+        bias: true,
         layer: 0,
         fused_attention: true,
     }
@@ -427,6 +428,7 @@ fn default_memory_has_the_parameter_count_of_the_ffn_it_replaces() {
             }),
             ctx: MixerContext {
                 relative_positions: false,
+                bias: true,
                 ..mixer_ctx.clone()
             },
             d_ff: Some(d_ff),
