@@ -573,4 +573,34 @@ mod tests {
         });
         assert!(e.contains("model.cache") && e.contains("fourier"), "{e}");
     }
+
+    /// With a cache, an adaptive span is a fraction of the cache's span: a fraction of 0.5 of
+    /// a 20-position cache is 10 tokens for every head (blocks of 8).
+    #[test]
+    fn learned_spans_are_fractions_of_the_cache_span() {
+        let device = Device::flex();
+        let model = LmConfig {
+            vocab_size: Some(7),
+            d_model: 8,
+            n_layers: 2,
+            d_ff: 0,
+            seq_len: 8,
+            position: Position::Relative,
+            cache: Some(CacheConfig {
+                span: 20,
+                ..CacheConfig::default()
+            }),
+            mixer: MixerConfig::Persistent(PersistentAttentionConfig {
+                n_heads: 2,
+                n_persistent: Some(2),
+                adaptive_span: true,
+                span_init: 0.5,
+                ..PersistentAttentionConfig::default()
+            }),
+            ..LmConfig::default()
+        }
+        .init(&device)
+        .unwrap();
+        assert_eq!(model.learned_spans(), vec![vec![10.0, 10.0]; 2]);
+    }
 }

@@ -411,6 +411,20 @@ impl Lm {
             .reduce(|a, b| a + b)
     }
 
+    /// The learned attention span of every head, in tokens, per layer (input first); an empty
+    /// list for a layer without adaptive span.
+    pub fn learned_spans(&self) -> Vec<Vec<f32>> {
+        self.blocks
+            .iter()
+            .map(|b| match &b.mixer {
+                crate::mixer::Mixer::Persistent(m) => {
+                    m.spans(self.span_basis()).unwrap_or_default()
+                }
+                _ => vec![],
+            })
+            .collect()
+    }
+
     /// What an adaptive span's fraction is a fraction of: the cache's span, or `seq_len`.
     pub fn span_basis(&self) -> usize {
         if self.cache_span > 0 {

@@ -71,6 +71,29 @@ pub fn run_summary(
     if r["skipped_steps"].as_u64().unwrap_or(0) > 0 {
         out += &format!("  skipped     {} non-finite steps\n", r["skipped_steps"]);
     }
+    if let Some(layers) = r["learned_spans"].as_array()
+        && layers
+            .iter()
+            .any(|l| l.as_array().is_some_and(|h| !h.is_empty()))
+    {
+        let show: Vec<String> = layers
+            .iter()
+            .map(|l| {
+                let heads: Vec<String> = l
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_f64())
+                    .map(|v| format!("{v:.0}"))
+                    .collect();
+                heads.join(" ")
+            })
+            .collect();
+        out += &format!(
+            "  spans       {} (tokens, per head, layer by layer)\n",
+            show.join(" | ")
+        );
+    }
     out += &format!("  run dir     {} (summary.json)", run_dir.display());
     Ok(out)
 }

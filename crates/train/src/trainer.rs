@@ -625,6 +625,7 @@ impl<'w> Trainer<'w> {
             "peak_rss_mb": crate::telemetry::peak_rss_mb(),
             "skipped_steps": self.skipped,
             "interrupted": interrupted,
+            "learned_spans": self.model().learned_spans(),
         });
         match run_summary(&self.run_dir, report, self.unit) {
             Ok(text) => eprintln!("{text}"),

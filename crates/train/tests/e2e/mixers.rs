@@ -37,6 +37,22 @@ fn an_all_attention_model_with_adaptive_span_trains_end_to_end() {
         mean(&train[3..]) < mean(&train[..3]),
         "loss falls: {train:?}"
     );
+    // The learned spans (tokens, per head, per layer) are in the summary, within the window.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    let spans = summary["learned_spans"].as_array().unwrap();
+    assert_eq!(spans.len(), 2, "{summary}");
+    for layer in spans {
+        let heads = layer.as_array().unwrap();
+        assert_eq!(heads.len(), 4);
+        assert!(
+            heads
+                .iter()
+                .all(|h| (0.0..=16.0).contains(&h.as_f64().unwrap()))
+        );
+    }
+    assert!(stderr.contains("spans "), "{stderr}");
 }
 
 #[test]
