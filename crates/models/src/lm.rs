@@ -500,9 +500,14 @@ impl Lm {
         let (mut x, key_pe) = self.embed(tokens);
         let mut layers = Vec::with_capacity(self.blocks.len());
         for (block, past) in self.blocks.iter().zip(&cache.layers) {
+            // The next cache, the last `span` rows of `[past ; x]`, without building the whole.
             let span = past.dims()[1];
-            let all = Tensor::cat(vec![past.clone(), x.clone()], 1);
-            layers.push(all.narrow(1, seq, span).detach());
+            let next = if seq >= span {
+                x.clone().narrow(1, seq - span, span)
+            } else {
+                Tensor::cat(vec![past.clone().narrow(1, seq, span - seq), x.clone()], 1)
+            };
+            layers.push(next.detach());
             x = block.forward_cached(x, past.clone(), key_pe.as_ref(), &view);
         }
         let valid = cache
