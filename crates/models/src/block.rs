@@ -113,6 +113,8 @@ impl Block {
                 layer_norm(&self.norm_mixer, t)
             }
         };
+        // Only what the layer's spans can reach is normalised and projected.
+        let cache = self.mixer.trim_cache(cache, view.window.span);
         let y = self
             .mixer
             .forward_cached(norm(x.clone()), norm(cache), key_pe, view);

@@ -10,8 +10,12 @@
 //! vectors (`start = "zeros"`, as the paper's code: they are keys like any other) or
 //! masked out (`start = "masked"`: a row's first `s − valid` cache positions are not keys).
 //!
-//! Only the composed tensor-op path takes a cache so far: a cached layer materialises its
-//! `[block, span + block]` scores (the fused kernels do not yet take a query offset).
+//! On flex a cached layer's attention is the fused operation (`KeyLayout::cached`: the query
+//! offset, the window, a masked start, memory, relative positions and the adaptive span in
+//! one online softmax; the `[block, span + block]` scores never materialised); elsewhere
+//! (the Cube backends, ndarray) composed tensor ops, the fused path's test reference. With an
+//! adaptive span a layer reads only the last `⌈max z + ramp⌉` cache positions
+//! (`Mixer::trim_cache`), so its cost follows the spans it learned.
 
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -602,5 +606,132 @@ mod tests {
         .init(&device)
         .unwrap();
         assert_eq!(model.learned_spans(), vec![vec![10.0, 10.0]; 2]);
+    }
+
+    /// A cached layer's fused operation (flex) against its composed tensor ops, values and
+    /// gradients of every input: a cache of 300 before 70 queries (two query tiles, several key
+    /// runs), a window of 290 (some cache positions out of every window), with and without
+    /// self, zeros and masked starts (one row with 5 valid positions, one with none); dense
+    /// attention, and all-attention with memory, relative positions and an adaptive span whose
+    /// ramp ends inside the cache (key runs past it skipped).
+    #[test]
+    fn fused_cached_attention_equals_the_composed_path_in_values_and_gradients() {
+        let (b, h, n, d, s) = (2, 2, 70, 8, 300);
+        let device = Device::flex().autodiff();
+        device.seed(12);
+        let dense = DenseAttentionConfig {
+            n_heads: h,
+            causal: true,
+        }
+        .init(&ctx(h * d, false), &device);
+        let mut persistent = PersistentAttentionConfig {
+            n_heads: h,
+            n_persistent: Some(3),
+            adaptive_span: true,
+            span_ramp: 16,
+            ..Default::default()
+        }
+        .init(&ctx(h * d, true), &device);
+        persistent.span_fraction = Some(Param::from_tensor(
+            Tensor::from_floats([0.25, 0.7], &device).require_grad(),
+        ));
+        let r = |shape: [usize; 4], std: f64| {
+            Tensor::<4>::random(shape, Distribution::Normal(0.0, std), &device).require_grad()
+        };
+        let (q, k, v) = (
+            r([b, h, n, d], 3.0),
+            r([b, h, s + n, d], 1.0),
+            r([b, h, s + n, d], 1.0),
+        );
+        let key_pe =
+            Tensor::<2>::random([d, 300], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let w = Tensor::<4>::random([b, h, n, d], Distribution::Normal(0.0, 1.0), &device);
+        for include_self in [false, true] {
+            for valid in [vec![s, s], vec![5, 0]] {
+                let view = CacheView {
+                    window: Window {
+                        span: 290,
+                        include_self,
+                    },
+                    valid,
+                };
+                for all_attention in [false, true] {
+                    let run = |fused: bool| {
+                        let y = if all_attention {
+                            persistent.attend_cached_with(
+                                q.clone(),
+                                k.clone(),
+                                v.clone(),
+                                Some(&key_pe),
+                                &view,
+                                fused,
+                            )
+                        } else {
+                            dense.attend_cached_with(q.clone(), k.clone(), v.clone(), &view, fused)
+                        };
+                        let grads = (y.clone() * w.clone()).sum().backward();
+                        let mut out = vec![to_vec(y)];
+                        for t in [&q, &k, &v] {
+                            out.push(to_vec(t.grad(&grads).unwrap()));
+                        }
+                        if all_attention {
+                            let m = &persistent;
+                            for t in [
+                                m.persistent_keys.as_ref().unwrap().val(),
+                                m.persistent_values.as_ref().unwrap().val(),
+                            ] {
+                                out.push(to_vec(t.grad(&grads).unwrap()));
+                            }
+                            out.push(to_vec(key_pe.grad(&grads).unwrap()));
+                            let fraction = m.span_fraction.as_ref().unwrap().val();
+                            out.push(to_vec(fraction.grad(&grads).unwrap()));
+                        }
+                        out
+                    };
+                    let (fused, composed) = (run(true), run(false));
+                    let names = [
+                        "output",
+                        "dq",
+                        "dk",
+                        "dv",
+                        "d mem keys",
+                        "d mem values",
+                        "d key_pe",
+                        "d span",
+                    ];
+                    for ((part, a), b) in names.iter().zip(&fused).zip(&composed) {
+                        let what = format!("all={all_attention} {view:?} {part}");
+                        assert!(a.iter().all(|x| x.is_finite()), "{what}: not finite");
+                        assert_all_close(a, b, 2e-5, &what);
+                    }
+                }
+            }
+        }
+    }
+
+    /// With an adaptive span a cached layer reads only the cache positions its ramp reaches:
+    /// spans of 0.25 and 0.5 of 40 with a ramp of 4 keep the last ⌈20 + 4⌉ = 24; without a
+    /// span, all of them.
+    #[test]
+    fn the_cache_is_trimmed_to_the_largest_learned_span() {
+        let device = Device::flex();
+        let mut layer = PersistentAttentionConfig {
+            n_heads: 2,
+            n_persistent: Some(2),
+            adaptive_span: true,
+            span_ramp: 4,
+            ..Default::default()
+        }
+        .init(&ctx(8, true), &device);
+        layer.span_fraction = Some(Param::from_tensor(Tensor::from_floats(
+            [0.25, 0.5],
+            &device,
+        )));
+        let cache = Tensor::<3>::random([2, 40, 8], Distribution::Normal(0.0, 1.0), &device);
+        let trimmed = layer.trim_cache(cache.clone(), 40);
+        assert_eq!(trimmed.dims(), [2, 24, 8]);
+        assert_eq!(to_vec(trimmed), to_vec(cache.clone().narrow(1, 16, 24)));
+        layer.span_fraction = None;
+        assert_eq!(layer.trim_cache(cache, 40).dims(), [2, 40, 8]);
     }
 }

@@ -240,7 +240,8 @@ impl DenseAttention {
 
     /// Scaled dot-product attention of `n` queries over `s + n` keys `[cache ; block]`, each
     /// query over its window (a query with no key in it — possible at a masked stream start
-    /// without self — gives zeros).
+    /// without self — gives zeros): the fused operation on flex (the `[n, s + n]` scores never
+    /// materialised), composed tensor ops elsewhere.
     ///
     /// # Shapes
     /// - `q`: `[batch, n_heads, n, d_head]`; `k`, `v`: `[batch, n_heads, s + n, d_head]`
@@ -252,8 +253,26 @@ impl DenseAttention {
         v: Tensor<4>,
         view: &CacheView,
     ) -> Tensor<4> {
+        let fused = self.fused && super::cached_attention_fused_on(&q.device());
+        self.attend_cached_with(q, k, v, view, fused)
+    }
+
+    /// [`attend_cached`](Self::attend_cached) as the fused operation (flex) or composed from
+    /// tensor ops (every backend, and the fused path's reference).
+    pub fn attend_cached_with(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        view: &CacheView,
+        fused: bool,
+    ) -> Tensor<4> {
         let [batch, n_heads, n, d_head] = q.dims();
         let keys = k.dims()[2];
+        if fused {
+            let layout = super::KeyLayout::cached(view, keys - n, n_heads);
+            return self.attend_tiled(q, k, v, layout);
+        }
         let scale = 1.0 / (d_head as f64).sqrt();
         let (hidden, _) = view.masks(n, keys - n, &q.device());
         let hidden = hidden.expand([batch, n_heads, n, keys]);

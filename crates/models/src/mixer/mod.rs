@@ -57,6 +57,12 @@ pub fn attention_fused_on(device: &Device, d_head: usize) -> bool {
     on_flex(device) || (on_cube(device) && attention_op::cube_supported(d_head))
 }
 
+/// Whether a cached layer's attention (keys `[cache ; block]`, [`crate::cache`]) runs as the
+/// fused operation on `device`: on flex; the Cube kernels do not take a cache yet.
+pub fn cached_attention_fused_on(device: &Device) -> bool {
+    on_flex(device)
+}
+
 /// The fused operations' dropout seeds: per device, a seed and a counter, advanced on the host
 /// at every draw, so no draw waits for the device (a GPU step keeps its one read).
 static DROPOUT_SEEDS: std::sync::Mutex<Vec<(String, u64, u64)>> = std::sync::Mutex::new(Vec::new());
@@ -274,6 +280,18 @@ impl Mixer {
             Mixer::Fourier(_) | Mixer::Sparse(_) => {
                 panic!("a cache is for dense and persistent attention (LmConfig::validate)")
             }
+        }
+    }
+
+    /// The part of a cached layer's `cache` that its queries can still weigh (all-attention
+    /// with an adaptive span: the last `⌈max z + ramp⌉` positions; else all of it).
+    ///
+    /// # Shapes
+    /// - `cache`: `[batch, s, d_model]`; output: `[batch, ≤ s, d_model]` (its last rows)
+    pub fn trim_cache(&self, cache: Tensor<3>, span: usize) -> Tensor<3> {
+        match self {
+            Mixer::Persistent(m) => m.trim_cache(cache, span),
+            _ => cache,
         }
     }
 

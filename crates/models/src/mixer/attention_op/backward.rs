@@ -16,10 +16,10 @@ pub(super) struct Sums {
 
 impl Sums {
     pub(super) fn new(shape: Shape) -> Self {
-        let Shape { n, d, mem, .. } = shape;
+        let Shape { nk, d, mem, .. } = shape;
         Self {
-            dk: vec![0.0; n * d],
-            dv: vec![0.0; n * d],
+            dk: vec![0.0; nk * d],
+            dv: vec![0.0; nk * d],
             dmk: vec![0.0; mem * d],
             dmv: vec![0.0; mem * d],
             dpe: vec![0.0; d * shape.pe_span],
@@ -72,7 +72,12 @@ pub(super) fn backward(
     dropout: Dropout,
 ) -> [Vec<f32>; 7] {
     let Shape {
-        heads, n, d, mem, ..
+        heads,
+        n,
+        nk,
+        d,
+        mem,
+        ..
     } = shape;
     let width = d + 1;
     let rows = keys.tile_rows();
@@ -81,8 +86,8 @@ pub(super) fn backward(
         let empty = |len: usize| vec![0.0f32; len];
         return [
             dq,
-            empty(heads * n * d),
-            empty(heads * n * d),
+            empty(heads * nk * d),
+            empty(heads * nk * d),
             empty(x.mk.len()),
             empty(x.mv.len()),
             empty(x.pe.len()),
@@ -95,7 +100,7 @@ pub(super) fn backward(
         .par_chunks_mut(n * d)
         .enumerate()
         .map(|(h, dq)| {
-            let x = x.head(h, shape);
+            let x = x.head(h, shape, keys);
             let (out, grad) = (head(out, h, n * width), head(grad, h, n * width));
             // Δ_i = Σ_c dO[i, c] · O[i, c].
             let delta: Vec<f32> = out
@@ -125,8 +130,8 @@ pub(super) fn backward(
             sums
         })
         .collect();
-    let mut dk = Vec::with_capacity(heads * n * d);
-    let mut dv = Vec::with_capacity(heads * n * d);
+    let mut dk = Vec::with_capacity(heads * nk * d);
+    let mut dv = Vec::with_capacity(heads * nk * d);
     for sums in &per_head {
         dk.extend_from_slice(&sums.dk);
         dv.extend_from_slice(&sums.dv);
@@ -262,13 +267,14 @@ fn score_gradients(
         .enumerate()
     {
         let r = start + i;
-        let visible = range.visible(r, shape);
+        let (a, b) = range.visible(r, x, shape);
         let lse = out[r * width + d];
         let base = range.mask_base(x.h, r, shape);
-        let (seen, hidden) = p.split_at_mut(visible);
-        hidden.fill(0.0);
-        if let Some((lo, w, rel)) = relative {
-            add_relative(seen, &rel[i * w..][..w], r - range.first - lo);
+        p[..a].fill(0.0);
+        p[b..].fill(0.0);
+        let seen = &mut p[a..b];
+        if let (Some((lo, w, rel)), false) = (relative, seen.is_empty()) {
+            add_relative(seen, &rel[i * w..][..w], range.nearest(r, a, lo, shape));
         }
         if x.z.is_some() && !range.memory {
             // With the span mask, L normalises the masked weights: a masked-down key can
@@ -286,9 +292,8 @@ fn score_gradients(
         dropout.apply_at(dp, base);
         match (x.z, range.memory) {
             (Some(z), false) => {
-                for (j, (e, g)) in seen.iter_mut().zip(dp.iter_mut()).enumerate() {
-                    let (m, passes) =
-                        span_weight(z, shape.ramp, r as f32 - (range.first + j) as f32);
+                for (j, (e, g)) in seen.iter_mut().zip(dp[a..b].iter_mut()).enumerate() {
+                    let (m, passes) = span_weight(z, shape.ramp, range.distance(r, a + j, shape));
                     let diff = *g - delta[r];
                     if passes {
                         *dz += *e * diff / shape.ramp;
@@ -296,7 +301,8 @@ fn score_gradients(
                     *e *= m;
                     *g = *e * diff;
                 }
-                dp[visible..].fill(0.0);
+                dp[..a].fill(0.0);
+                dp[b..].fill(0.0);
             }
             _ => {
                 for (g, &e) in dp.iter_mut().zip(p.iter()) {
@@ -331,9 +337,9 @@ fn relative_gradients(
     rel.fill(0.0);
     for i in 0..len {
         let r = start + i;
-        let visible = shape.visible(r, range.first, kl);
-        for j in 0..visible {
-            rel[i * w + r - range.first - j - lo] = ds[i * kl + j];
+        let (a, b) = range.visible(r, x, shape);
+        for j in a..b {
+            rel[i * w + range.nearest(r, a, lo, shape) - (j - a)] = ds[i * kl + j];
         }
     }
     let span = shape.pe_span;

@@ -1123,6 +1123,10 @@ impl Call {
             supported(d),
             "tiled_attention on Cube: head width {d} is outside 1..=256"
         );
+        assert!(
+            !keys.is_cached(),
+            "tiled_attention on Cube: a cached layer's keys run on flex or as composed tensor ops"
+        );
         let extras = parts.memory.is_some() || parts.key_pe.is_some() || parts.span_z.is_some();
         assert!(
             !extras || keys.sparse.is_none(),

@@ -24,7 +24,7 @@ pub(super) fn forward(x: Inputs, shape: Shape, keys: &KeyLayout, dropout: Dropou
         .into_par_iter()
         .zip(work)
         .for_each(|(out, (h, tile))| {
-            let x = x.head(h, shape);
+            let x = x.head(h, shape, keys);
             let ranges = tile_ranges(&x, tile, shape, keys);
             forward_tile(&x, out, tile, &ranges, shape, dropout);
         });
@@ -52,13 +52,15 @@ pub(super) fn forward_tile(
         let relative = range_scores(x, (start, len), range, shape, s, &mut rel);
         for (i, row) in s.chunks_exact_mut(kl).enumerate() {
             let r = start + i;
-            let (seen, hidden) = row.split_at_mut(range.visible(r, shape));
-            hidden.fill(0.0);
+            let (a, b) = range.visible(r, x, shape);
+            row[..a].fill(0.0);
+            row[b..].fill(0.0);
+            let seen = &mut row[a..b];
             if seen.is_empty() {
                 continue;
             }
             if let Some((lo, w)) = relative {
-                add_relative(seen, &rel[i * w..][..w], r - range.first - lo);
+                add_relative(seen, &rel[i * w..][..w], range.nearest(r, a, lo, shape));
             }
             let m = lanes(seen, max[i], f32::max);
             if m > max[i] {
@@ -75,18 +77,19 @@ pub(super) fn forward_tile(
             }
             if let (Some(z), false) = (x.z, range.memory) {
                 for (j, e) in seen.iter_mut().enumerate() {
-                    *e *= span_weight(z, shape.ramp, r as f32 - (range.first + j) as f32).0;
+                    *e *= span_weight(z, shape.ramp, range.distance(r, a + j, shape)).0;
                 }
             }
             sum[i] += lanes(seen, 0.0, |a, b| a + b);
-            dropout.apply_at(seen, range.mask_base(x.h, r, shape));
+            dropout.apply_at(seen, range.mask_base(x.h, r, shape) + a as u64);
         }
         // O_tile += P · V_range.
         let (_, v) = x.source(range, d);
         matmul((len, d, kl), out, width, true, s, (kl, 1), v, (d, 1));
     }
     for (i, row) in out.chunks_exact_mut(width).enumerate() {
-        let inv = 1.0 / sum[i];
+        // A row that saw no key (a cached layer's masked stream start) stays zero.
+        let inv = if sum[i] > 0.0 { 1.0 / sum[i] } else { 0.0 };
         for o in &mut row[..d] {
             *o *= inv;
         }

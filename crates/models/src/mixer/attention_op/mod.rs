@@ -72,18 +72,26 @@ const KEYS: usize = 256;
 /// Groups of query tiles whose dK / dV partial sums the backward adds in a fixed order.
 const GROUPS: usize = 8;
 
-/// Heads (batch × heads, flattened), sequence length, head width, causality, and
-/// all-attention's parts (zero sizes when absent).
+/// Heads (batch × heads, flattened), query rows and context keys, head width, causality and a
+/// cached layer's window, and all-attention's parts (zero sizes when absent).
 #[derive(Clone, Copy, Debug)]
 struct Shape {
     heads: usize,
+    /// Query rows per head.
     n: usize,
+    /// Context keys per head: `n`, or `s + n` over `[cache ; block]` (query `i` is key `s + i`).
+    nk: usize,
     d: usize,
     causal: bool,
+    /// The visible distances `δ = offset + i − j` of a causal query: `min_distance..=max_distance`
+    /// (`0..=usize::MAX` without a cache).
+    min_distance: usize,
+    max_distance: usize,
     /// Persistent vectors per memory head (0: none) and memory heads.
     mem: usize,
     mem_heads: usize,
-    /// Distances `key_pe` covers (0: no relative positions).
+    /// Distances `key_pe` covers (0: no relative positions); its column `c` is distance
+    /// `c + min_distance`.
     pe_span: usize,
     /// Heads of the adaptive span (0: none) and its ramp width.
     span_heads: usize,
@@ -91,23 +99,45 @@ struct Shape {
 }
 
 impl Shape {
-    /// How many keys of the block starting at `block` row `row` sees (causal: keys `≤ row`).
-    fn visible(&self, row: usize, block: usize, block_len: usize) -> usize {
-        if self.causal {
-            (row + 1).saturating_sub(block).min(block_len)
-        } else {
-            block_len
+    /// The query row `row`'s key position (`nk − n` keys come before the block).
+    fn position(&self, row: usize) -> usize {
+        self.nk - self.n + row
+    }
+
+    /// The context keys `lo..hi` query row `row` sees when its first visible key is `first`
+    /// (a masked stream start; 0 otherwise); `lo ≥ hi` when none.
+    fn window(&self, row: usize, first: usize) -> (usize, usize) {
+        if !self.causal {
+            return (0, self.nk);
         }
+        let p = self.position(row);
+        let hi = (p + 1).saturating_sub(self.min_distance).min(self.nk);
+        (first.max(p.saturating_sub(self.max_distance)), hi)
     }
 }
 
 /// Which keys each query attends to: every key (when causal, every key not after the query),
-/// or the key blocks a block-sparse pattern lists for the query's block (when causal, again
-/// only keys not after the query). Cheap to clone.
+/// the key blocks a block-sparse pattern lists for the query's block (when causal, again only
+/// keys not after the query), or a cached layer's window over `[cache ; block]`. Cheap to
+/// clone.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KeyLayout {
     causal: bool,
     sparse: Option<Arc<SparseKeys>>,
+    cached: Option<Arc<CachedKeys>>,
+}
+
+/// A cached layer's keys ([`crate::cache`]): `cache` positions before the block, each query's
+/// window of distances, and per batch row the first key that is not a masked stream start.
+#[derive(Debug, PartialEq)]
+struct CachedKeys {
+    cache: usize,
+    min_distance: usize,
+    max_distance: usize,
+    /// Heads per batch row (flattened head `h` is batch row `h / n_heads`).
+    n_heads: usize,
+    /// Per batch row, the first visible key.
+    first: Vec<usize>,
 }
 
 /// A [`LayerPattern`] resolved for the kernel.
@@ -128,7 +158,39 @@ impl KeyLayout {
         Self {
             causal,
             sparse: None,
+            cached: None,
         }
+    }
+
+    /// A cached layer's keys: `cache` positions of earlier inputs before a block, each causal
+    /// query seeing the keys of `view`'s window (not a masked start), for `n_heads` heads per
+    /// batch row (`view.valid` has one entry per batch row).
+    pub fn cached(view: &crate::cache::CacheView, cache: usize, n_heads: usize) -> Self {
+        Self {
+            causal: true,
+            sparse: None,
+            cached: Some(Arc::new(CachedKeys {
+                cache,
+                min_distance: view.window.min_distance(),
+                max_distance: view.window.max_distance(),
+                n_heads,
+                first: view
+                    .valid
+                    .iter()
+                    .map(|&valid| cache.saturating_sub(valid))
+                    .collect(),
+            })),
+        }
+    }
+
+    /// Whether this is a cached layer's layout (flex only so far).
+    pub(crate) fn is_cached(&self) -> bool {
+        self.cached.is_some()
+    }
+
+    /// The first context key flattened head `h` may see (after a masked stream start).
+    fn first_key(&self, h: usize) -> usize {
+        self.cached.as_ref().map_or(0, |c| c.first[h / c.n_heads])
     }
 
     /// The key blocks of `pattern` for `n_heads` heads per batch row (head `h` uses group
@@ -180,6 +242,7 @@ impl KeyLayout {
                 n_heads,
                 runs,
             })),
+            cached: None,
         }
     }
 
@@ -189,13 +252,23 @@ impl KeyLayout {
     }
 
     /// The key ranges `(first key, count)` the tile `[start, start + len)` of flattened head
-    /// `h` walks, in increasing order, none empty, none past `n`.
-    fn key_ranges(&self, h: usize, start: usize, len: usize, n: usize) -> Vec<(usize, usize)> {
+    /// `h` walks, in increasing order, none empty, none past `shape.nk`.
+    fn key_ranges(
+        &self,
+        h: usize,
+        (start, len): (usize, usize),
+        shape: Shape,
+    ) -> Vec<(usize, usize)> {
         match &self.sparse {
             None => {
-                let end = if self.causal { start + len } else { n };
-                (0..end.div_ceil(KEYS))
-                    .map(|b| (b * KEYS, KEYS.min(end - b * KEYS)))
+                // Windows only move forward with the row: the tile's keys are the first row's
+                // window start to the last row's window end.
+                let first = self.first_key(h);
+                let begin = shape.window(start, first).0;
+                let end = shape.window(start + len - 1, first).1;
+                (begin..end)
+                    .step_by(KEYS)
+                    .map(|b| (b, KEYS.min(end - b)))
                     .collect()
             }
             Some(s) => {
@@ -207,7 +280,9 @@ impl KeyLayout {
                         let from = first * s.block;
                         (
                             from,
-                            ((first + count) * s.block).min(n).saturating_sub(from),
+                            ((first + count) * s.block)
+                                .min(shape.nk)
+                                .saturating_sub(from),
                         )
                     })
                     .filter(|&(_, count)| count > 0)
@@ -216,8 +291,9 @@ impl KeyLayout {
         }
     }
 
-    /// Checks the layout against the operands' sequence length.
-    fn check(&self, n: usize) {
+    /// Checks the layout against the operands' query rows `n` and context keys `nk`, and
+    /// returns its window of distances.
+    fn check(&self, n: usize, nk: usize, heads: usize) -> (usize, usize) {
         if let Some(s) = &self.sparse {
             let blocks = s.runs[0].len();
             assert_eq!(
@@ -227,6 +303,30 @@ impl KeyLayout {
                 s.block
             );
         }
+        match &self.cached {
+            None => {
+                assert_eq!(
+                    nk, n,
+                    "tiled_attention: {nk} keys for {n} queries without a cache"
+                );
+                (0, usize::MAX)
+            }
+            Some(c) => {
+                assert!(
+                    self.sparse.is_none() && nk == c.cache + n,
+                    "tiled_attention: {nk} keys for {n} queries after a cache of {}",
+                    c.cache
+                );
+                assert_eq!(
+                    c.first.len() * c.n_heads,
+                    heads,
+                    "tiled_attention: a cached layout for {} batch rows of {} heads, {heads} heads",
+                    c.first.len(),
+                    c.n_heads
+                );
+                (c.min_distance, c.max_distance)
+            }
+        }
     }
 }
 
@@ -234,18 +334,21 @@ impl KeyLayout {
 /// backend operation.
 #[backend_extension(Flex, Cube, Autodiff)]
 pub trait AttentionOps: Backend {
-    /// Forward. All f32: `q` (already multiplied by the score scale), `k` and `v`
-    /// `[heads, n, d]` with `heads = batch · n_heads`. Returns `[heads, n, d + 1]`: the
-    /// attention output in the first `d` columns and each row's log-sum-exp of (masked)
-    /// weights in column `d` (no gradient flows through it).
+    /// Forward. All f32: `q` (already multiplied by the score scale) `[heads, n, d]` with
+    /// `heads = batch · n_heads`, `k` and `v` `[heads, nk, d]` (`nk = n`, or `s + n` over a
+    /// cached layer's `[cache ; block]`). Returns `[heads, n, d + 1]`: the attention output in
+    /// the first `d` columns and each row's log-sum-exp of (masked) weights in column `d` (no
+    /// gradient flows through it; a row with no visible key outputs zeros and `−∞`).
     ///
-    /// `keys` says which context keys each query sees. All-attention's parts, each empty when
-    /// absent (Sukhbaatar et al. 2019):
+    /// `keys` says which context keys each query sees ([`KeyLayout::cached`]: query `i` is key
+    /// `s + i`, seeing the distances `δ = s + i − j` of its window; distances below are
+    /// measured so). All-attention's parts, each empty when absent (Sukhbaatar et al. 2019):
     /// - `memory_keys`, `memory_values` `[mem_heads, m, d]`: persistent vectors that every
     ///   query of flattened head `h` sees (memory head `h mod mem_heads`), in the same softmax
     ///   as its context keys; keys already scaled like the context keys;
-    /// - `key_pe` `[d, span]` (`span ≥ n`; causal only): the score of query `i` and key `j ≤ i`
-    ///   gains `q_i · key_pe[:, i − j]`;
+    /// - `key_pe` `[d, span]` (causal only; `span` covers every visible distance): the score
+    ///   of query `i` and a key at distance `δ` gains `q_i · key_pe[:, δ − δ_min]` (`δ_min` the
+    ///   window's smallest distance: 0 without a cache);
     /// - `span_z` `[span_heads]` (tokens) with `ramp`: context weights at distance `δ = i − j`
     ///   are multiplied by `clamp((ramp + z − δ) / ramp, 0, 1)` (adaptive span, head
     ///   `h mod span_heads`) before the joint normalisation; key blocks wholly past the ramp
@@ -253,7 +356,7 @@ pub trait AttentionOps: Backend {
     ///
     /// With `dropout = p > 0` each weight in the value product is zeroed with probability `p`
     /// and the rest scaled by `1 / (1 − p)`, the mask a hash of `(seed, head, row, key)` (memory
-    /// slot `s` is key `n + s`) that the backward regenerates.
+    /// slot `s` is key `nk + s`) that the backward regenerates.
     #[allow(clippy::too_many_arguments)]
     fn tiled_attention(
         q: FloatTensor<Self>,
@@ -316,15 +419,15 @@ fn operands<const E: usize>(
         (pe_shape, pe),
         (z_shape, z),
     ] = inputs.map(data);
-    assert_eq!(
-        [&k_shape, &v_shape],
-        [&q_shape; 2],
-        "tiled_attention: q, k and v must all be [heads, n, d]"
-    );
     let [heads, n, d] = q_shape[..] else {
         panic!("tiled_attention: q must be [heads, n, d], got {q_shape:?}")
     };
-    keys.check(n);
+    let nk = k_shape.get(1).copied().unwrap_or(0);
+    assert!(
+        k_shape == v_shape && k_shape == [heads, nk, d],
+        "tiled_attention: k {k_shape:?} and v {v_shape:?} must both be [{heads}, keys, {d}]"
+    );
+    let (min_distance, max_distance) = keys.check(n, nk, heads);
     let [mem_heads, mem, mem_d] = mk_shape[..] else {
         panic!("tiled_attention: memory keys must be [mem_heads, m, d], got {mk_shape:?}")
     };
@@ -336,9 +439,11 @@ fn operands<const E: usize>(
         panic!("tiled_attention: key_pe must be [d, span], got {pe_shape:?}")
     };
     if pe_span > 0 {
+        // The farthest visible distance, as a column of key_pe.
+        let needed = max_distance.min(nk.saturating_sub(1)) + 1 - min_distance;
         assert!(
-            pe_d == d && pe_span >= n && keys.causal,
-            "tiled_attention: key_pe {pe_shape:?} needs [{d}, ≥ {n}] and causal keys"
+            pe_d == d && pe_span >= needed && keys.causal,
+            "tiled_attention: key_pe {pe_shape:?} needs [{d}, ≥ {needed}] and causal keys"
         );
     }
     let [span_heads] = z_shape[..] else {
@@ -356,8 +461,11 @@ fn operands<const E: usize>(
     let shape = Shape {
         heads,
         n,
+        nk,
         d,
         causal: keys.causal,
+        min_distance,
+        max_distance,
         mem: if mem_heads == 0 { 0 } else { mem },
         mem_heads: mem_heads.max(1),
         pe_span,
@@ -492,7 +600,9 @@ pub(crate) struct Extras {
 /// `q` comes multiplied by the score scale; `dropout` is `(p, seed)`.
 ///
 /// # Shapes
-/// - `q`, `k`, `v`: `[batch, n_heads, seq, d_head]`
+/// - `q`: `[batch, n_heads, seq, d_head]`
+/// - `k`, `v`: `[batch, n_heads, seq, d_head]`, or `[batch, n_heads, s + seq, d_head]` over a
+///   cached layer's `[cache ; block]` ([`KeyLayout::cached`])
 /// - output: `[batch, n_heads, seq, d_head]`
 pub(crate) fn attention(
     q: Tensor<4>,
@@ -506,7 +616,10 @@ pub(crate) fn attention(
     let dtype = q.dtype();
     let device = q.device();
     let f32 = |t: Tensor<3>| t.cast(FloatDType::F32).into_dispatch();
-    let flat = |t: Tensor<4>| f32(t.reshape([batch * n_heads, seq, d_head]));
+    let flat = |t: Tensor<4>| {
+        let rows = t.dims()[2];
+        f32(t.reshape([batch * n_heads, rows, d_head]))
+    };
     let (mk, mv) = extras.memory.unwrap_or_else(|| {
         let none = Tensor::<3>::zeros([n_heads, 0, d_head], &device);
         (none.clone(), none)
@@ -554,7 +667,8 @@ mod tests {
     }
 
     /// Runs the operation (through `Dispatch` and autodiff on flex) and softmax attention
-    /// built from tensor ops over the keys `allowed` (`[heads, n, n]`, row-major) with the same
+    /// built from tensor ops over the keys `allowed` (`[heads, n, nk]`, row-major; `nk = n`, or
+    /// `s + n` for a cached layout) with the same
     /// dropout mask, and compares outputs, log-sum-exps and the gradients of q, k and v.
     fn check_against_tensor_ops(
         [heads, n, d]: [usize; 3],
@@ -586,9 +700,11 @@ mod tests {
         device.seed(n as u64);
         let r =
             |shape: [usize; 3]| Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        // Keys per head (n, or s + n for a cached layout).
+        let nk = allowed.len() / (heads * n).max(1);
         let q = r([heads, n, d]).mul_scalar(0.7).require_grad();
-        let k = r([heads, n, d]).require_grad();
-        let v = r([heads, n, d]).require_grad();
+        let k = r([heads, nk, d]).require_grad();
+        let v = r([heads, nk, d]).require_grad();
         let w = r([heads, n, d]);
         let none = |shape: [usize; 3]| Tensor::<3>::zeros(shape, &device).into_dispatch();
         let fused =
@@ -606,13 +722,13 @@ mod tests {
                 seed,
             ));
         let hidden = allowed.into_iter().map(|a| !a).collect::<Vec<_>>();
-        let hidden = Tensor::<3, Bool>::from_data(TensorData::new(hidden, [heads, n, n]), &device);
+        let hidden = Tensor::<3, Bool>::from_data(TensorData::new(hidden, [heads, n, nk]), &device);
         let scores = q
             .clone()
-            .matmul(k.clone().swap_dims(1, 2)) // [heads, n, n]
+            .matmul(k.clone().swap_dims(1, 2)) // [heads, n, nk]
             .mask_fill(hidden, f32::NEG_INFINITY);
         let lse = to_vec(scores.clone().exp().sum_dim(2).log());
-        let weights = activation::softmax(scores, 2) * mask(p, seed, [heads, n, n], &device);
+        let weights = activation::softmax(scores, 2) * mask(p, seed, [heads, n, nk], &device);
         let reference = weights.matmul(v.clone());
         assert_all_close(
             &to_vec(fused.clone().narrow(2, d, 1)),
@@ -657,6 +773,47 @@ mod tests {
                     let name = format!("n={n} causal={causal} p={}", dropout.0);
                     let keys = KeyLayout::dense(causal);
                     check_against_tensor_ops([heads, n, d], keys, allowed.clone(), dropout, &name);
+                }
+            }
+        }
+    }
+
+    /// Cached layouts ([`KeyLayout::cached`]): 37 and 300 queries after caches of 20 and 290
+    /// (key runs starting mid-cache, two query tiles), windows of 25 and 260 with and without
+    /// self, zeros and masked starts (batch rows of 2 heads with different valid counts, every
+    /// query seeing at least one key), dropout 0 and 0.3.
+    #[test]
+    fn cached_layouts_equal_masked_tensor_ops() {
+        let (n_heads, batch, d) = (2, 2, 8);
+        let heads = n_heads * batch;
+        for (n, cache, span) in [(37usize, 20usize, 25usize), (300, 290, 260)] {
+            for include_self in [false, true] {
+                for valid in [vec![cache, cache], vec![3, cache / 2]] {
+                    let view = crate::cache::CacheView {
+                        window: crate::cache::Window { span, include_self },
+                        valid,
+                    };
+                    let (lo, hi) = (view.window.min_distance(), view.window.max_distance());
+                    let nk = cache + n;
+                    let allowed: Vec<bool> = (0..heads * n * nk)
+                        .map(|t| {
+                            let (h, i, j) = (t / (n * nk), (t / nk) % n, t % nk);
+                            let first = cache - view.valid[h / n_heads];
+                            let delta = (cache + i) as i64 - j as i64;
+                            j >= first && delta >= lo as i64 && delta <= hi as i64
+                        })
+                        .collect();
+                    for dropout in [(0.0f32, 0u32), (0.3, 5)] {
+                        let name = format!("n={n} cache={cache} {view:?} p={}", dropout.0);
+                        let keys = KeyLayout::cached(&view, cache, n_heads);
+                        check_against_tensor_ops(
+                            [heads, n, d],
+                            keys,
+                            allowed.clone(),
+                            dropout,
+                            &name,
+                        );
+                    }
                 }
             }
         }
@@ -714,7 +871,10 @@ mod tests {
         let keys = KeyLayout::sparse(&dense.build(3, 100, true, 0), 1);
         // Row 250 (block 2) of a causal 3-block pattern over 270 tokens: keys 0..270 in runs of
         // two blocks, clipped at n.
-        assert_eq!(keys.key_ranges(0, 200, 70, 270), vec![(0, 200), (200, 70)]);
+        assert_eq!(
+            keys.key_ranges(0, (200, 70), plain(1, 270, 1, true)),
+            vec![(0, 200), (200, 70)]
+        );
     }
 
     /// A shape without all-attention's parts.
@@ -722,8 +882,11 @@ mod tests {
         Shape {
             heads,
             n,
+            nk: n,
             d,
             causal,
+            min_distance: 0,
+            max_distance: usize::MAX,
             mem: 0,
             mem_heads: 1,
             pe_span: 0,
@@ -778,10 +941,37 @@ mod tests {
             cases.push((shape, plain_inputs, KeyLayout::sparse(&pattern, 2)));
         }
         cases.push((all_attention, all_inputs, KeyLayout::dense(true)));
+        // A cached layer's all-attention: 400 queries after a cache of 300 (k and v are the
+        // 700 rows), a window of 500 without self, one masked batch row.
+        let view = crate::cache::CacheView {
+            window: crate::cache::Window {
+                span: 500,
+                include_self: false,
+            },
+            valid: vec![300, 120],
+        };
+        let cached = Shape {
+            n: 400,
+            nk: n,
+            min_distance: 1,
+            max_distance: 500,
+            ..all_attention
+        };
+        let cached_grad = data(heads * 400 * (d + 1), 8);
+        let cached_inputs = Inputs {
+            q: &q[..heads * 400 * d],
+            ..all_inputs
+        };
+        cases.push((cached, cached_inputs, KeyLayout::cached(&view, 300, 2)));
         for (shape, inputs, keys) in cases {
+            let grad = if keys.is_cached() {
+                &cached_grad
+            } else {
+                &grad
+            };
             let same = same_bits_on_1_and_3_threads(|| {
                 let out = forward(inputs, shape, &keys, dropout);
-                let grads = backward(inputs, &out, &grad, shape, &keys, dropout);
+                let grads = backward(inputs, &out, grad, shape, &keys, dropout);
                 let mut all = vec![out];
                 all.extend(grads);
                 <[Vec<f32>; 8]>::try_from(all).expect("eight arrays")

@@ -30,16 +30,17 @@ impl<'a> Inputs<'a> {
         }
     }
 
-    /// Flattened head `h`'s view: its queries, keys and values, its memory head's vectors and
-    /// its span.
-    pub(super) fn head(&self, h: usize, shape: Shape) -> Head<'a> {
-        let Shape { n, d, mem, .. } = shape;
+    /// Flattened head `h`'s view: its queries, keys and values, its memory head's vectors,
+    /// its span and its first visible key under `keys`.
+    pub(super) fn head(&self, h: usize, shape: Shape, keys: &KeyLayout) -> Head<'a> {
+        let Shape { n, nk, d, mem, .. } = shape;
         let mh = h % shape.mem_heads;
         Head {
             h,
+            first: keys.first_key(h),
             q: head(self.q, h, n * d),
-            k: head(self.k, h, n * d),
-            v: head(self.v, h, n * d),
+            k: head(self.k, h, nk * d),
+            v: head(self.v, h, nk * d),
             mk: head(self.mk, mh, mem * d),
             mv: head(self.mv, mh, mem * d),
             pe: self.pe,
@@ -52,6 +53,8 @@ impl<'a> Inputs<'a> {
 #[derive(Clone, Copy)]
 pub(super) struct Head<'a> {
     pub(super) h: usize,
+    /// The first context key any query sees (after a masked stream start; else 0).
+    pub(super) first: usize,
     pub(super) q: &'a [f32],
     pub(super) k: &'a [f32],
     pub(super) v: &'a [f32],
@@ -82,25 +85,40 @@ pub(super) struct Range {
 }
 
 impl Range {
-    /// How many of the range's keys query row `r` sees (memory: all of them).
-    pub(super) fn visible(&self, r: usize, shape: Shape) -> usize {
+    /// For the row `r` seeing the range's keys from `a` on: the column of key `a` relative to
+    /// the tile's lowest column `lo` (the index into its row of relative logits).
+    pub(super) fn nearest(&self, r: usize, a: usize, lo: usize, shape: Shape) -> usize {
+        shape.position(r) - self.first - a - shape.min_distance - lo
+    }
+
+    /// The keys `a..b` of the range (indices into it) that query row `r` of head `x` sees
+    /// (memory: all of them); `a == b` when none.
+    pub(super) fn visible(&self, r: usize, x: &Head, shape: Shape) -> (usize, usize) {
         if self.memory {
-            self.len
-        } else {
-            shape.visible(r, self.first, self.len)
+            return (0, self.len);
         }
+        let (lo, hi) = shape.window(r, x.first);
+        let end = self.first + self.len;
+        let a = lo.clamp(self.first, end) - self.first;
+        let b = hi.clamp(self.first, end) - self.first;
+        (a, b.max(a))
     }
 
     /// The dropout-mask index of row `r`'s weight for the range's first key, in flattened head
-    /// `h` (memory slot `s` is key `n + s`).
+    /// `h` (memory slot `s` is key `nk + s`).
     pub(super) fn mask_base(&self, h: usize, r: usize, shape: Shape) -> u64 {
-        let Shape { n, mem, .. } = shape;
+        let Shape { n, nk, mem, .. } = shape;
         let key = if self.memory {
-            n + self.first
+            nk + self.first
         } else {
             self.first
         };
-        ((h * n + r) * (n + mem) + key) as u64
+        ((h * n + r) * (nk + mem) + key) as u64
+    }
+
+    /// The distance of row `r`'s query to the range's key `j` (context ranges, causal).
+    pub(super) fn distance(&self, r: usize, j: usize, shape: Shape) -> f32 {
+        shape.position(r) as f32 - (self.first + j) as f32
     }
 }
 
@@ -121,12 +139,12 @@ pub(super) fn tile_ranges(
     keys: &KeyLayout,
 ) -> Vec<Range> {
     let mut ranges: Vec<Range> = keys
-        .key_ranges(x.h, start, len, shape.n)
+        .key_ranges(x.h, (start, len), shape)
         .into_iter()
         .filter(|&(first, count)| match x.z {
             // The tile's smallest distance to the range's last key.
             Some(z) => {
-                let nearest = start as f32 - (first + count - 1) as f32;
+                let nearest = shape.position(start) as f32 - (first + count - 1) as f32;
                 (z - nearest) + shape.ramp >= 0.0
             }
             None => true,
@@ -145,15 +163,24 @@ pub(super) fn tile_ranges(
     ranges
 }
 
-/// The distances `lo..=hi` between the tile's rows and a context range's keys that causal
-/// pairs span (`None`: no pair is visible).
-pub(super) fn distances((start, len): (usize, usize), range: Range) -> Option<(usize, usize)> {
-    let hi = (start + len - 1).checked_sub(range.first)?;
-    Some((start.saturating_sub(range.first + range.len - 1), hi))
+/// The `key_pe` columns `lo..=hi` (distance `δ` is column `δ − min_distance`) of the visible
+/// pairs between the tile's rows and a context range's keys (`None`: no pair is visible).
+pub(super) fn distances(
+    (start, len): (usize, usize),
+    range: Range,
+    shape: Shape,
+) -> Option<(usize, usize)> {
+    let hi = (shape.position(start + len - 1))
+        .checked_sub(range.first)?
+        .min(shape.max_distance);
+    let lo = (shape.position(start))
+        .saturating_sub(range.first + range.len - 1)
+        .max(shape.min_distance);
+    (lo <= hi).then(|| (lo - shape.min_distance, hi - shape.min_distance))
 }
 
 /// Relative-position scores of a tile against a context range: `rel[i, t] = q_i ·
-/// key_pe[:, lo + t]` for the distances `lo..=hi`; returns `(lo, width)`.
+/// key_pe[:, lo + t]` for the columns `lo..=hi`; returns `(lo, width)`.
 pub(super) fn relative_logits(
     x: &Head,
     q_tile: &[f32],
@@ -162,7 +189,7 @@ pub(super) fn relative_logits(
     shape: Shape,
     rel: &mut Vec<f32>,
 ) -> Option<(usize, usize)> {
-    let (lo, hi) = distances(tile, range)?;
+    let (lo, hi) = distances(tile, range, shape)?;
     let (len, width, d) = (tile.1, hi - lo + 1, shape.d);
     rel.resize(len * width, 0.0);
     // rel = Q_tile · key_pe[:, lo..=hi]: key_pe[c, δ] at c · span + δ.
@@ -210,8 +237,8 @@ pub(super) fn range_scores(
     relative_logits(x, q_tile, (start, len), range, shape, rel)
 }
 
-/// `seen[j] += rel_row[nearest − j]`: the relative term of the row's visible keys, key
-/// `first + j` sitting at distance `r − first − j = lo + nearest − j`.
+/// `seen[j] += rel_row[nearest − j]`: the relative term of the row's visible keys, `seen[0]`
+/// sitting at column `lo + nearest` (see [`Range::nearest`]).
 pub(super) fn add_relative(seen: &mut [f32], rel_row: &[f32], nearest: usize) {
     for (j, s) in seen.iter_mut().enumerate() {
         *s += rel_row[nearest - j];

@@ -318,6 +318,27 @@ impl PersistentAttention {
         })
     }
 
+    /// The cache positions any query of the block can still weigh: with an adaptive span, the
+    /// last `⌈max z + ramp⌉` of `cache` (a key at distance `δ ≥ z + ramp` has weight 0; query 0
+    /// sees cache position `j` at distance `s − j`), as adaptive-span's `get_cache_size`; the
+    /// whole cache otherwise. The cost of a cached layer follows the spans it learned.
+    ///
+    /// # Shapes
+    /// - `cache`: `[batch, s, d_model]`; output: `[batch, ≤ s, d_model]` (its last rows)
+    pub fn trim_cache(&self, cache: Tensor<3>, span: usize) -> Tensor<3> {
+        let Some(fraction) = &self.span_fraction else {
+            return cache;
+        };
+        let s = cache.dims()[1];
+        let z = fraction.val().clamp(0.0, 1.0).max().into_scalar::<f32>() * span as f32;
+        let keep = ((z + self.span_ramp as f32).ceil() as usize).min(s);
+        if keep == s {
+            cache
+        } else {
+            cache.narrow(1, s - keep, keep)
+        }
+    }
+
     /// All-attention of `n` queries over the `s + n` keys `[cache ; block]` and the persistent
     /// memory. Query `i` sees the keys of its window ([`crate::cache::Window`]); the
     /// relative-position term of a key at distance `δ` is `q_i · key_pe[:, δ − δ_min]`
@@ -336,11 +357,48 @@ impl PersistentAttention {
         key_pe: Option<&Tensor<2>>,
         view: &CacheView,
     ) -> Tensor<4> {
+        let fused = self.attn.fused && super::cached_attention_fused_on(&q.device());
+        self.attend_cached_with(q, k, v, key_pe, view, fused)
+    }
+
+    /// [`attend_cached`](Self::attend_cached) as the fused operation (flex: context over the
+    /// window, relative positions, adaptive span and memory in one online softmax, the
+    /// `[n, s + n]` scores never materialised) or composed from tensor ops (every backend, and
+    /// the fused path's reference).
+    pub fn attend_cached_with(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        key_pe: Option<&Tensor<2>>,
+        view: &CacheView,
+        fused: bool,
+    ) -> Tensor<4> {
         let [batch, n_heads, n, d_head] = q.dims();
         let keys = k.dims()[2];
         let device = q.device();
         let scale = 1.0 / (d_head as f64).sqrt();
         let span = view.window.span;
+        if fused {
+            let extras = super::attention_op::Extras {
+                memory: self.memory(1.0), // the score scale is on q
+                key_pe: key_pe.cloned(),
+                span: self.span_fraction.as_ref().map(|fraction| {
+                    let z = fraction.val().clamp(0.0, 1.0).mul_scalar(span as f64);
+                    (z, self.span_ramp as f32)
+                }),
+            };
+            let layout = super::KeyLayout::cached(view, keys - n, n_heads);
+            let dropout = super::fused_dropout(&self.attn.attn_dropout, &device);
+            return super::attention_op::attention(
+                q.mul_scalar(scale),
+                k,
+                v,
+                extras,
+                layout,
+                dropout,
+            );
+        }
         let (hidden, distance) = view.masks(n, keys - n, &device);
         let hidden = hidden.expand([batch, n_heads, n, keys]);
         let mut context = q.clone().matmul(k.swap_dims(2, 3)); // [batch, n_heads, n, keys]
