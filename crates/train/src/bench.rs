@@ -470,6 +470,84 @@ pub fn scaling_point(
     }))
 }
 
+/// One cached all-attention layer (`heads` heads of `d_model / heads`, `memory` persistent
+/// vectors, relative positions, no adaptive span so the whole span is paid for) at batch 1:
+/// forward + backward of a block of `block` queries after a cache of `span` earlier inputs
+/// (keys `[cache ; block]`, each query over its `span` previous positions), or with `span = 0`
+/// the cacheless layer over the block alone (the baseline). `fused`: the tiled operation
+/// (flex), else composed tensor ops. Median of `repeats` after one warm-up, tokens per second
+/// (`block / time`) and this process's peak RSS: run each point in a fresh process (`bench
+/// cache` does).
+pub fn cache_point(
+    backend: &str,
+    (d_model, heads, memory): (usize, usize, usize),
+    (block, span): (usize, usize),
+    fused: bool,
+    repeats: usize,
+) -> Result<Value> {
+    use burn::tensor::{Distribution, Tensor};
+    use mixlab_models::mixer::{MixerConfig, PersistentAttentionConfig};
+    use mixlab_models::{CacheView, Window};
+    let selected = device::select(BackendChoice::parse(backend)?)?;
+    let ad = selected.device.clone().autodiff();
+    ad.seed(0);
+    let mut ctx = one_layer(d_model, block.max(span));
+    ctx.relative_positions = true;
+    ctx.bias = false;
+    ctx.fused_attention = fused;
+    let mixer = MixerConfig::Persistent(PersistentAttentionConfig {
+        n_heads: heads,
+        n_persistent: Some(memory),
+        ..PersistentAttentionConfig::default()
+    });
+    mixer
+        .validate(&ctx)
+        .map_err(|e| anyhow::anyhow!("persistent: {e}"))?;
+    let layer = mixer.init(&ctx, &ad);
+    let d_head = d_model / heads;
+    let normal = Distribution::Normal(0.0, 1.0);
+    let key_pe = Tensor::<2>::random([d_head, block.max(span)], normal, &ad).require_grad();
+    let view = CacheView {
+        window: Window {
+            span,
+            include_self: false,
+        },
+        valid: vec![span],
+    };
+    let mut times = vec![];
+    for r in 0..=repeats {
+        let x = Tensor::<3>::random([1, block, d_model], normal, &ad).require_grad();
+        let started = Instant::now();
+        let y = if span == 0 {
+            layer.forward(x.clone(), Some(&key_pe))
+        } else {
+            // The cache is detached, as in training.
+            let cache = Tensor::<3>::random([1, span, d_model], normal, &ad);
+            layer.forward_cached(x.clone(), cache, Some(&key_pe), &view)
+        };
+        let grads = y.sum().backward();
+        let _ = x.grad(&grads).map(|g| g.sum().into_scalar::<f32>());
+        if r > 0 {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let time = times[times.len() / 2];
+    Ok(json!({
+        "kind": "cache",
+        "backend": selected.backend,
+        "path": if fused { "fused" } else { "composed" },
+        "block": block,
+        "span": span,
+        "d_model": d_model,
+        "heads": heads,
+        "memory": memory,
+        "fwd_bwd_s": time,
+        "tokens_per_s": block as f64 / time,
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
 /// Tokenisation and cache throughput on a synthetic word-level corpus of `size_mb` MB shaped
 /// like WikiText-103 (267,735 word types with Zipf-distributed frequencies, ~20-word lines, one
 /// blank line in three): time to tokenise from text, to build the cache, and to load from it.

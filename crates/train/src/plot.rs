@@ -1,5 +1,6 @@
 //! Plots of a run's `metrics.jsonl` as SVG: loss (train and valid, in bpc or perplexity where
-//! the run reports them, else nats), learning rate and throughput against the step. Written at
+//! the run reports them, else nats), learning rate, throughput and (adaptive span) the learned
+//! spans per layer against the step. Written at
 //! the end of every run, and on demand by `train --plot RUN_DIR`.
 
 use std::f64::consts::LN_2;
@@ -47,7 +48,8 @@ pub struct Axes {
     pub y_ticks: Option<fn(f64) -> String>,
 }
 
-/// Read `metrics.jsonl` and write `loss.svg`, `lr.svg` and `throughput.svg` into `run_dir`.
+/// Read `metrics.jsonl` and write `loss.svg`, `lr.svg`, `throughput.svg` and, for runs with an
+/// adaptive span, `spans.svg` into `run_dir`.
 /// The loss chart is in nats with bpc or perplexity beside each tick where the run reports
 /// them, on a log scale when the loss spans a decade or more (the copy task falls to ~0);
 /// every chart's title names the run and its mixer. Returns the files written.
@@ -105,6 +107,53 @@ pub fn write_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
             vec![series("train", "tokens_per_s", BLUE)],
         ),
     ];
+    // Adaptive spans (valid lines of all-attention runs): each layer's largest span over its
+    // heads, the cache positions it reads (`Mixer::trim_cache`), and its mean over heads.
+    let layers = lines
+        .iter()
+        .filter_map(|l| l["learned_spans"].as_array().map(Vec::len))
+        .max()
+        .unwrap_or(0);
+    let span_series = |layer: usize, reduce: fn(&[f64]) -> f64, label: &str, color| Series {
+        label: format!("layer {layer} {label}"),
+        points: lines
+            .iter()
+            .filter(|l| l["split"] == "valid")
+            .filter_map(|l| {
+                let heads: Vec<f64> = l["learned_spans"]
+                    .get(layer)?
+                    .as_array()?
+                    .iter()
+                    .filter_map(Value::as_f64)
+                    .collect();
+                (!heads.is_empty()).then(|| Some((l["step"].as_f64()?, reduce(&heads))))?
+            })
+            .collect(),
+        color,
+    };
+    let mut spans = vec![];
+    for layer in 0..layers {
+        let color = PALETTE[layer % PALETTE.len()];
+        spans.push(span_series(
+            layer,
+            |h| h.iter().cloned().fold(0.0, f64::max),
+            "max",
+            color,
+        ));
+        let mean = |h: &[f64]| h.iter().sum::<f64>() / h.len() as f64;
+        // The same hue, halfway to white.
+        let light = |c: u8| c + (255 - c) / 2;
+        let pale = RGBColor(light(color.0), light(color.1), light(color.2));
+        spans.push(span_series(layer, mean, "mean", pale));
+    }
+    let mut charts: Vec<_> = charts.into_iter().collect();
+    charts.push((
+        "spans.svg",
+        "learned attention spans",
+        "span, tokens".to_string(),
+        None,
+        spans,
+    ));
     let mut written = vec![];
     for (file, what, y_label, y_ticks, series) in charts {
         let series: Vec<Series> = series

@@ -525,11 +525,15 @@ impl<'w> Trainer<'w> {
             splits.push(("test", evaluate(self.model(), &for_eval(test), device)));
         }
         let protocol = self.protocol.describe();
+        // Adaptive spans as learned so far (tokens, per layer and head): plotted as spans.svg.
+        let spans = self.model().learned_spans();
+        let spans = spans.iter().any(|l| !l.is_empty()).then(|| json!(spans));
         for (split, (loss, tokens)) in splits {
+            let mut extra = vec![("tokens", json!(tokens)), ("protocol", json!(protocol))];
             if split == "valid" {
                 self.valid_loss = Some(loss);
+                extra.extend(spans.clone().map(|s| ("learned_spans", s)));
             }
-            let mut extra = vec![("tokens", json!(tokens)), ("protocol", json!(protocol))];
             let shown = match self.unit.metric(loss) {
                 Some((name, value)) => {
                     extra.push((name, json!(value)));

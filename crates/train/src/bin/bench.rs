@@ -14,7 +14,7 @@ use mixlab_train::{TrainOptions, print_json};
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Example:\n  bench train --config configs/bench-small.toml --backend flex --steps 10\n  bench scaling --config configs/sparse-window.toml --n 1024,2048,4096"
+    after_help = "Example:\n  bench train --config configs/bench-small.toml --backend flex --steps 10\n  bench scaling --config configs/sparse-window.toml --n 1024,2048,4096\n  bench cache --block 256,512 --span 256,1024,4096"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -136,6 +136,43 @@ enum Command {
         #[arg(long, hide = true)]
         one: Option<String>,
     },
+    /// One cached all-attention layer (forward + backward, batch 1) at each block length and
+    /// cache span, fused (flex) and composed, beside the cacheless layer over the same block:
+    /// tokens/s and peak RSS, each point in a fresh process.
+    Cache {
+        /// Backend.
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        /// Model width.
+        #[arg(long, default_value_t = 512)]
+        d_model: usize,
+        /// Heads.
+        #[arg(long, default_value_t = 8)]
+        heads: usize,
+        /// Persistent vectors per head.
+        #[arg(long, default_value_t = 1024)]
+        memory: usize,
+        /// Block lengths (queries per step).
+        #[arg(long, value_delimiter = ',', default_value = "256,512")]
+        block: Vec<usize>,
+        /// Cache spans.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "256,512,1024,2048,4096,8192"
+        )]
+        span: Vec<usize>,
+        /// Timed repeats per point (median reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Skip composed points whose `[block, span + block]` score tensors (about six live,
+        /// f32, per head) would pass this many GB.
+        #[arg(long, default_value_t = 6.0)]
+        composed_max_gb: f64,
+        /// Internal: measure only this point, `block:span:fused|composed`.
+        #[arg(long, hide = true)]
+        one: Option<String>,
+    },
     /// Corpus tokenisation and token-cache load times on a synthetic WikiText-103-shaped corpus.
     Data {
         /// Size of the generated corpus in MB (WikiText-103 train is about 540).
@@ -194,6 +231,33 @@ fn main() -> ExitCode {
                 &lengths,
                 repeats.max(1),
             ));
+        }
+        Command::Cache {
+            backend,
+            d_model,
+            heads,
+            memory,
+            block,
+            span,
+            repeats,
+            composed_max_gb,
+            one,
+        } => {
+            let repeats = repeats.max(1);
+            let shape = (d_model, heads, memory);
+            if let Some(point) = one {
+                let parsed = parse_cache_point(&point).and_then(|(block, span, fused)| {
+                    mixlab_train::bench::cache_point(&backend, shape, (block, span), fused, repeats)
+                });
+                return print_json(parsed.map(|l| vec![l]));
+            }
+            return match cache_bench(&backend, shape, (&block, &span), repeats, composed_max_gb) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Command::Scaling {
             config,
@@ -357,6 +421,87 @@ fn scaling_summary(
         );
     }
     summary
+}
+
+/// `block:span:fused|composed`, as `bench cache --one` takes it.
+fn parse_cache_point(point: &str) -> anyhow::Result<(usize, usize, bool)> {
+    let parts: Vec<&str> = point.split(':').collect();
+    match parts[..] {
+        [block, span, path @ ("fused" | "composed")] => {
+            Ok((block.parse()?, span.parse()?, path == "fused"))
+        }
+        _ => anyhow::bail!("--one {point}: expected block:span:fused|composed"),
+    }
+}
+
+/// `bench cache`: per block length, the cacheless layer and then each span, fused and
+/// composed, every point in its own process (so `peak_rss_mb` is that point's); each line with
+/// its time over the cacheless layer's on the same path and its time ratio to the previous span.
+fn cache_bench(
+    backend: &str,
+    (d_model, heads, memory): (usize, usize, usize),
+    (blocks, spans): (&[usize], &[usize]),
+    repeats: usize,
+    composed_max_gb: f64,
+) -> anyhow::Result<()> {
+    use serde_json::{Value, json};
+    let exe = std::env::current_exe()?;
+    for &block in blocks {
+        for path in ["fused", "composed"] {
+            let mut baseline: Option<f64> = None;
+            let mut previous: Option<(usize, f64)> = None;
+            for span in std::iter::once(0).chain(spans.iter().copied()) {
+                let need = 24.0 * (heads * block * (span + block + memory)) as f64 / 1e9;
+                if path == "composed" && need > composed_max_gb {
+                    println!(
+                        "{}",
+                        json!({"kind": "cache", "path": path, "block": block, "span": span,
+                               "skipped": format!("composed needs ~{need:.1} GB of scores (--composed-max-gb {composed_max_gb})")})
+                    );
+                    continue;
+                }
+                let out = std::process::Command::new(&exe)
+                    .args(["cache", "--one", &format!("{block}:{span}:{path}")])
+                    .args(["--backend", backend, "--repeats", &repeats.to_string()])
+                    .args([
+                        "--d-model",
+                        &d_model.to_string(),
+                        "--heads",
+                        &heads.to_string(),
+                    ])
+                    .args(["--memory", &memory.to_string()])
+                    .stderr(std::process::Stdio::inherit())
+                    .output()?;
+                let parsed = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .find_map(|l| serde_json::from_str::<Value>(l).ok());
+                let mut line = match (out.status.success(), parsed) {
+                    (true, Some(line)) => line,
+                    _ => {
+                        println!(
+                            "{}",
+                            json!({"kind": "cache", "path": path, "block": block, "span": span,
+                                   "error": format!("measurement process failed: {}", out.status)})
+                        );
+                        continue;
+                    }
+                };
+                let time = line["fwd_bwd_s"].as_f64().unwrap_or(f64::NAN);
+                if span == 0 {
+                    baseline = Some(time);
+                } else {
+                    line["time_over_cacheless"] = json!(baseline.map(|b| time / b));
+                    if let Some((prev_span, prev_time)) = previous {
+                        line["span_ratio"] = json!(span as f64 / prev_span as f64);
+                        line["time_ratio"] = json!(time / prev_time);
+                    }
+                    previous = Some((span, time));
+                }
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `bench scaling`: every (mixer, n) point in its own process; lines as they finish, each with

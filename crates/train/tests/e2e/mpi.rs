@@ -389,3 +389,78 @@ fn sigint_to_mpirun_stops_every_rank_at_one_step_with_one_checkpoint() {
         .unwrap();
     assert_eq!(last, steps[0], "rank 0 logged no step past the checkpoint");
 }
+
+/// kill -9 of rank 1 mid-run with a cache (checkpoints every 2 steps): the job ends, and
+/// `--resume` under `mpirun` (every stream's cache from the newest checkpoint, each rank
+/// taking its own rows) finishes with the training losses and final weights of the
+/// uninterrupted 2-rank run, bit for bit.
+#[test]
+fn a_killed_rank_with_a_cache_resumes_bit_for_bit() {
+    let Some(mut cmd) = mpirun(2, &[]) else {
+        return;
+    };
+    let dir = scratch("mpi-kill-cached");
+    let config = write_cached_config(&dir, |t| t.replace("dropout = 0.1", "dropout = 0.0"));
+    let sets = [
+        "--set",
+        "train.steps=60",
+        "--set",
+        "train.checkpoint_every=2",
+    ];
+    let whole = dir.join("whole");
+    ok(&run(with_run_dir(
+        &mut mpirun(2, &[]).unwrap(),
+        &config,
+        &whole,
+    )
+    .args(sets)));
+
+    let run_dir = dir.join("killed");
+    let mut child = with_run_dir(&mut cmd, &config, &run_dir)
+        .args(sets)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for_lines(&run_dir, 12, &mut child),
+        "the run ended early"
+    );
+    let pid = rank_pid(child.id(), 1).expect("rank 1 among mpirun's children");
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (out, _) = wait_with_deadline(child, Duration::from_secs(60));
+    assert!(!out.status.success(), "the job survived its rank's death");
+    let newest = mixlab_train::checkpoint::latest_valid(&run_dir, &mut |c, why| {
+        panic!("checkpoint {} does not verify: {why:#}", c.display())
+    })
+    .unwrap()
+    .expect("a complete checkpoint");
+    let last = newest.1.step;
+    assert!(last > 0 && last < 60, "killed at step {last}");
+
+    let out = run(mpirun(2, &[]).unwrap().arg("--resume").arg(&run_dir));
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("resumed at step {last}")),
+        "{stderr}"
+    );
+    let (a, b) = (
+        losses(&metrics(&whole), "train"),
+        losses(&metrics(&run_dir), "train"),
+    );
+    assert_eq!((a.len(), b.len()), (60, 60));
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert_eq!(x.to_bits(), y.to_bits(), "step {step}: {x} vs {y}");
+    }
+    assert!(
+        checkpoint_weights(&whole, 60) == checkpoint_weights(&run_dir, 60),
+        "the resumed run's final weights differ"
+    );
+}
