@@ -10,10 +10,10 @@
 //! vectors (`start = "zeros"`, as the paper's code: they are keys like any other) or
 //! masked out (`start = "masked"`: a row's first `s − valid` cache positions are not keys).
 //!
-//! On flex a cached layer's attention is the fused operation (`KeyLayout::cached`: the query
-//! offset, the window, a masked start, memory, relative positions and the adaptive span in
-//! one online softmax; the `[block, span + block]` scores never materialised); elsewhere
-//! (the Cube backends, ndarray) composed tensor ops, the fused path's test reference. With an
+//! On flex and the Cube backends a cached layer's attention is the fused operation
+//! (`KeyLayout::cached`: the query offset, the window, a masked start, memory, relative
+//! positions and the adaptive span in one online softmax; the `[block, span + block]` scores
+//! never materialised); on ndarray composed tensor ops, the fused path's test reference. With an
 //! adaptive span a layer reads only the last `⌈max z + ramp⌉` cache positions
 //! (`Mixer::trim_cache`), so its cost follows the spans it learned.
 
@@ -608,16 +608,25 @@ mod tests {
         assert_eq!(model.learned_spans(), vec![vec![10.0, 10.0]; 2]);
     }
 
-    /// A cached layer's fused operation (flex) against its composed tensor ops, values and
-    /// gradients of every input: a cache of 300 before 70 queries (two query tiles, several key
-    /// runs), a window of 290 (some cache positions out of every window), with and without
-    /// self, zeros and masked starts (one row with 5 valid positions, one with none); dense
-    /// attention, and all-attention with memory, relative positions and an adaptive span whose
-    /// ramp ends inside the cache (key runs past it skipped).
+    /// A cached layer's fused operation (the flex kernel; the Cube kernels on wgpu) against
+    /// its composed tensor ops, values and gradients of every input: a cache of 300 before 70
+    /// queries (two query tiles, several key runs; two cubes of units), a window of 290 (some
+    /// cache positions out of every window), with and without self, zeros and masked starts
+    /// (one row with 5 valid positions, one with none); dense attention, and all-attention
+    /// with memory, relative positions and an adaptive span whose ramp ends inside the cache
+    /// (key runs past it skipped).
     #[test]
     fn fused_cached_attention_equals_the_composed_path_in_values_and_gradients() {
+        let mut on = vec![("flex", Device::flex())];
+        on.extend(crate::test_util::wgpu().map(|d| ("wgpu", d)));
+        for (name, device) in on {
+            fused_cached_attention_equals_the_composed_path(name, &device.autodiff());
+        }
+    }
+
+    fn fused_cached_attention_equals_the_composed_path(name: &str, device: &Device) {
         let (b, h, n, d, s) = (2, 2, 70, 8, 300);
-        let device = Device::flex().autodiff();
+        let device = device.clone();
         device.seed(12);
         let dense = DenseAttentionConfig {
             n_heads: h,
@@ -700,7 +709,7 @@ mod tests {
                         "d span",
                     ];
                     for ((part, a), b) in names.iter().zip(&fused).zip(&composed) {
-                        let what = format!("all={all_attention} {view:?} {part}");
+                        let what = format!("{name} all={all_attention} {view:?} {part}");
                         assert!(a.iter().all(|x| x.is_finite()), "{what}: not finite");
                         assert_all_close(a, b, 2e-5, &what);
                     }

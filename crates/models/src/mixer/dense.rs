@@ -240,8 +240,8 @@ impl DenseAttention {
 
     /// Scaled dot-product attention of `n` queries over `s + n` keys `[cache ; block]`, each
     /// query over its window (a query with no key in it — possible at a masked stream start
-    /// without self — gives zeros): the fused operation on flex (the `[n, s + n]` scores never
-    /// materialised), composed tensor ops elsewhere.
+    /// without self — gives zeros): the fused operation on flex and Cube (the `[n, s + n]`
+    /// scores never materialised), composed tensor ops elsewhere.
     ///
     /// # Shapes
     /// - `q`: `[batch, n_heads, n, d_head]`; `k`, `v`: `[batch, n_heads, s + n, d_head]`
@@ -253,11 +253,11 @@ impl DenseAttention {
         v: Tensor<4>,
         view: &CacheView,
     ) -> Tensor<4> {
-        let fused = self.fused && super::cached_attention_fused_on(&q.device());
+        let fused = self.fused && super::cached_attention_fused_on(&q.device(), q.dims()[3]);
         self.attend_cached_with(q, k, v, view, fused)
     }
 
-    /// [`attend_cached`](Self::attend_cached) as the fused operation (flex) or composed from
+    /// [`attend_cached`](Self::attend_cached) as the fused operation (flex, Cube) or composed from
     /// tensor ops (every backend, and the fused path's reference).
     pub fn attend_cached_with(
         &self,

@@ -57,10 +57,10 @@ pub fn attention_fused_on(device: &Device, d_head: usize) -> bool {
     on_flex(device) || (on_cube(device) && attention_op::cube_supported(d_head))
 }
 
-/// Whether a cached layer's attention (keys `[cache ; block]`, [`crate::cache`]) runs as the
-/// fused operation on `device`: on flex; the Cube kernels do not take a cache yet.
-pub fn cached_attention_fused_on(device: &Device) -> bool {
-    on_flex(device)
+/// Whether a cached layer's attention (keys `[cache ; block]`, [`crate::cache`]) of width
+/// `d_head` runs as the fused operation on `device`: as [`attention_fused_on`].
+pub fn cached_attention_fused_on(device: &Device, d_head: usize) -> bool {
+    attention_fused_on(device, d_head)
 }
 
 /// The fused operations' dropout seeds: per device, a seed and a counter, advanced on the host

@@ -38,9 +38,17 @@
 //! index is in bounds by construction — units past the last row return first; rows are
 //! `pos · w + c` with `c < w` in contiguous tensors of the shapes [`Call`] checks; key and query
 //! indices come from the block lists, which hold blocks of the tensors' own length; `key_pe`
-//! distances are `i − j ≥ 0` for causal keys with `span ≥ n` (validated before any kernel runs);
+//! distances are `i − j ≥ 0` for causal keys with `span ≥ n` (a cached layer's: columns
+//! `δ − dmin` of visible pairs, `key_pe` covering the window; its `win` list holds one entry per
+//! batch row of `heads / n_heads`; all validated before any kernel runs);
 //! an absent part's empty placeholder is never read (its comptime switch is off). The tests run
 //! ragged lengths (n = 1, 5, 37, 70) and widths (3, 6) so a wrong bound shows as a wrong value.
+//!
+//! A cached layer's keys (`KeyLayout::cached`: `[cache ; block]`, query `i` at key `s + i`,
+//! a window of distances, a masked start per batch row) travel as one small `u32` list
+//! ([`Call::win`]) behind the comptime switch `cached`: the query passes walk each row's window,
+//! the key pass (one unit per key of `[cache ; block]`) the queries whose window holds it, the
+//! position pass the pairs at each distance.
 //!
 //! Burn's `Cube` is `Fusion<CubeBackend>`: the operation resolves its fusion inputs to Cube
 //! tensors (running the queued fused work they depend on), launches, and registers its
@@ -285,7 +293,12 @@ fn dot_rows<F: Float, N: Size>(
 #[derive(CubeType)]
 struct QueryKeys<F: Float> {
     head: usize,
-    row: usize,
+    /// The query's key position: `row`, or `s + row` after a cached layer's `s` positions.
+    p: usize,
+    /// The window's smallest distance (0 without a cache) and the end of the keys the row
+    /// sees when causal (`p + 1 − dmin`).
+    dmin: usize,
+    hi: usize,
     list: usize,
     block: usize,
     z: F,
@@ -302,17 +315,21 @@ struct KeyRun {
 
 #[cube]
 impl<F: Float> QueryKeys<F> {
-    /// Query row `pos` (flattened) of `n` tokens.
+    /// Query row `pos` (flattened) of `n` queries over `nk` keys (`win`: a cached layer's
+    /// window, read when `cached`; see [`Call::win`]).
     #[allow(clippy::too_many_arguments)]
     fn new(
         pos: usize,
         n: usize,
+        nk: usize,
         z: &Tensor<F>,
         ramp: F,
+        win: &Tensor<u32>,
         block: u32,
         n_heads: u32,
         group_heads: u32,
         #[comptime] span: bool,
+        #[comptime] cached: bool,
     ) -> QueryKeys<F> {
         let head = pos / n;
         let row = pos % n;
@@ -321,20 +338,43 @@ impl<F: Float> QueryKeys<F> {
         let mut zh = F::new(0.0);
         let mut lo = 0usize;
         let mut lo_step = 0usize;
+        let mut p = row;
+        let mut p0 = first_in_step(row);
+        let mut dmin = 0usize;
+        let mut hi = row + 1;
+        if cached {
+            // Keys `first.max(p − dmax) .. p + 1 − dmin` (the cube's first row: from `p0`).
+            let offset = win[0] as usize;
+            dmin = win[1] as usize;
+            let dmax = win[2] as usize;
+            let first = win[4 + head / win[3] as usize] as usize;
+            p = row + offset;
+            p0 += offset;
+            hi = (p + 1 - dmin).min(nk);
+            lo = first;
+            lo_step = first;
+            if p > dmax {
+                lo = lo.max(p - dmax);
+            }
+            if p0 > dmax {
+                lo_step = lo_step.max(p0 - dmax);
+            }
+        }
         if span {
             zh = span_of(z, head);
             let reach = span_reach::<F>(zh, ramp);
-            if row > reach {
-                lo = row - reach;
+            if p > reach {
+                lo = lo.max(p - reach);
             }
-            let row0 = first_in_step(row);
-            if row0 > reach {
-                lo_step = row0 - reach;
+            if p0 > reach {
+                lo_step = lo_step.max(p0 - reach);
             }
         }
         QueryKeys::<F> {
             head,
-            row,
+            p,
+            dmin,
+            hi,
             list,
             block,
             z: zh,
@@ -343,22 +383,22 @@ impl<F: Float> QueryKeys<F> {
         }
     }
 
-    /// The keys of list entry `idx` the cube walks (causal: up to this row; with the span:
-    /// from `lo_step`).
+    /// The keys of list entry `idx` the cube walks among `nk` (causal: up to this row's
+    /// window end; with the span or a cache: from `lo_step`).
     fn run(
         &self,
         items: &Tensor<u32>,
         idx: usize,
-        n: usize,
+        nk: usize,
         #[comptime] causal: bool,
-        #[comptime] span: bool,
+        #[comptime] from_lo: bool,
     ) -> KeyRun {
         let mut first = items[idx] as usize * self.block;
-        let mut end = (first + self.block).min(n);
+        let mut end = (first + self.block).min(nk);
         if causal {
-            end = end.min(self.row + 1);
+            end = end.min(self.hi);
         }
-        if span {
+        if from_lo {
             first = first.max(self.lo_step);
         }
         KeyRun { first, end }
@@ -374,6 +414,12 @@ impl<F: Float> QueryKeys<F> {
 #[cube]
 fn first_in_step(row: usize) -> usize {
     row - row.min(UNIT_POS as usize)
+}
+
+/// `a − b`, or 0 when `b > a`.
+#[cube]
+fn sub_or_zero(a: usize, b: usize) -> usize {
+    a - a.min(b)
 }
 
 /// The adaptive span's ratio `((z − δ) + ramp) / ramp` at distance `δ = row − key` (its
@@ -485,6 +531,8 @@ struct Flags {
     memory: bool,
     relative: bool,
     span: bool,
+    /// A cached layer's keys: `[cache ; block]` with a window per query ([`Call::win`]).
+    cached: bool,
 }
 
 #[cube(launch_unchecked)]
@@ -498,6 +546,7 @@ fn forward_kernel<F: Float, N: Size>(
     z: &Tensor<F>,
     offsets: &Tensor<u32>,
     items: &Tensor<u32>,
+    win: &Tensor<u32>,
     out: &mut Tensor<F>,
     block: u32,
     n_heads: u32,
@@ -512,15 +561,27 @@ fn forward_kernel<F: Float, N: Size>(
     let (d, line) = comptime!((f.d, f.line));
     let w = comptime!(f.d / f.line);
     let n = q.shape(1);
+    let nk = k.shape(1);
     let pos = ABSOLUTE_POS;
     if pos >= q.shape(0) * n {
         terminate!();
     }
     let keep = F::cast_from(keep);
     let ramp = F::cast_from(ramp);
-    let at = QueryKeys::<F>::new(pos, n, z, ramp, block, n_heads, group_heads, f.span);
+    let at = QueryKeys::<F>::new(
+        pos,
+        n,
+        nk,
+        z,
+        ramp,
+        win,
+        block,
+        n_heads,
+        group_heads,
+        f.span,
+        f.cached,
+    );
     let head = at.head;
-    let row = at.row;
     let zh = at.z;
     let mut qr = Array::<Vector<F, N>>::new(w);
     load_row(&mut qr, q, pos * w, w);
@@ -529,13 +590,13 @@ fn forward_kernel<F: Float, N: Size>(
     let mut m = F::new(-1.0e30);
     let mut l = F::new(0.0);
     for idx in offsets[at.list] as usize..offsets[at.list + 1] as usize {
-        let run = at.run(items, idx, n, f.causal, f.span);
+        let run = at.run(items, idx, nk, f.causal, comptime!(f.span || f.cached));
         for j in run.first..run.end {
             if j >= at.lo {
-                let kb = (head * n + j) * w;
+                let kb = (head * nk + j) * w;
                 let mut s = dot_row(&qr, k, kb, w, line);
                 if f.relative {
-                    gather_row(&mut column, pe, row - j, pe.shape(1), w, line);
+                    gather_row(&mut column, pe, at.p - j - at.dmin, pe.shape(1), w, line);
                     s += dot_rows(&qr, &column, w, line);
                 }
                 if s > m {
@@ -546,7 +607,7 @@ fn forward_kernel<F: Float, N: Size>(
                 }
                 let mut p = F::exp(s - m);
                 if f.span {
-                    p *= F::clamp(span_ratio::<F>(zh, ramp, row, j), F::new(0.0), F::new(1.0));
+                    p *= F::clamp(span_ratio::<F>(zh, ramp, at.p, j), F::new(0.0), F::new(1.0));
                 }
                 l += p;
                 let mut x = p;
@@ -573,13 +634,18 @@ fn forward_kernel<F: Float, N: Size>(
             l += p;
             let mut x = p;
             if f.dropout {
-                x = p * dropout_factor_cube::<F>(seed, pos, n + slot, threshold, keep);
+                x = p * dropout_factor_cube::<F>(seed, pos, nk + slot, threshold, keep);
             }
             accumulate(&mut acc, x, mv, kb, w);
         }
     }
     let ob = pos * (d + 1);
-    rescale(&mut acc, F::new(1.0) / l, w);
+    // A row that saw no key (a cached layer's masked stream start) stays zero.
+    let mut inv = F::new(0.0);
+    if l > F::new(0.0) {
+        inv = F::new(1.0) / l;
+    }
+    rescale(&mut acc, inv, w);
     scatter_row(out, ob, 1, &acc, w, line);
     out[ob + d] = m + F::ln(l);
 }
@@ -612,6 +678,7 @@ fn backward_query_kernel<F: Float, N: Size>(
     grad: &Tensor<F>,
     offsets: &Tensor<u32>,
     items: &Tensor<u32>,
+    win: &Tensor<u32>,
     dq: &mut Tensor<Vector<F, N>>,
     go: &mut Tensor<Vector<F, N>>,
     delta: &mut Tensor<F>,
@@ -629,15 +696,27 @@ fn backward_query_kernel<F: Float, N: Size>(
     let (d, line) = comptime!((f.d, f.line));
     let w = comptime!(f.d / f.line);
     let n = q.shape(1);
+    let nk = k.shape(1);
     let pos = ABSOLUTE_POS;
     if pos >= q.shape(0) * n {
         terminate!();
     }
     let keep = F::cast_from(keep);
     let ramp = F::cast_from(ramp);
-    let at = QueryKeys::<F>::new(pos, n, z, ramp, block, n_heads, group_heads, f.span);
+    let at = QueryKeys::<F>::new(
+        pos,
+        n,
+        nk,
+        z,
+        ramp,
+        win,
+        block,
+        n_heads,
+        group_heads,
+        f.span,
+        f.cached,
+    );
     let head = at.head;
-    let row = at.row;
     let zh = at.z;
     let qb = pos * w;
     let ob = pos * (d + 1);
@@ -655,13 +734,13 @@ fn backward_query_kernel<F: Float, N: Size>(
     let mut column = Array::<Vector<F, N>>::new(w);
     let mut dz = F::new(0.0);
     for idx in offsets[at.list] as usize..offsets[at.list + 1] as usize {
-        let run = at.run(items, idx, n, f.causal, f.span);
+        let run = at.run(items, idx, nk, f.causal, comptime!(f.span || f.cached));
         for j in run.first..run.end {
             if j >= at.lo {
-                let kb = (head * n + j) * w;
+                let kb = (head * nk + j) * w;
                 let mut s = dot_row(&qr, k, kb, w, line);
                 if f.relative {
-                    gather_row(&mut column, pe, row - j, pe.shape(1), w, line);
+                    gather_row(&mut column, pe, at.p - j - at.dmin, pe.shape(1), w, line);
                     s += dot_rows(&qr, &column, w, line);
                 }
                 let mut dp = dot_row(&gr, v, kb, w, line);
@@ -671,7 +750,7 @@ fn backward_query_kernel<F: Float, N: Size>(
                 let diff = dp - dl;
                 let mut e = probability::<F>(s, lse, f.span);
                 if f.span {
-                    let ratio = span_ratio::<F>(zh, ramp, row, j);
+                    let ratio = span_ratio::<F>(zh, ramp, at.p, j);
                     if ratio >= F::new(0.0) && ratio <= F::new(1.0) {
                         dz += e * diff / ramp;
                     }
@@ -693,7 +772,7 @@ fn backward_query_kernel<F: Float, N: Size>(
             let s = dot_row(&qr, mk, kb, w, line);
             let mut dp = dot_row(&gr, mv, kb, w, line);
             if f.dropout {
-                dp *= dropout_factor_cube::<F>(seed, pos, n + slot, threshold, keep);
+                dp *= dropout_factor_cube::<F>(seed, pos, nk + slot, threshold, keep);
             }
             let ds = probability::<F>(s, lse, f.span) * (dp - dl);
             accumulate(&mut acc, ds, mk, kb, w);
@@ -738,6 +817,7 @@ fn backward_key_kernel<F: Float, N: Size>(
     delta: &Tensor<F>,
     offsets: &Tensor<u32>,
     items: &Tensor<u32>,
+    win: &Tensor<u32>,
     dk: &mut Tensor<Vector<F, N>>,
     dv: &mut Tensor<Vector<F, N>>,
     block: u32,
@@ -753,17 +833,18 @@ fn backward_key_kernel<F: Float, N: Size>(
     let (d, line) = comptime!((f.d, f.line));
     let w = comptime!(f.d / f.line);
     let n = q.shape(1);
+    let nk = k.shape(1);
     let heads = q.shape(0);
     let pos = ABSOLUTE_POS;
-    if pos >= heads * n {
+    if pos >= heads * nk {
         terminate!();
     }
     let keep = F::cast_from(keep);
     let ramp = F::cast_from(ramp);
     let mut acc_k = zeros::<F, N>(w);
     let mut acc_v = zeros::<F, N>(w);
-    let head = pos / n;
-    let key = pos % n;
+    let head = pos / nk;
+    let key = pos % nk;
     let bs = block as usize;
     let blocks = n.div_ceil(bs);
     let list = group_of(head, n_heads, group_heads) * blocks + key / bs;
@@ -777,6 +858,24 @@ fn backward_key_kernel<F: Float, N: Size>(
     if f.causal {
         i_lo = key;
     }
+    // A cached layer: query `i` sits at key position `offset + i` and sees this key at
+    // distances `dmin..=dmax` (not at all before its batch row's first key).
+    let mut offset = 0usize;
+    let mut dmin = 0usize;
+    let mut i_lo_step = first_in_step(key);
+    let mut i_end = n;
+    if f.cached {
+        offset = win[0] as usize;
+        dmin = win[1] as usize;
+        let dmax = win[2] as usize;
+        let first = win[4 + head / win[3] as usize] as usize;
+        i_lo = sub_or_zero(key + dmin, offset);
+        i_lo_step = sub_or_zero(first_in_step(key) + dmin, offset);
+        i_end = i_end.min(sub_or_zero(key + dmax + 1, offset));
+        if key < first {
+            i_end = 0;
+        }
+    }
     let kb = pos * w;
     let mut kr = Array::<Vector<F, N>>::new(w);
     load_row(&mut kr, k, kb, w);
@@ -785,12 +884,12 @@ fn backward_key_kernel<F: Float, N: Size>(
     let mut column = Array::<Vector<F, N>>::new(w);
     for idx in offsets[list] as usize..offsets[list + 1] as usize {
         let mut first = items[idx] as usize * bs;
-        let mut end = (first + bs).min(n);
+        let mut end = (first + bs).min(n.min(i_end));
         if f.causal {
-            first = first.max(first_in_step(key));
+            first = first.max(i_lo_step);
         }
         if f.span {
-            end = end.min(key + reach + 1);
+            end = end.min(sub_or_zero(key + reach + 1, offset));
         }
         for i in first..end {
             if i >= i_lo {
@@ -798,13 +897,20 @@ fn backward_key_kernel<F: Float, N: Size>(
                 let qb = qi * w;
                 let mut s = dot_row(&kr, q, qb, w, line);
                 if f.relative {
-                    gather_row(&mut column, pe, i - key, pe.shape(1), w, line);
+                    gather_row(
+                        &mut column,
+                        pe,
+                        offset + i - key - dmin,
+                        pe.shape(1),
+                        w,
+                        line,
+                    );
                     s += dot_row(&column, q, qb, w, line);
                 }
                 let dp = dot_row(&vr, go, qb, w, line);
                 let mut e = probability::<F>(s, out[qi * (d + 1) + d], f.span);
                 if f.span {
-                    let ratio = span_ratio::<F>(zh, ramp, i, key);
+                    let ratio = span_ratio::<F>(zh, ramp, offset + i, key);
                     e *= F::clamp(ratio, F::new(0.0), F::new(1.0));
                 }
                 let mut factor = F::new(1.0);
@@ -831,6 +937,7 @@ fn backward_memory_kernel<F: Float, N: Size>(
     out: &Tensor<F>,
     go: &Tensor<Vector<F, N>>,
     delta: &Tensor<F>,
+    win: &Tensor<u32>,
     dmk: &mut Tensor<Vector<F, N>>,
     dmv: &mut Tensor<Vector<F, N>>,
     seed: u32,
@@ -842,6 +949,11 @@ fn backward_memory_kernel<F: Float, N: Size>(
     let (d, line) = comptime!((f.d, f.line));
     let w = comptime!(f.d / f.line);
     let n = q.shape(1);
+    // Context keys before the slots (dropout key `nk + slot`): `n`, or `s + n` when cached.
+    let mut nk = n;
+    if f.cached {
+        nk += win[0] as usize;
+    }
     let mem = mk.shape(1);
     let pos = ABSOLUTE_POS;
     if pos >= q.shape(0) * mem {
@@ -865,7 +977,7 @@ fn backward_memory_kernel<F: Float, N: Size>(
         let e = probability::<F>(s, out[qi * (d + 1) + d], f.span);
         let mut factor = F::new(1.0);
         if f.dropout {
-            factor = dropout_factor_cube::<F>(seed, qi, n + slot, threshold, keep);
+            factor = dropout_factor_cube::<F>(seed, qi, nk + slot, threshold, keep);
         }
         key_terms(
             &mut acc_k, &mut acc_v, e, dp, factor, delta[qi], q, go, qb, w,
@@ -888,6 +1000,7 @@ fn backward_position_kernel<F: Float, N: Size>(
     out: &Tensor<F>,
     go: &Tensor<Vector<F, N>>,
     delta: &Tensor<F>,
+    win: &Tensor<u32>,
     dpe: &mut Tensor<F>,
     seed: u32,
     threshold: u32,
@@ -899,18 +1012,32 @@ fn backward_position_kernel<F: Float, N: Size>(
     let (d, line) = comptime!((f.d, f.line));
     let w = comptime!(f.d / f.line);
     let n = q.shape(1);
+    let nk = k.shape(1);
     let span = pe.shape(1);
     let pos = ABSOLUTE_POS;
     if pos >= q.shape(0) * span {
         terminate!();
     }
     let head = pos / span;
-    let dist = pos % span;
+    let column_of = pos % span;
+    // Column `c` is distance `c + dmin`; query `i` (key position `offset + i`) meets it in key
+    // `offset + i − dist`, visible from the row's first key on and up to `dmax`.
+    let mut dist = column_of;
+    let mut offset = 0usize;
+    let mut i_first = column_of;
+    let mut within = true;
+    if f.cached {
+        offset = win[0] as usize;
+        dist = column_of + win[1] as usize;
+        let first = win[4 + head / win[3] as usize] as usize;
+        i_first = sub_or_zero(first + dist, offset);
+        within = dist <= win[2] as usize;
+    }
     let keep = F::cast_from(keep);
     let ramp = F::cast_from(ramp);
     let mut acc = zeros::<F, N>(w);
     let mut column = Array::<Vector<F, N>>::new(w);
-    gather_row(&mut column, pe, dist, span, w, line);
+    gather_row(&mut column, pe, column_of, span, w, line);
     let mut qr = Array::<Vector<F, N>>::new(w);
     let mut vr = Array::<Vector<F, N>>::new(w);
     let mut zh = F::new(0.0);
@@ -919,12 +1046,12 @@ fn backward_position_kernel<F: Float, N: Size>(
         zh = span_of(z, head);
         reach = span_reach::<F>(zh, ramp);
     }
-    if dist <= reach {
-        for i in dist..n {
-            let key = i - dist;
+    if dist <= reach && within {
+        for i in i_first..n {
+            let key = offset + i - dist;
             let qi = head * n + i;
             let qb = qi * w;
-            let kb = (head * n + key) * w;
+            let kb = (head * nk + key) * w;
             load_row(&mut qr, q, qb, w);
             let s = dot_row(&qr, k, kb, w, line) + dot_rows(&qr, &column, w, line);
             load_row(&mut vr, v, kb, w);
@@ -940,7 +1067,7 @@ fn backward_position_kernel<F: Float, N: Size>(
             accumulate_row(&mut acc, ds, &qr, w);
         }
     }
-    scatter_row(dpe, head * d * span + dist, span, &acc, w, line);
+    scatter_row(dpe, head * d * span + column_of, span, &acc, w, line);
 }
 
 /// `out[s, l] = Σ_{h ≡ s (mod shared)} Σ_r part[h, r, l]` in increasing `h`, then `r`: the
@@ -1093,9 +1220,14 @@ struct Call {
     z: CubeTensor,
     flags: Flags,
     lists: DeviceLists,
-    /// Flattened heads, tokens, persistent slots, distances `key_pe` covers.
+    /// A cached layer's window as `u32`s: `[s, dmin, dmax, heads per batch row, then each batch
+    /// row's first visible key]` (query `i` is key `s + i` and sees the keys from its row's
+    /// first on at distances `dmin..=dmax`); a placeholder otherwise.
+    win: CubeTensor,
+    /// Flattened heads, queries, context keys, persistent slots, distances `key_pe` covers.
     heads: usize,
     n: usize,
+    nk: usize,
     mem: usize,
     span: usize,
     seed: u32,
@@ -1115,18 +1247,16 @@ impl Call {
     ) -> Self {
         let [q, k, v] = [q, k, v].map(into_contiguous);
         let [heads, n, d] = dims3(&q);
+        let nk = dims3(&k)[1];
         assert!(
-            dims3(&k) == [heads, n, d] && dims3(&v) == [heads, n, d],
-            "tiled_attention on Cube: q, k and v must all be [heads, n, d]"
+            dims3(&k) == [heads, nk, d] && dims3(&v) == [heads, nk, d],
+            "tiled_attention on Cube: k and v must both be [{heads}, keys, {d}]"
         );
         assert!(
             supported(d),
             "tiled_attention on Cube: head width {d} is outside 1..=256"
         );
-        assert!(
-            !keys.is_cached(),
-            "tiled_attention on Cube: a cached layer's keys run on flex or as composed tensor ops"
-        );
+        let (min_distance, max_distance) = keys.check(n, nk, heads);
         let extras = parts.memory.is_some() || parts.key_pe.is_some() || parts.span_z.is_some();
         assert!(
             !extras || keys.sparse.is_none(),
@@ -1150,10 +1280,12 @@ impl Call {
         let (pe, span) = match parts.key_pe {
             Some(pe) => {
                 let [pe_d, span] = pe.shape().dims::<2>();
+                // The farthest visible distance, as a column of key_pe.
+                let needed = max_distance.min(nk.saturating_sub(1)) + 1 - min_distance;
                 assert!(
-                    pe_d == d && span >= n && keys.causal,
-                    "tiled_attention on Cube: key_pe [{pe_d}, {span}] needs [{d}, ≥ {n}] and \
-                     causal keys"
+                    pe_d == d && span >= needed && keys.causal,
+                    "tiled_attention on Cube: key_pe [{pe_d}, {span}] needs [{d}, ≥ {needed}] \
+                     and causal keys"
                 );
                 (into_contiguous(pe), span)
             }
@@ -1165,7 +1297,23 @@ impl Call {
             "tiled_attention on Cube: ramp {ramp}"
         );
         let z = parts.span_z.map_or_else(placeholder, into_contiguous);
-        let lists = device_lists(keys, n, &q);
+        let (lists, win) = match &keys.cached {
+            // Dense lists over one block of all `s + n` keys; the window is the kernels' test.
+            Some(c) => {
+                let mut win = vec![
+                    c.cache as u32,
+                    c.min_distance as u32,
+                    c.max_distance as u32,
+                    c.n_heads as u32,
+                ];
+                win.extend(c.first.iter().map(|&f| f as u32));
+                (
+                    device_lists(&KeyLayout::dense(true), nk, &q),
+                    upload(&q, win),
+                )
+            }
+            None => (device_lists(keys, n, &q), upload(&q, vec![0])),
+        };
         Self {
             flags: Flags {
                 d,
@@ -1175,10 +1323,13 @@ impl Call {
                 memory: mem > 0,
                 relative: span > 0,
                 span: span_on,
+                cached: keys.cached.is_some(),
             },
             lists,
+            win,
             heads,
             n,
+            nk,
             mem,
             span,
             seed,
@@ -1219,6 +1370,7 @@ fn forward(c: &Call) -> CubeTensor {
             arg(&c.z),
             arg(offsets),
             arg(items),
+            arg(&c.win),
             arg(&out),
             c.lists.block,
             c.lists.n_heads,
@@ -1287,8 +1439,8 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
     let placeholder = || new(vec![1]);
     let (dq, dk, dv) = (
         new(vec![heads, n, d]),
-        new(vec![heads, n, d]),
-        new(vec![heads, n, d]),
+        new(vec![heads, c.nk, d]),
+        new(vec![heads, c.nk, d]),
     );
     // The output gradient without the log-sum-exp column, as vectors (the query pass writes it).
     let go = new(vec![heads, n, d]);
@@ -1326,6 +1478,7 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
             arg(&grad),
             arg(fwd_offsets),
             arg(fwd_items),
+            arg(&c.win),
             arg(&dq),
             arg(&go),
             arg(&delta),
@@ -1341,7 +1494,7 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
             dtype,
         );
     }
-    let (count, dim) = launch_shape(&c.q, heads * n);
+    let (count, dim) = launch_shape(&c.q, heads * c.nk);
     let [bwd_offsets, bwd_items] = &c.lists.bwd;
     // SAFETY: in bounds by construction (module doc, "Bounds").
     unsafe {
@@ -1360,6 +1513,7 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
             arg(&delta),
             arg(bwd_offsets),
             arg(bwd_items),
+            arg(&c.win),
             arg(&dk),
             arg(&dv),
             c.lists.block,
@@ -1388,6 +1542,7 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
                 arg(&out),
                 arg(&go),
                 arg(&delta),
+                arg(&c.win),
                 arg(&dmk),
                 arg(&dmv),
                 c.seed,
@@ -1416,6 +1571,7 @@ fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
                 arg(&out),
                 arg(&go),
                 arg(&delta),
+                arg(&c.win),
                 arg(&part),
                 c.seed,
                 c.threshold,
@@ -1540,7 +1696,7 @@ impl AttentionBackward for Fusion<CubeBackend> {
 #[cfg(test)]
 mod tests {
     use super::super::KeyLayout;
-    use super::super::tests::{check_all_attention_on, check_on, sparse_cases};
+    use super::super::tests::{cached_cases, check_all_attention_on, check_on, sparse_cases};
     use crate::test_util::wgpu;
     use burn::tensor::{Device, Tensor, TensorData};
 
@@ -1600,6 +1756,21 @@ mod tests {
             let dropout = if shape[1] == 37 { (0.3, 7) } else { (0.0, 0) };
             let name = format!("wgpu {name}");
             check_on(&device, &cube_mask, shape, keys, allowed, dropout, &name);
+        }
+    }
+
+    /// Cached layouts on wgpu ([`cached_cases`]: the query offset, windows with and without
+    /// self, masked starts; 70 queries after a cache of 50, 2 cubes of units), dropout 0.3,
+    /// against masked tensor ops with the kernels' mask.
+    #[test]
+    fn cube_cached_layouts_equal_masked_tensor_ops() {
+        let Some(device) = wgpu() else {
+            return;
+        };
+        let device = device.autodiff();
+        for (name, shape, keys, allowed) in cached_cases(&[(70, 50, 60), (9, 4, 7)]) {
+            let name = format!("wgpu {name}");
+            check_on(&device, &cube_mask, shape, keys, allowed, (0.3, 9), &name);
         }
     }
 

@@ -183,11 +183,6 @@ impl KeyLayout {
         }
     }
 
-    /// Whether this is a cached layer's layout (flex only so far).
-    pub(crate) fn is_cached(&self) -> bool {
-        self.cached.is_some()
-    }
-
     /// The first context key flattened head `h` may see (after a masked stream start).
     fn first_key(&self, h: usize) -> usize {
         self.cached.as_ref().map_or(0, |c| c.first[h / c.n_heads])
@@ -778,15 +773,29 @@ mod tests {
         }
     }
 
-    /// Cached layouts ([`KeyLayout::cached`]): 37 and 300 queries after caches of 20 and 290
-    /// (key runs starting mid-cache, two query tiles), windows of 25 and 260 with and without
-    /// self, zeros and masked starts (batch rows of 2 heads with different valid counts, every
-    /// query seeing at least one key), dropout 0 and 0.3.
+    /// Cached layouts ([`KeyLayout::cached`]) on flex against masked tensor ops, dropout 0 and
+    /// 0.3 ([`cached_cases`]).
     #[test]
     fn cached_layouts_equal_masked_tensor_ops() {
+        for (name, shape, keys, allowed) in cached_cases(&[(37, 20, 25), (300, 290, 260)]) {
+            for dropout in [(0.0f32, 0u32), (0.3, 5)] {
+                let name = format!("{name} p={}", dropout.0);
+                check_against_tensor_ops(shape, keys.clone(), allowed.clone(), dropout, &name);
+            }
+        }
+    }
+
+    /// Cached layouts for `(queries, cache, span)` sizes: windows with and without self, zeros
+    /// and masked starts (batch rows of 2 heads with different valid counts, every query seeing
+    /// at least one key), head width 8: a name, the queries' `[heads, n, d]`, the layout, and
+    /// the keys each query may see (`[heads, n, cache + n]`).
+    pub(super) fn cached_cases(
+        sizes: &[(usize, usize, usize)],
+    ) -> Vec<(String, [usize; 3], KeyLayout, Vec<bool>)> {
         let (n_heads, batch, d) = (2, 2, 8);
         let heads = n_heads * batch;
-        for (n, cache, span) in [(37usize, 20usize, 25usize), (300, 290, 260)] {
+        let mut cases = vec![];
+        for &(n, cache, span) in sizes {
             for include_self in [false, true] {
                 for valid in [vec![cache, cache], vec![3, cache / 2]] {
                     let view = crate::cache::CacheView {
@@ -803,20 +812,13 @@ mod tests {
                             j >= first && delta >= lo as i64 && delta <= hi as i64
                         })
                         .collect();
-                    for dropout in [(0.0f32, 0u32), (0.3, 5)] {
-                        let name = format!("n={n} cache={cache} {view:?} p={}", dropout.0);
-                        let keys = KeyLayout::cached(&view, cache, n_heads);
-                        check_against_tensor_ops(
-                            [heads, n, d],
-                            keys,
-                            allowed.clone(),
-                            dropout,
-                            &name,
-                        );
-                    }
+                    let name = format!("n={n} cache={cache} {view:?}");
+                    let keys = KeyLayout::cached(&view, cache, n_heads);
+                    cases.push((name, [heads, n, d], keys, allowed));
                 }
             }
         }
+        cases
     }
 
     /// Block-sparse layouts: every built-in pattern and both combinators, causal and
@@ -964,7 +966,7 @@ mod tests {
         };
         cases.push((cached, cached_inputs, KeyLayout::cached(&view, 300, 2)));
         for (shape, inputs, keys) in cases {
-            let grad = if keys.is_cached() {
+            let grad = if keys.cached.is_some() {
                 &cached_grad
             } else {
                 &grad

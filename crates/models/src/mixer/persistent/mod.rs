@@ -357,11 +357,11 @@ impl PersistentAttention {
         key_pe: Option<&Tensor<2>>,
         view: &CacheView,
     ) -> Tensor<4> {
-        let fused = self.attn.fused && super::cached_attention_fused_on(&q.device());
+        let fused = self.attn.fused && super::cached_attention_fused_on(&q.device(), q.dims()[3]);
         self.attend_cached_with(q, k, v, key_pe, view, fused)
     }
 
-    /// [`attend_cached`](Self::attend_cached) as the fused operation (flex: context over the
+    /// [`attend_cached`](Self::attend_cached) as the fused operation (flex, Cube: context over the
     /// window, relative positions, adaptive span and memory in one online softmax, the
     /// `[n, s + n]` scores never materialised) or composed from tensor ops (every backend, and
     /// the fused path's reference).
