@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::Config;
 use crate::device::{self, BackendChoice};
-use crate::optim::{adamw, clip_global_norm, learning_rate, read_scalars};
+use crate::optim::{adamw, clip_global_norm, learning_rate, optimizer, read_scalars};
 use crate::parallel::{Extras, accumulate_micro_batch, fork_replicas};
 use crate::source::Source;
 use crate::telemetry::{device_memory_mb, peak_rss_mb, rss_mb};
@@ -77,7 +77,7 @@ pub fn train_step(opts: &TrainOptions, steps: usize, warmup: usize) -> Result<Va
     let ad = replicas[0].clone();
     ad.seed(config.train.seed);
     let mut model = config.model.init(&ad).context("invalid [model]")?;
-    let mut optim = adamw(&config.optim, &model);
+    let mut optim = optimizer(&config.optim, &model);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(config.train.seed);
     let mut batch_at = |i: u64| match &source {
         Some(s) => s.train_batch(batch_size, seq, i),

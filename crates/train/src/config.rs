@@ -31,7 +31,8 @@ pub struct Config {
     pub train: TrainConfig,
 }
 
-/// `[optim]`: AdamW with decoupled weight decay, global-norm clipping, warmup + cosine decay.
+/// `[optim]`: AdamW with decoupled weight decay (or the all-attention paper's Adagrad),
+/// global-norm clipping, warmup + cosine decay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
@@ -51,6 +52,35 @@ pub struct OptimConfig {
     pub eps: f64,
     /// Clip the global L2 norm of all gradients to this value; 0 disables clipping.
     pub grad_clip: f64,
+    /// `adamw`, or `adagrad` (Sukhbaatar et al.'s `AdagradWithGradClip`, with `step_clip`).
+    #[serde(skip_serializing_if = "OptimKind::is_adamw")]
+    pub kind: OptimKind,
+    /// Adagrad only: a parameter tensor whose gradient's L2 norm passes this takes a step
+    /// scaled by `step_clip / norm` (its accumulator still adds the raw squared gradient);
+    /// 0 = off. The all-attention paper's `--grad-clip 0.03`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub step_clip: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// `optim.kind`: which optimiser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimKind {
+    /// AdamW (β₁, β₂, ε, decoupled weight decay on matrices).
+    #[default]
+    AdamW,
+    /// Adagrad with the per-parameter step clipping of Sukhbaatar et al.'s code.
+    Adagrad,
+}
+
+impl OptimKind {
+    fn is_adamw(&self) -> bool {
+        *self == OptimKind::AdamW
+    }
 }
 
 impl Default for OptimConfig {
@@ -64,6 +94,8 @@ impl Default for OptimConfig {
             beta2: 0.95,
             eps: 1e-8,
             grad_clip: 1.0,
+            kind: OptimKind::AdamW,
+            step_clip: 0.0,
         }
     }
 }
@@ -282,6 +314,22 @@ impl Config {
                 o.grad_clip
             );
         }
+        if o.step_clip.is_nan() || o.step_clip < 0.0 {
+            bail!("optim.step_clip = {}: must be >= 0 (0 = off)", o.step_clip);
+        }
+        match o.kind {
+            OptimKind::AdamW if o.step_clip > 0.0 => bail!(
+                "optim.step_clip = {} is Adagrad's per-parameter step clipping: set \
+                 optim.kind = \"adagrad\", or use optim.grad_clip (global) with AdamW",
+                o.step_clip
+            ),
+            OptimKind::Adagrad if o.weight_decay > 0.0 => bail!(
+                "optim.weight_decay = {} is AdamW's: set optim.weight_decay = 0 with \
+                 optim.kind = \"adagrad\" (the paper's Adagrad has none)",
+                o.weight_decay
+            ),
+            _ => {}
+        }
         if t.objective == Objective::Causal && !self.model.is_causal() {
             bail!(
                 "model.mixer.causal = false with train.objective = \"causal\": a bidirectional \
@@ -478,6 +526,27 @@ mod tests {
     fn validation_names_the_key() {
         let c = Config::parse("[optim]\nlr = 2.0\n", "v.toml", &[]).unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("optim.lr"));
+        // Adagrad's step clipping belongs to Adagrad; AdamW's weight decay to AdamW.
+        let c = Config::parse("[optim]\nstep_clip = 0.03\n", "v.toml", &[]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("optim.step_clip") && err.contains("adagrad"),
+            "{err}"
+        );
+        let text = "[optim]\nkind = \"adagrad\"\nweight_decay = 0.1\n";
+        let err = Config::parse(text, "v.toml", &[])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("optim.weight_decay"), "{err}");
+        let text = "[optim]\nkind = \"adagrad\"\nweight_decay = 0.0\nstep_clip = 0.03\n";
+        let c = Config::parse(text, "v.toml", &[]).unwrap();
+        assert_eq!(
+            (c.optim.kind, c.optim.step_clip),
+            (OptimKind::Adagrad, 0.03)
+        );
+        let back = Config::parse(&c.to_toml(), "resolved", &[]).unwrap();
+        assert_eq!(back, c);
         let c = Config::parse("[model.mixer]\nkind = \"fourier\"\n", "v.toml", &[]).unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(

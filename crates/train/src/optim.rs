@@ -1,5 +1,6 @@
-//! The optimiser: AdamW with decoupled weight decay applied to matrices only, global-norm
-//! gradient clipping, and a linear-warmup + cosine-decay learning rate.
+//! The optimiser: AdamW with decoupled weight decay applied to matrices only (or the
+//! all-attention paper's Adagrad with per-parameter step clipping), global-norm gradient
+//! clipping, and a linear-warmup + cosine-decay learning rate.
 //!
 //! Burn's built-in `GradientClippingConfig::Norm` clips each parameter tensor on its own; we
 //! implement the usual global-norm clipping (PyTorch's `clip_grad_norm_`, nanoGPT): one L2 norm
@@ -8,10 +9,94 @@
 use std::f64::consts::PI;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::Tensor;
+use burn::optim::{
+    AdamWConfig, GradientsParams, LearningRate, ModuleOptimizer, Optimizer, RecordState, StateSink,
+    StateSource,
+};
+use burn::tensor::{Device, Tensor};
 
-use crate::config::OptimConfig;
+use crate::config::{OptimConfig, OptimKind};
+
+/// The optimiser `config.kind` names for `model`: [`adamw`] or [`ClippedAdagrad`].
+pub fn optimizer<M: Module>(config: &OptimConfig, model: &M) -> ModuleOptimizer {
+    match config.kind {
+        OptimKind::AdamW => adamw(config, model),
+        OptimKind::Adagrad => ModuleOptimizer::from(ClippedAdagrad {
+            step_clip: config.step_clip,
+        }),
+    }
+}
+
+/// Adagrad as the all-attention paper's code runs it (Sukhbaatar et al. 2019,
+/// `AdagradWithGradClip`): per parameter tensor, the accumulator adds the raw squared
+/// gradient, `a += g²`, and the step is `lr · s · g / (√a + 1e-10)` with
+/// `s = min(1, step_clip / (‖g‖₂ + 1e-10))` when `step_clip > 0` (else 1) — the clipping
+/// scales the step, not the gradient the accumulator sees, which Burn's AdaGrad (gradient
+/// clipping before the accumulator, ε 1e-5) cannot express. The scale stays on the device (no
+/// read per parameter). No weight decay, no learning-rate decay (the paper's are 0).
+#[derive(Clone, Debug)]
+pub struct ClippedAdagrad {
+    /// Per-parameter step clipping threshold; 0 = off.
+    pub step_clip: f64,
+}
+
+/// [`ClippedAdagrad`]'s state of one parameter: the sum of its squared gradients.
+#[derive(Clone)]
+pub struct AdagradState<const D: usize> {
+    sum: Tensor<D>,
+}
+
+impl<const D: usize> RecordState for AdagradState<D> {
+    fn state_flatten(&self, prefix: &str, out: &mut StateSink) {
+        out.push_tensor(prefix, "sum", self.sum.to_data());
+    }
+
+    fn state_unflatten(prefix: &str, src: &mut StateSource, device: &Device) -> Option<Self> {
+        let data = src.take_tensor(prefix, "sum")?;
+        Some(Self {
+            sum: Tensor::from_data(data, device),
+        })
+    }
+}
+
+impl Optimizer for ClippedAdagrad {
+    type State<const D: usize> = AdagradState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let squared = grad.clone().square();
+        let sum = match state {
+            Some(state) => state.sum + squared,
+            None => squared,
+        };
+        let mut step = grad.clone() / sum.clone().sqrt().add_scalar(1e-10);
+        if self.step_clip > 0.0 {
+            // min(1, clip / (‖g‖ + 1e-10)), one element broadcast over the tensor.
+            let scale = grad
+                .square()
+                .sum()
+                .sqrt()
+                .add_scalar(1e-10)
+                .recip()
+                .mul_scalar(self.step_clip)
+                .clamp_max(1.0)
+                .reshape([1usize; D]);
+            step = step * scale;
+        }
+        (tensor - step.mul_scalar(lr), Some(AdagradState { sum }))
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        AdagradState {
+            sum: state.sum.to_device(device),
+        }
+    }
+}
 
 /// AdamW for `model`: weight decay on every parameter of rank >= 2 that is not an embedding;
 /// none on norms, biases, embeddings and position keys (nanoGPT / GPT-3 practice). With a tied head the
@@ -172,6 +257,77 @@ pub fn learning_rate(config: &OptimConfig, step: usize, total: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The paper's Adagrad against f64 loops over three steps: a tensor whose gradient norm
+    /// passes `step_clip` (its step scaled by `clip / norm`, its accumulator unclipped) and
+    /// one below it (plain Adagrad); then the state through its record and back gives the
+    /// same fourth step.
+    #[test]
+    fn clipped_adagrad_equals_the_papers_update() {
+        let device = Device::flex();
+        let optim = ClippedAdagrad { step_clip: 0.5 };
+        let lr = 0.07;
+        for (name, size) in [("clipped", 1.0f64), ("unclipped", 0.01)] {
+            let w0: Vec<f64> = (0..6).map(|i| 0.3 * i as f64 - 0.7).collect();
+            let grads: Vec<Vec<f64>> = (0..4)
+                .map(|t| {
+                    (0..6)
+                        .map(|i| size * ((i * 7 + t * 3) % 5) as f64 - size * 1.5)
+                        .collect()
+                })
+                .collect();
+            let to = |v: &[f64]| {
+                Tensor::<2>::from_data(
+                    burn::tensor::TensorData::new(
+                        v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+                        [2, 3],
+                    ),
+                    &device,
+                )
+            };
+            // The reference.
+            let (mut w, mut sum) = (w0.clone(), vec![0.0f64; 6]);
+            let mut want = vec![];
+            for g in &grads {
+                let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let scale = if norm > 0.5 {
+                    0.5 / (norm + 1e-10)
+                } else {
+                    1.0
+                };
+                for i in 0..6 {
+                    sum[i] += g[i] * g[i];
+                    w[i] -= lr * scale * g[i] / (sum[i].sqrt() + 1e-10);
+                }
+                want.push(w.clone());
+            }
+            let (mut t, mut state) = (to(&w0), None);
+            for (step, g) in grads.iter().enumerate() {
+                if step == 3 {
+                    // Through the record, as a checkpoint stores it.
+                    let mut sink = StateSink::default();
+                    let s: &AdagradState<2> = state.as_ref().unwrap();
+                    s.state_flatten("p", &mut sink);
+                    let mut src = StateSource::default();
+                    for (k, v) in sink.tensors {
+                        src.insert_tensor(k, v);
+                    }
+                    state = AdagradState::state_unflatten("p", &mut src, &device);
+                    assert!(state.is_some(), "{name}: the state did not come back");
+                }
+                let (next, s) = optim.step(lr, t, to(g), state);
+                (t, state) = (next, s);
+                let got: Vec<f32> = t.to_data().try_to_vec().unwrap();
+                for (a, b) in got.iter().zip(&want[step]) {
+                    assert!(
+                        (f64::from(*a) - b).abs() < 1e-5,
+                        "{name} step {step}: {got:?} vs {:?}",
+                        want[step]
+                    );
+                }
+            }
+        }
+    }
 
     /// Global-norm clipping on the device against an f64 reference: the norm of all gradients,
     /// every gradient scaled by `max_norm / (norm + 1e-6)` when the norm is over, and the very

@@ -20,7 +20,7 @@ use crate::config::{Config, NonFinite};
 use crate::device::Selected;
 use crate::distributed::{all_reduce_step, broadcast_parameters, check_replicas};
 use crate::metrics::MetricsLog;
-use crate::optim::{adamw, clip_global_norm, learning_rate, read_scalars};
+use crate::optim::{clip_global_norm, learning_rate, optimizer, read_scalars};
 use crate::parallel::{Extras, accumulate_micro_batch, fork_replicas};
 use crate::resume::{Progress, report_changes, resume_point, write_checkpoint};
 use crate::source::{Protocol, Source, Unit, to_tensors};
@@ -240,7 +240,7 @@ impl<'w> Trainer<'w> {
         }
         let model = broadcast_parameters(world, model);
         // Built after loading: weight-decay groups are keyed by the (restored) parameter ids.
-        let mut optim = adamw(&config.optim, &model);
+        let mut optim = optimizer(&config.optim, &model);
         let (mut start, mut valid_loss) = (0, None);
         if let Some((ckpt, manifest)) = &resume_from {
             optim = checkpoint::load_optim(ckpt, optim)?;
