@@ -21,7 +21,9 @@ use sha2::{Digest, Sha256};
 use crate::text::{Splits, Tokenizer};
 
 const MAGIC: &[u8; 8] = b"MIXLABTK";
-const VERSION: u32 = 2;
+/// 3: word vocabularies ordered by frequency (2 had them in order of first appearance, so a
+/// version-2 cache is rebuilt, never read with the other order).
+const VERSION: u32 = 3;
 const HEADER: usize = 64;
 
 /// Why a cache could not be used (it is then rebuilt).
@@ -144,7 +146,9 @@ pub fn load(dir: &Path) -> Result<Splits, Stale> {
         let u32_at = |o: usize| u32::from_le_bytes(map[o..o + 4].try_into().unwrap());
         if u32_at(8) != VERSION || u32_at(12) != w {
             return Err(invalid(format!(
-                "{name}.bin has another format version or id width"
+                "{name}.bin has format version {} (this build writes {VERSION}: word \
+                 vocabularies ordered by frequency) or another id width",
+                u32_at(8)
             )));
         }
         if map[24..56] != hash {

@@ -529,6 +529,29 @@ mod tests {
         assert!(s.test.is_none());
     }
 
+    /// PTB's word vocabulary is ordered by frequency: the counts of ids 0, 1, 2, ... in the
+    /// encoded training split never increase, and a second build gives the same ids.
+    #[test]
+    fn ptb_word_ids_are_frequency_ranks() {
+        let Some(dir) = shared("ptb") else {
+            return;
+        };
+        let text = std::fs::read_to_string(dir.join("ptb.train.txt")).unwrap();
+        let vocab = WordVocab::from_train(&text);
+        let ids = vocab.encode_lines(&text, "train", &dir).unwrap();
+        let mut counts = vec![0u64; vocab.len()];
+        for &id in &ids {
+            counts[id as usize] += 1;
+        }
+        assert_eq!(vocab.len(), 10_000);
+        assert!(
+            counts.windows(2).all(|w| w[0] >= w[1]),
+            "counts not non-increasing"
+        );
+        assert_eq!(vocab.word(0), Some("the"));
+        assert_eq!(WordVocab::from_train(&text), vocab);
+    }
+
     #[test]
     fn ptb_char_valid_loads_as_symbols() {
         let Some(dir) = shared("ptb-char") else {

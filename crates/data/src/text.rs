@@ -48,7 +48,7 @@ pub enum Tokenizer {
         /// have characters the training split lacks).
         unknown: bool,
     },
-    /// Word level: the training split's words in order of first appearance.
+    /// Word level: the training split's words, most frequent first.
     Word(WordVocab),
 }
 
@@ -124,8 +124,9 @@ pub const EOS: &str = "<eos>";
 /// The unknown-word token, when a corpus defines it (PTB, WikiText).
 pub const UNK: &str = "<unk>";
 
-/// A word vocabulary: the training split's words in order of first appearance (the
-/// pytorch/examples word_language_model convention), `<eos>` among them.
+/// A word vocabulary: the training split's words, `<eos>` and `<unk>` among them, most
+/// frequent first (ties in order of first appearance), so that an adaptive softmax's cutoffs
+/// cut at frequency ranks (Transformer-XL's and adaptive-span's vocabularies are ordered so).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "WordList", into = "WordList")]
 pub struct WordVocab {
@@ -163,18 +164,24 @@ impl From<WordVocab> for WordList {
 }
 
 impl WordVocab {
-    /// The vocabulary of a training text.
+    /// The vocabulary of a training text: every word and `<eos>` (one per line), by count
+    /// descending, ties in order of first appearance — the same ids on every run.
     pub fn from_train(text: &str) -> Self {
-        let mut words: Vec<String> = vec![];
-        let mut index: HashMap<String, u32> = HashMap::new();
+        // (word, count) in order of first appearance.
+        let mut counts: Vec<(&str, u64)> = vec![];
+        let mut index: HashMap<&str, usize> = HashMap::new();
         for line in text.lines() {
             for w in line.split_whitespace().chain([EOS]) {
-                if !index.contains_key(w) {
-                    index.insert(w.to_string(), words.len() as u32);
-                    words.push(w.to_string());
-                }
+                let at = *index.entry(w).or_insert_with(|| {
+                    counts.push((w, 0));
+                    counts.len() - 1
+                });
+                counts[at].1 += 1;
             }
         }
+        // A stable sort keeps first appearance among equal counts.
+        counts.sort_by_key(|&(_, count)| std::cmp::Reverse(count));
+        let words = counts.into_iter().map(|(w, _)| w.to_string()).collect();
         WordList { words }.into()
     }
 
@@ -244,10 +251,21 @@ mod tests {
         assert_eq!(Tokenizer::char_level("abcabc", "ab").vocab_size(), 3);
     }
 
+    /// Most frequent first, ties in order of first appearance, the same on every build.
+    #[test]
+    fn word_vocab_is_ordered_by_frequency() {
+        let text = "b a c\na b a\n\nc d e\n";
+        let v = WordVocab::from_train(text);
+        // <eos> 4, a 3, b 2, c 2 (b first), d 1, e 1 (d first).
+        let words: Vec<&str> = (0..v.len() as u32).map(|i| v.word(i).unwrap()).collect();
+        assert_eq!(words, [EOS, "a", "b", "c", "d", "e"]);
+        assert_eq!(WordVocab::from_train(text), v);
+    }
+
     #[test]
     fn word_vocab_appends_eos_to_every_line_including_blank_ones() {
         let v = WordVocab::from_train(" the cat \n \n the dog \n");
-        assert_eq!(v.len(), 4, "the cat <eos> dog");
+        assert_eq!(v.len(), 4, "<eos> the cat dog");
         let ids = v
             .encode_lines(" the cat \n \n the dog \n", "train", Path::new("x"))
             .unwrap();

@@ -306,6 +306,31 @@ impl Source {
         }
     }
 
+    /// Refuses a run whose saved `tokenizer.json` is not the tokenizer this corpus gives now:
+    /// the run's token ids would mean other tokens (a run made before word vocabularies were
+    /// ordered by frequency, or an edited corpus). A run without the file passes.
+    pub fn check_run_tokenizer(&self, run_dir: &std::path::Path) -> Result<()> {
+        let path = run_dir.join("tokenizer.json");
+        let (Some(now), Ok(text)) = (self.tokenizer(), std::fs::read_to_string(&path)) else {
+            return Ok(());
+        };
+        let saved: Tokenizer = serde_json::from_str(&text)
+            .with_context(|| format!("cannot read the run's tokenizer {}", path.display()))?;
+        if &saved != now {
+            bail!(
+                "{}: this run's vocabulary ({} tokens) is not the one its corpus gives now \
+                 ({} tokens, or the same words with other ids), so its token ids would mean \
+                 other tokens. Word vocabularies are ordered by frequency since token-cache \
+                 format 3; a word-level run made before cannot be resumed or evaluated by this \
+                 build: train it again, or use the build that made it",
+                path.display(),
+                saved.vocab_size(),
+                now.vocab_size()
+            );
+        }
+        Ok(())
+    }
+
     /// The tokenizer of a text corpus.
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
         match self {

@@ -211,6 +211,9 @@ impl<'w> Trainer<'w> {
         }
         config.model.validate().context("invalid [model]")?;
         let resume_from = resume_point(opts.resume.as_deref(), &config, &run_dir)?;
+        if resume_from.is_some() {
+            source.check_run_tokenizer(&run_dir)?;
+        }
         same_start_everywhere(world, resume_from.as_ref().map(|(_, m)| m.step))?;
 
         let all = config.train.select_devices()?;

@@ -46,6 +46,7 @@ fn run(cli: &Cli) -> Result<serde_json::Value> {
     let config = Config::load(&cli.run.join("config.toml"), &cli.set)?;
     let (t, seq) = (&config.train, config.model.seq_len);
     let source = Source::build(&config.data, seq, t.batch_size, t.seed)?;
+    source.check_run_tokenizer(&cli.run)?;
     let protocol = Protocol::of(&config);
     let batches = match cli.split.as_str() {
         "valid" => source.valid_batches(&protocol, None),

@@ -387,3 +387,63 @@ fn a_full_disk_mid_checkpoint_keeps_the_previous_one_and_says_how_to_go_on() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("resumed at step 4"));
     assert!(run_dir.join("checkpoints/step-8/manifest.json").is_file());
 }
+
+/// A word-level run whose saved vocabulary is not the one its corpus gives now (as a run made
+/// when word ids followed first appearance: two words' ids swapped in its `tokenizer.json`) is
+/// refused on resume and by `eval`, naming the file, instead of reading its ids as other words.
+#[test]
+fn a_run_whose_vocabulary_differs_from_its_corpus_is_refused() {
+    let dir = scratch("vocab-order");
+    let config = write_cached_config(&dir, |t| {
+        t.replace("level = \"byte\"", "level = \"word\"")
+            .replace("dropout = 0.1", "dropout = 0.0")
+    });
+    // Every split's words appear in the training split (the corpus has no <unk>).
+    let line = "the cache reaches back past its block and a stream goes on\n";
+    std::fs::write(dir.join("corpus.txt"), line.repeat(40)).unwrap();
+    let run_dir = dir.join("run");
+    let sets = [
+        "train.steps=2",
+        "train.checkpoint_every=2",
+        "train.eval_every=0",
+    ];
+    ok(&train_with(&config, &run_dir, &sets));
+    let path = run_dir.join("tokenizer.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    fn words(v: &mut serde_json::Value) -> Option<&mut Vec<serde_json::Value>> {
+        match v {
+            serde_json::Value::Object(map) => {
+                if map.contains_key("words") {
+                    return map.get_mut("words")?.as_array_mut();
+                }
+                map.values_mut().find_map(words)
+            }
+            _ => None,
+        }
+    }
+    let list = words(&mut json).expect("a word vocabulary");
+    assert!(list.len() > 2, "{list:?}");
+    list.swap(0, 1);
+    std::fs::write(&path, json.to_string()).unwrap();
+
+    let out = run(train_bin()
+        .arg("--resume")
+        .arg(&run_dir)
+        .args(["--set", "train.steps=4"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "resumed: {stderr}");
+    assert!(
+        stderr.contains("tokenizer.json") && stderr.contains("ordered by frequency"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_eval"))
+        .arg("--run")
+        .arg(&run_dir));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("tokenizer.json"),
+        "{stderr}"
+    );
+}
