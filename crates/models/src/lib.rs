@@ -9,6 +9,7 @@
 //! modules that produce logits.
 #![warn(missing_docs)]
 
+pub mod adaptive;
 pub mod block;
 pub mod cache;
 pub mod gelu_op;
