@@ -548,6 +548,80 @@ pub fn cache_point(
     }))
 }
 
+/// The output layer alone at `rows` hidden states of `d_model` over `vocab` words, forward +
+/// backward of the summed negative log-likelihood of random targets drawn Zipf-like (rank
+/// `r` with weight `1 / (r + 1)`, as word frequencies): `full` (one `[d_model, vocab]`
+/// projection, log-softmax over every word) or `adaptive` (`cutoffs`, `div_val`). Median of
+/// `repeats` after one warm-up and this process's peak RSS: run each in its own process
+/// (`bench head` does).
+pub fn head_point(
+    backend: &str,
+    (vocab, d_model, rows): (usize, usize, usize),
+    adaptive: Option<(&[usize], usize)>,
+    repeats: usize,
+) -> Result<Value> {
+    use burn::tensor::{Distribution, Int, Tensor, activation};
+    use mixlab_models::adaptive::AdaptiveSoftmaxConfig;
+    let selected = device::select(BackendChoice::parse(backend)?)?;
+    let ad = selected.device.clone().autodiff();
+    ad.seed(0);
+    // Zipf-like targets from a fixed generator.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let harmonic: f64 = (1..=vocab).map(|r| 1.0 / r as f64).sum();
+    let targets: Vec<i64> = (0..rows)
+        .map(|_| {
+            let mut u = rng.random::<f64>() * harmonic;
+            let mut r = 0;
+            while r + 1 < vocab && u > 1.0 / (r + 1) as f64 {
+                u -= 1.0 / (r + 1) as f64;
+                r += 1;
+            }
+            r as i64
+        })
+        .collect();
+    let targets = Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(targets, [rows]), &ad);
+    let head = adaptive.map(|(cutoffs, div_val)| {
+        AdaptiveSoftmaxConfig {
+            cutoffs: cutoffs.to_vec(),
+            div_val,
+        }
+        .init(vocab, d_model, &ad)
+    });
+    let full =
+        Tensor::<2>::random([vocab, d_model], Distribution::Normal(0.0, 0.02), &ad).require_grad();
+    let mut times = vec![];
+    for r in 0..=repeats {
+        let h = Tensor::<2>::random([rows, d_model], Distribution::Normal(0.0, 1.0), &ad)
+            .require_grad();
+        let started = Instant::now();
+        let loss = match &head {
+            Some(head) => head.nll(h.clone(), targets.clone()),
+            None => {
+                let lp = activation::log_softmax(h.clone().matmul(full.clone().transpose()), 1);
+                lp.gather(1, targets.clone().unsqueeze_dim(1)).sum().neg()
+            }
+        };
+        let grads = loss.backward();
+        let _ = h.grad(&grads).map(|g| g.sum().into_scalar::<f32>());
+        if r > 0 {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(json!({
+        "kind": "head",
+        "backend": selected.backend,
+        "head": if adaptive.is_some() { "adaptive" } else { "full" },
+        "cutoffs": adaptive.map(|(c, _)| c.to_vec()),
+        "div_val": adaptive.map(|(_, d)| d),
+        "vocab": vocab,
+        "d_model": d_model,
+        "rows": rows,
+        "fwd_bwd_s": times[times.len() / 2],
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
 /// Tokenisation and cache throughput on a synthetic word-level corpus of `size_mb` MB shaped
 /// like WikiText-103 (267,735 word types with Zipf-distributed frequencies, ~20-word lines, one
 /// blank line in three): time to tokenise from text, to build the cache, and to load from it.

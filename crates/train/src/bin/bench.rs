@@ -173,6 +173,34 @@ enum Command {
         #[arg(long, hide = true)]
         one: Option<String>,
     },
+    /// The output layer alone (forward + backward, Zipf-like targets): the full softmax and
+    /// the adaptive softmax, each in a fresh process (time, peak RSS, and their ratios).
+    Head {
+        /// Backend.
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        /// Vocabulary size (WikiText-103: 267,735).
+        #[arg(long, default_value_t = 267_735)]
+        vocab: usize,
+        /// Hidden width.
+        #[arg(long, default_value_t = 512)]
+        d_model: usize,
+        /// Hidden states (batch × sequence).
+        #[arg(long, default_value_t = 4096)]
+        rows: usize,
+        /// Adaptive softmax cutoffs (Transformer-XL's on WikiText-103).
+        #[arg(long, value_delimiter = ',', default_value = "20000,40000,200000")]
+        cutoffs: Vec<usize>,
+        /// Adaptive softmax width divisor per tail.
+        #[arg(long, default_value_t = 4)]
+        div_val: usize,
+        /// Timed repeats per head (median reported).
+        #[arg(long, default_value_t = 2)]
+        repeats: usize,
+        /// Internal: measure only `full` or `adaptive`.
+        #[arg(long, hide = true)]
+        one: Option<String>,
+    },
     /// Corpus tokenisation and token-cache load times on a synthetic WikiText-103-shaped corpus.
     Data {
         /// Size of the generated corpus in MB (WikiText-103 train is about 540).
@@ -231,6 +259,33 @@ fn main() -> ExitCode {
                 &lengths,
                 repeats.max(1),
             ));
+        }
+        Command::Head {
+            backend,
+            vocab,
+            d_model,
+            rows,
+            cutoffs,
+            div_val,
+            repeats,
+            one,
+        } => {
+            let shape = (vocab, d_model, rows);
+            let repeats = repeats.max(1);
+            if let Some(which) = one {
+                let adaptive = (which == "adaptive").then_some((cutoffs.as_slice(), div_val));
+                return print_json(
+                    mixlab_train::bench::head_point(&backend, shape, adaptive, repeats)
+                        .map(|l| vec![l]),
+                );
+            }
+            return match head_bench(&backend, shape, (&cutoffs, div_val), repeats) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Command::Cache {
             backend,
@@ -421,6 +476,61 @@ fn scaling_summary(
         );
     }
     summary
+}
+
+/// `bench head`: the full and the adaptive softmax, each in its own process; the adaptive
+/// line carries its speed-up and memory ratio against the full one.
+fn head_bench(
+    backend: &str,
+    (vocab, d_model, rows): (usize, usize, usize),
+    (cutoffs, div_val): (&[usize], usize),
+    repeats: usize,
+) -> anyhow::Result<()> {
+    use serde_json::{Value, json};
+    let exe = std::env::current_exe()?;
+    let cutoffs: Vec<String> = cutoffs.iter().map(usize::to_string).collect();
+    let mut full: Option<Value> = None;
+    for which in ["full", "adaptive"] {
+        let out = std::process::Command::new(&exe)
+            .args(["head", "--one", which, "--backend", backend])
+            .args([
+                "--vocab",
+                &vocab.to_string(),
+                "--d-model",
+                &d_model.to_string(),
+            ])
+            .args(["--rows", &rows.to_string(), "--cutoffs", &cutoffs.join(",")])
+            .args([
+                "--div-val",
+                &div_val.to_string(),
+                "--repeats",
+                &repeats.to_string(),
+            ])
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        let parsed = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok());
+        let Some(mut line) = parsed.filter(|_| out.status.success()) else {
+            println!(
+                "{}",
+                json!({"kind": "head", "head": which,
+                       "error": format!("measurement process failed: {}", out.status)})
+            );
+            continue;
+        };
+        if let Some(f) = &full {
+            let ratio = |key: &str| Some(f[key].as_f64()? / line[key].as_f64()?);
+            let (time, rss) = (ratio("fwd_bwd_s"), ratio("peak_rss_mb"));
+            line["full_over_adaptive_time"] = json!(time);
+            line["full_over_adaptive_rss"] = json!(rss);
+        }
+        println!("{line}");
+        if which == "full" {
+            full = Some(line);
+        }
+    }
+    Ok(())
 }
 
 /// `block:span:fused|composed`, as `bench cache --one` takes it.
