@@ -9,6 +9,7 @@
 //! [`AdaptiveSoftmax::nll`] computes each tail only for the rows whose target falls in it, so no
 //! `[rows, vocab]` matrix is built in training; [`AdaptiveSoftmax::log_probs`] builds the whole
 //! distribution (evaluation of every word, sampling, and the test reference).
+//! [`AdaptiveInput`] (Baevski & Auli 2019) embeds words with the same clusters.
 
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData, activation};
@@ -229,6 +230,72 @@ impl AdaptiveSoftmax {
     }
 }
 
+/// Adaptive input embeddings (Baevski & Auli 2019) with an adaptive softmax's clusters: the
+/// words of cluster `i` (head `[0, c₁)`, tails `[cᵢ, cᵢ₊₁)`) have embeddings of width
+/// `d_model / div_valⁱ`, each cluster projected up to `d_model` (the head too when its width
+/// is not `d_model`; here it always is, so the head has no projection).
+#[derive(Module, Debug)]
+pub struct AdaptiveInput {
+    /// `[shortlist, d_model]`: the head words' embeddings.
+    pub head: Param<Tensor<2>>,
+    /// The tail clusters: `weight` `[words, width]` and `proj` `[width, d_model]` read as the
+    /// up-projection `x · proj`.
+    pub tails: Vec<Tail>,
+    /// Words in the head.
+    pub shortlist: usize,
+}
+
+impl AdaptiveSoftmaxConfig {
+    /// Adaptive input embeddings of `vocab` words into `d_model` with these clusters (weights
+    /// normal with std 0.02; the tails' biases are unused).
+    pub fn init_input(&self, vocab: usize, d_model: usize, device: &Device) -> AdaptiveInput {
+        let layer = self.init(vocab, d_model, device);
+        let head = Param::from_tensor(Tensor::random(
+            [layer.shortlist, d_model],
+            Distribution::Normal(0.0, 0.02),
+            device,
+        ));
+        AdaptiveInput {
+            head,
+            tails: layer.tails,
+            shortlist: layer.shortlist,
+        }
+    }
+}
+
+impl AdaptiveInput {
+    /// The embeddings of `ids` `[batch, seq]`: `[batch, seq, d_model]`. Every cluster looks up
+    /// its own words (others clamped into range and zeroed by a mask) and projects them, and
+    /// the clusters are summed: exact, no scatter.
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let [batch, seq] = ids.dims();
+        let flat = ids.reshape([batch * seq]);
+        let d_model = self.head.val().dims()[1];
+        let lookup = |table: Tensor<2>, start: usize, end: usize| {
+            let inside = flat
+                .clone()
+                .greater_equal_elem(start as i64)
+                .bool_and(flat.clone().lower_elem(end as i64));
+            let local = flat
+                .clone()
+                .sub_scalar(start as i64)
+                .clamp(0, (end - start - 1) as i64);
+            let rows = table.select(0, local); // [batch · seq, width]
+            let width = rows.dims()[1];
+            rows * inside
+                .float()
+                .unsqueeze_dim::<2>(1)
+                .expand([batch * seq, width])
+        };
+        let mut out = lookup(self.head.val(), 0, self.shortlist);
+        for tail in &self.tails {
+            let rows = lookup(tail.weight.val(), tail.start, tail.end);
+            out = out + rows.matmul(tail.proj.val());
+        }
+        out.reshape([batch, seq, d_model])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,5 +443,43 @@ mod tests {
             "{e}"
         );
         assert!(config(&[10, 20, 30], 4).validate("head", 100, 64).is_ok());
+    }
+
+    /// Adaptive input equals a lookup by hand: a head word's row, or a tail word's row
+    /// times its cluster's projection; words of every cluster in one batch.
+    #[test]
+    fn adaptive_input_equals_a_lookup_by_hand() {
+        let device = Device::flex();
+        device.seed(6);
+        let (d, vocab) = (8, 30);
+        let input = config(&[6, 15], 2).init_input(vocab, d, &device);
+        let ids = [0i64, 5, 6, 14, 15, 29, 3, 20];
+        let t = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [2, 4]), &device);
+        let got = to_vec(input.forward(t));
+        let head = to_vec(input.head.val());
+        let mut want = vec![];
+        for &id in &ids {
+            let id = id as usize;
+            match input
+                .tails
+                .iter()
+                .find(|tail| (tail.start..tail.end).contains(&id))
+            {
+                None => want.extend_from_slice(&head[id * d..(id + 1) * d]),
+                Some(tail) => {
+                    let w = to_vec(tail.weight.val());
+                    let p = to_vec(tail.proj.val()); // [width, d]
+                    let width = tail.proj.val().dims()[0];
+                    let row = &w[(id - tail.start) * width..][..width];
+                    want.extend((0..d).map(|c| {
+                        (0..width)
+                            .map(|k| f64::from(row[k]) * f64::from(p[k * d + c]))
+                            .sum::<f64>() as f32
+                    }));
+                }
+            }
+        }
+        assert_all_close(&got, &want, 1e-5, "adaptive input");
+        assert_eq!(input.tails[1].proj.val().dims(), [2, d], "width 8 / 2^2");
     }
 }
