@@ -478,6 +478,21 @@ fn scaling_summary(
     summary
 }
 
+/// Runs this binary with `args` (a `--one` measurement) in a fresh process, so its peak RSS
+/// is that measurement's alone, its stderr shown: its first JSON line, or why there is none.
+fn measure_in_child(args: &[&str]) -> anyhow::Result<Result<serde_json::Value, String>> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    let parsed = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    Ok(parsed
+        .filter(|_| out.status.success())
+        .ok_or_else(|| format!("measurement process failed: {}", out.status)))
+}
+
 /// `bench head`: the full and the adaptive softmax, each in its own process; the adaptive
 /// line carries its speed-up and memory ratio against the full one.
 fn head_bench(
@@ -487,37 +502,37 @@ fn head_bench(
     repeats: usize,
 ) -> anyhow::Result<()> {
     use serde_json::{Value, json};
-    let exe = std::env::current_exe()?;
     let cutoffs: Vec<String> = cutoffs.iter().map(usize::to_string).collect();
+    let cutoffs = cutoffs.join(",");
     let mut full: Option<Value> = None;
     for which in ["full", "adaptive"] {
-        let out = std::process::Command::new(&exe)
-            .args(["head", "--one", which, "--backend", backend])
-            .args([
-                "--vocab",
-                &vocab.to_string(),
-                "--d-model",
-                &d_model.to_string(),
-            ])
-            .args(["--rows", &rows.to_string(), "--cutoffs", &cutoffs.join(",")])
-            .args([
-                "--div-val",
-                &div_val.to_string(),
-                "--repeats",
-                &repeats.to_string(),
-            ])
-            .stderr(std::process::Stdio::inherit())
-            .output()?;
-        let parsed = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| serde_json::from_str::<Value>(l).ok());
-        let Some(mut line) = parsed.filter(|_| out.status.success()) else {
-            println!(
-                "{}",
-                json!({"kind": "head", "head": which,
-                       "error": format!("measurement process failed: {}", out.status)})
-            );
-            continue;
+        let (vocab, d_model, rows) = (vocab.to_string(), d_model.to_string(), rows.to_string());
+        let (div_val, repeats) = (div_val.to_string(), repeats.to_string());
+        let args = [
+            "head",
+            "--one",
+            which,
+            "--backend",
+            backend,
+            "--vocab",
+            &vocab,
+            "--d-model",
+            &d_model,
+            "--rows",
+            &rows,
+            "--cutoffs",
+            &cutoffs,
+            "--div-val",
+            &div_val,
+            "--repeats",
+            &repeats,
+        ];
+        let mut line = match measure_in_child(&args)? {
+            Ok(line) => line,
+            Err(error) => {
+                println!("{}", json!({"kind": "head", "head": which, "error": error}));
+                continue;
+            }
         };
         if let Some(f) = &full {
             let ratio = |key: &str| Some(f[key].as_f64()? / line[key].as_f64()?);
@@ -554,8 +569,7 @@ fn cache_bench(
     repeats: usize,
     composed_max_gb: f64,
 ) -> anyhow::Result<()> {
-    use serde_json::{Value, json};
-    let exe = std::env::current_exe()?;
+    use serde_json::json;
     for &block in blocks {
         for path in ["fused", "composed"] {
             let mut baseline: Option<f64> = None;
@@ -570,28 +584,31 @@ fn cache_bench(
                     );
                     continue;
                 }
-                let out = std::process::Command::new(&exe)
-                    .args(["cache", "--one", &format!("{block}:{span}:{path}")])
-                    .args(["--backend", backend, "--repeats", &repeats.to_string()])
-                    .args([
-                        "--d-model",
-                        &d_model.to_string(),
-                        "--heads",
-                        &heads.to_string(),
-                    ])
-                    .args(["--memory", &memory.to_string()])
-                    .stderr(std::process::Stdio::inherit())
-                    .output()?;
-                let parsed = String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .find_map(|l| serde_json::from_str::<Value>(l).ok());
-                let mut line = match (out.status.success(), parsed) {
-                    (true, Some(line)) => line,
-                    _ => {
+                let point = format!("{block}:{span}:{path}");
+                let (repeats, d_model) = (repeats.to_string(), d_model.to_string());
+                let (heads, memory) = (heads.to_string(), memory.to_string());
+                let args = [
+                    "cache",
+                    "--one",
+                    &point,
+                    "--backend",
+                    backend,
+                    "--repeats",
+                    &repeats,
+                    "--d-model",
+                    &d_model,
+                    "--heads",
+                    &heads,
+                    "--memory",
+                    &memory,
+                ];
+                let mut line = match measure_in_child(&args)? {
+                    Ok(line) => line,
+                    Err(error) => {
                         println!(
                             "{}",
                             json!({"kind": "cache", "path": path, "block": block, "span": span,
-                                   "error": format!("measurement process failed: {}", out.status)})
+                                   "error": error})
                         );
                         continue;
                     }
@@ -641,7 +658,7 @@ fn scaling(
         MixerConfig::Dense(DenseAttentionConfig { n_heads, causal }),
     );
     let limit_gb = max_dense_gb.or_else(|| available_gb().map(|a| 0.8 * a));
-    let exe = std::env::current_exe()?;
+
     let mut results: Vec<(String, usize, f64)> = vec![];
     for mixer in &mixers {
         let name = mixer_name(mixer);
@@ -663,23 +680,28 @@ fn scaling(
                     continue;
                 }
             }
-            let out = std::process::Command::new(&exe)
-                .args(["scaling", "--one", &serde_json::to_string(mixer)?])
-                .args(["--n", &n.to_string(), "--backend", backend])
-                .args(["--d-model", &d_model.to_string()])
-                .args(["--repeats", &repeats.to_string()])
-                .stderr(std::process::Stdio::inherit())
-                .output()?;
-            let parsed = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .find_map(|l| serde_json::from_str::<Value>(l).ok());
-            let mut line = match (out.status.success(), parsed) {
-                (true, Some(line)) => line,
-                _ => {
+            let mixer_json = serde_json::to_string(mixer)?;
+            let (n_text, d_text) = (n.to_string(), d_model.to_string());
+            let repeats_text = repeats.to_string();
+            let args = [
+                "scaling",
+                "--one",
+                &mixer_json,
+                "--n",
+                &n_text,
+                "--backend",
+                backend,
+                "--d-model",
+                &d_text,
+                "--repeats",
+                &repeats_text,
+            ];
+            let mut line = match measure_in_child(&args)? {
+                Ok(line) => line,
+                Err(error) => {
                     println!(
                         "{}",
-                        json!({"kind": "scaling", "mixer": name, "n": n,
-                               "error": format!("measurement process failed: {}", out.status)})
+                        json!({"kind": "scaling", "mixer": name, "n": n, "error": error})
                     );
                     continue;
                 }

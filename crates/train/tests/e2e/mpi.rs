@@ -270,6 +270,30 @@ fn wait_with_deadline(mut child: Child, limit: Duration) -> (Output, Duration) {
     (child.wait_with_output().unwrap(), took)
 }
 
+/// kill -9 of rank 1 of a running `mpirun`; then its output and how long it took to exit
+/// (at most 60 s).
+fn kill_rank_1(child: Child) -> (Output, Duration) {
+    let pid = rank_pid(child.id(), 1).expect("rank 1 among mpirun's children");
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_with_deadline(child, Duration::from_secs(60))
+}
+
+/// The step of the newest checkpoint of `run_dir`, which must verify.
+fn newest_checkpoint_step(run_dir: &Path) -> usize {
+    let newest = mixlab_train::checkpoint::latest_valid(run_dir, &mut |c, why| {
+        panic!("checkpoint {} does not verify: {why:#}", c.display())
+    })
+    .unwrap()
+    .expect("a complete checkpoint");
+    newest.1.step
+}
+
 /// kill -9 of rank 1 mid-run: `mpirun` exits non-zero within 60 s naming rank 1, the newest
 /// checkpoint verifies, and `--resume` under `mpirun` finishes the run from it.
 #[test]
@@ -284,15 +308,7 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_from_its_last_checkpoint() {
         wait_for_lines(&run_dir, 5, &mut child),
         "the run ended early"
     );
-    let pid = rank_pid(child.id(), 1).expect("rank 1 among mpirun's children");
-    assert!(
-        Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let (out, took) = wait_with_deadline(child, Duration::from_secs(60));
+    let (out, took) = kill_rank_1(child);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!(
         "mpirun exited {:?} {took:?} after rank 1 was killed",
@@ -304,12 +320,7 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_from_its_last_checkpoint() {
         "the message names the dead rank: {stderr}"
     );
 
-    let newest = mixlab_train::checkpoint::latest_valid(&run_dir, &mut |c, why| {
-        panic!("checkpoint {} does not verify: {why:#}", c.display())
-    })
-    .unwrap()
-    .expect("a complete checkpoint");
-    let last = newest.1.step;
+    let last = newest_checkpoint_step(&run_dir);
     assert_eq!(checkpoint_steps(&run_dir).last(), Some(&(last as u64)));
     let out = run(mpirun(2, &[])
         .unwrap()
@@ -426,22 +437,9 @@ fn a_killed_rank_with_a_cache_resumes_bit_for_bit() {
         wait_for_lines(&run_dir, 12, &mut child),
         "the run ended early"
     );
-    let pid = rank_pid(child.id(), 1).expect("rank 1 among mpirun's children");
-    assert!(
-        Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let (out, _) = wait_with_deadline(child, Duration::from_secs(60));
+    let (out, _) = kill_rank_1(child);
     assert!(!out.status.success(), "the job survived its rank's death");
-    let newest = mixlab_train::checkpoint::latest_valid(&run_dir, &mut |c, why| {
-        panic!("checkpoint {} does not verify: {why:#}", c.display())
-    })
-    .unwrap()
-    .expect("a complete checkpoint");
-    let last = newest.1.step;
+    let last = newest_checkpoint_step(&run_dir);
     assert!(last > 0 && last < 60, "killed at step {last}");
 
     let out = run(mpirun(2, &[]).unwrap().arg("--resume").arg(&run_dir));

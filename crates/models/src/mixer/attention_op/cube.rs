@@ -1280,8 +1280,7 @@ impl Call {
         let (pe, span) = match parts.key_pe {
             Some(pe) => {
                 let [pe_d, span] = pe.shape().dims::<2>();
-                // The farthest visible distance, as a column of key_pe.
-                let needed = max_distance.min(nk.saturating_sub(1)) + 1 - min_distance;
+                let needed = super::pe_columns(nk, (min_distance, max_distance));
                 assert!(
                     pe_d == d && span >= needed && keys.causal,
                     "tiled_attention on Cube: key_pe [{pe_d}, {span}] needs [{d}, ≥ {needed}] \

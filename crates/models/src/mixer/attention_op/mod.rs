@@ -325,6 +325,12 @@ impl KeyLayout {
     }
 }
 
+/// The `key_pe` columns a layout's visible distances `min..=max` over `nk` keys need: up to the
+/// farthest visible distance, column `δ − min`.
+fn pe_columns(nk: usize, (min_distance, max_distance): (usize, usize)) -> usize {
+    max_distance.min(nk.saturating_sub(1)) + 1 - min_distance
+}
+
 /// Attention (dense, block-sparse, or all-attention's context + persistent memory) as a
 /// backend operation.
 #[backend_extension(Flex, Cube, Autodiff)]
@@ -434,8 +440,7 @@ fn operands<const E: usize>(
         panic!("tiled_attention: key_pe must be [d, span], got {pe_shape:?}")
     };
     if pe_span > 0 {
-        // The farthest visible distance, as a column of key_pe.
-        let needed = max_distance.min(nk.saturating_sub(1)) + 1 - min_distance;
+        let needed = pe_columns(nk, (min_distance, max_distance));
         assert!(
             pe_d == d && pe_span >= needed && keys.causal,
             "tiled_attention: key_pe {pe_shape:?} needs [{d}, ≥ {needed}] and causal keys"

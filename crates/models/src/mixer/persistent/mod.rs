@@ -326,11 +326,11 @@ impl PersistentAttention {
     /// # Shapes
     /// - `cache`: `[batch, s, d_model]`; output: `[batch, ≤ s, d_model]` (its last rows)
     pub fn trim_cache(&self, cache: Tensor<3>, span: usize) -> Tensor<3> {
-        let Some(fraction) = &self.span_fraction else {
+        let Some(z) = self.span_tokens(span) else {
             return cache;
         };
         let s = cache.dims()[1];
-        let z = fraction.val().clamp(0.0, 1.0).max().into_scalar::<f32>() * span as f32;
+        let z = z.max().into_scalar::<f32>();
         let keep = ((z + self.span_ramp as f32).ceil() as usize).min(s);
         if keep == s {
             cache
@@ -383,10 +383,7 @@ impl PersistentAttention {
             let extras = super::attention_op::Extras {
                 memory: self.memory(1.0), // the score scale is on q
                 key_pe: key_pe.cloned(),
-                span: self.span_fraction.as_ref().map(|fraction| {
-                    let z = fraction.val().clamp(0.0, 1.0).mul_scalar(span as f64);
-                    (z, self.span_ramp as f32)
-                }),
+                span: self.span_tokens(span).map(|z| (z, self.span_ramp as f32)),
             };
             let layout = super::KeyLayout::cached(view, keys - n, n_heads);
             let dropout = super::fused_dropout(&self.attn.attn_dropout, &device);
@@ -417,12 +414,8 @@ impl PersistentAttention {
         let context = context
             .mul_scalar(scale)
             .mask_fill(hidden.clone(), super::dense::MASKED);
-        let ramp = self.span_fraction.as_ref().map(|fraction| {
-            let z = fraction
-                .val()
-                .clamp(0.0, 1.0)
-                .mul_scalar(span as f64)
-                .reshape([1, n_heads, 1, 1]);
+        let ramp = self.span_tokens(span).map(|z| {
+            let z = z.reshape([1, n_heads, 1, 1]);
             let r = self.span_ramp as f64;
             (z - distance.float().unsqueeze::<4>())
                 .add_scalar(r)
@@ -465,10 +458,7 @@ impl PersistentAttention {
         let [_, _, seq, d_head] = q.dims();
         let scale = 1.0 / (d_head as f64).sqrt();
         let memory = self.memory(1.0); // the score scale is on q
-        let span = self.span_fraction.as_ref().map(|fraction| {
-            let z = fraction.val().clamp(0.0, 1.0).mul_scalar(seq as f64);
-            (z, self.span_ramp as f32)
-        });
+        let span = self.span_tokens(seq).map(|z| (z, self.span_ramp as f32));
         let extras = super::attention_op::Extras {
             memory,
             key_pe: key_pe.cloned(),

@@ -42,13 +42,18 @@ impl PersistentAttention {
         })
     }
 
+    /// The adaptive span `z = clamp(fraction, 0, 1) · basis` in tokens, `[n_heads]` (`basis`:
+    /// the cache's span, or `seq_len` without a cache); `None` without adaptive span.
+    pub fn span_tokens(&self, basis: usize) -> Option<Tensor<1>> {
+        self.span_fraction
+            .as_ref()
+            .map(|f| f.val().clamp(0.0, 1.0).mul_scalar(basis as f64))
+    }
+
     /// Current spans in tokens, one per head (adaptive span only).
     pub fn spans(&self, seq_len: usize) -> Option<Vec<f32>> {
-        self.span_fraction.as_ref().map(|f| {
-            f.val()
-                .clamp(0.0, 1.0)
-                .mul_scalar(seq_len as f64)
-                .into_data()
+        self.span_tokens(seq_len).map(|z| {
+            z.into_data()
                 .convert::<f32>()
                 .try_to_vec::<f32>()
                 .unwrap_or_default()
