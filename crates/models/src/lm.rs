@@ -1,6 +1,6 @@
-//! The language model: token embedding, position information, `n_layers` [`Block`]s (pre- or
-//! post-norm), a final LayerNorm (pre-norm only) and an output head (tied to the token
-//! embedding or not).
+//! The language model: token embedding (a table, or adaptive input clusters), position
+//! information, `n_layers` [`Block`]s (pre- or post-norm), a final LayerNorm (pre-norm only) and
+//! an output head (a full softmax or an adaptive softmax, tied to the input embedding or not).
 
 use burn::module::{Module, Param};
 use burn::nn::{
@@ -10,6 +10,7 @@ use burn::nn::{
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::adaptive::{AdaptiveConfig, AdaptiveSoftmax, Clusters};
 use crate::block::{Block, BlockConfig, NormPlacement};
 use crate::cache::{CacheConfig, CacheStart, CacheView, LmCache, Window};
 use crate::mixer::{AttentionImpl, MixerConfig, MixerContext};
@@ -77,7 +78,8 @@ pub struct LmConfig {
     pub position: Position,
     /// RoPE base frequency, used when `position = "rope"`.
     pub rope_theta: f32,
-    /// Share the output head with the token embedding.
+    /// Share the output head with the token embedding (with `[model.adaptive]` and adaptive
+    /// input: the softmax scores with the input's cluster vectors and projections).
     pub tie_embeddings: bool,
     /// Biases in the attention mixers' query/key/value and output projections (GPT-2: yes;
     /// Sukhbaatar et al.'s all-attention: no).
@@ -95,6 +97,10 @@ pub struct LmConfig {
     /// recurrence): each query sees `span` keys back, across blocks of its stream.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheConfig>,
+    /// An adaptive softmax head, and adaptive input embeddings, over frequency clusters
+    /// (`[model.adaptive]`: `cutoffs`, `div_val`, `input`) instead of a full softmax.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<AdaptiveConfig>,
     /// The token mixer of every block (unless `layers` or the hybrid keys say otherwise).
     pub mixer: MixerConfig,
     /// Per-layer mixers, input first (`[[model.layers]]` tables with a `kind`); when given it
@@ -134,6 +140,7 @@ impl Default for LmConfig {
             head_bias: false,
             norm: NormPlacement::Pre,
             cache: None,
+            adaptive: None,
             mixer: MixerConfig::default(),
             layers: vec![],
             num_attention_layers: 0,
@@ -259,6 +266,25 @@ impl LmConfig {
                  tie_embeddings = false for an output layer of its own with a bias",
             ));
         }
+        if let Some(adaptive) = &self.adaptive {
+            adaptive.validate("adaptive", self.vocab_size.expect("checked"), self.d_model)?;
+            if self.tie_embeddings && !adaptive.input {
+                return Err(ModelError::invalid(
+                    "adaptive.input",
+                    false,
+                    "a tied adaptive softmax scores with the adaptive input's clusters: set \
+                     input = true, or model.tie_embeddings = false for a softmax of its own",
+                ));
+            }
+            if self.head_bias {
+                return Err(ModelError::invalid(
+                    "head_bias",
+                    true,
+                    "the adaptive softmax always has biases of its own: leave head_bias out \
+                     with [model.adaptive]",
+                ));
+            }
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(ModelError::invalid(
                 "dropout",
@@ -339,8 +365,18 @@ impl LmConfig {
             d_ff: (self.d_ff > 0).then_some(self.d_ff),
             norm: self.norm,
         };
+        let adaptive_input = self
+            .adaptive
+            .as_ref()
+            .filter(|a| a.input)
+            .map(|a| a.init_clusters(vocab_size, self.d_model, device));
+        let adaptive_softmax = self
+            .adaptive
+            .as_ref()
+            .map(|a| a.init_softmax(vocab_size, self.d_model, self.tie_embeddings, device));
         Ok(Lm {
-            token_embedding: embedding(vocab_size),
+            token_embedding: adaptive_input.is_none().then(|| embedding(vocab_size)),
+            adaptive_input,
             pos_embedding: (self.position == Position::Learned).then(|| embedding(self.seq_len)),
             key_pe: (self.position == Position::Relative).then(|| {
                 let d_head = mixers
@@ -361,8 +397,10 @@ impl LmConfig {
                 .collect(),
             norm_final: (self.norm == NormPlacement::Pre)
                 .then(|| LayerNormConfig::new(self.d_model).init(device)),
-            head: (!self.tie_embeddings)
+            head: (!self.tie_embeddings && adaptive_softmax.is_none())
                 .then(|| init::linear(self.d_model, vocab_size, self.head_bias, init::STD, device)),
+            adaptive_softmax,
+            d_model: self.d_model,
             seq_len: self.seq_len,
             cache_span: self.cache_span(),
             cache_self: self.cache.as_ref().is_some_and(|c| c.include_self),
@@ -377,8 +415,11 @@ impl LmConfig {
 /// A decoder (or, with a bidirectional mixer, encoder) language model.
 #[derive(Module, Debug)]
 pub struct Lm {
-    /// `[vocab, d_model]` token embedding.
-    pub token_embedding: Embedding,
+    /// `[vocab, d_model]` token embedding; `None` with adaptive input.
+    pub token_embedding: Option<Embedding>,
+    /// Adaptive input embeddings (`model.adaptive.input`), which a tied adaptive softmax
+    /// also scores with.
+    pub adaptive_input: Option<Clusters>,
     /// `[seq_len, d_model]` learned absolute positions, when `position = "learned"`.
     pub pos_embedding: Option<Embedding>,
     /// `[d_head, seq_len]` relative-position keys shared by every block, when
@@ -390,8 +431,13 @@ pub struct Lm {
     pub blocks: Vec<Block>,
     /// LayerNorm before the head (pre-norm models; a post-norm model's last block ends in one).
     pub norm_final: Option<LayerNorm>,
-    /// Untied output head `d_model -> vocab`; `None` when tied to `token_embedding`.
+    /// Untied output head `d_model -> vocab`; `None` when tied to `token_embedding` or with an
+    /// adaptive softmax.
     pub head: Option<Linear>,
+    /// The adaptive softmax head (`[model.adaptive]`).
+    pub adaptive_softmax: Option<AdaptiveSoftmax>,
+    /// Width of the residual stream.
+    pub d_model: usize,
     /// Longest sequence accepted.
     pub seq_len: usize,
     /// Keys a query sees back through the cache (`model.cache.span`); 0: no cache.
@@ -446,7 +492,7 @@ impl Lm {
     /// valid) or nothing valid (`"masked"`); `None` without a cache.
     pub fn new_cache(&self, batch: usize, device: &Device) -> Option<LmCache> {
         let span = self.window()?.span;
-        let d_model = self.token_embedding.weight.dims()[1];
+        let d_model = self.d_model;
         Some(LmCache {
             layers: (0..self.blocks.len())
                 .map(|_| Tensor::zeros([batch, span, d_model], device))
@@ -457,20 +503,15 @@ impl Lm {
 
     /// # Shapes
     /// - `tokens`: `[batch, seq]` ids, `seq <= seq_len`
-    /// - output: `[batch, seq, vocab]` logits
+    /// - output: `[batch, seq, vocab]` logits (with an adaptive softmax: the
+    ///   log-probabilities, logits whose log-sum-exp is 0)
     ///
     /// A model with a cache sees `tokens` as the start of `batch` streams (a fresh
     /// [`new_cache`](Self::new_cache)); [`forward_cached`](Self::forward_cached) continues one.
+    /// Training and evaluation read [`hidden`](Self::hidden) and [`nll_sum`](Self::nll_sum)
+    /// instead, which an adaptive softmax computes without a `[batch, seq, vocab]` tensor.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        if let Some(cache) = self.new_cache(tokens.dims()[0], &tokens.device()) {
-            return self.forward_cached(tokens, &cache).0;
-        }
-        let (x, key_pe) = self.embed(tokens);
-        let mut x = x;
-        for block in &self.blocks {
-            x = block.forward(x, key_pe.as_ref());
-        }
-        self.output(x)
+        self.logits(self.hidden(tokens, None).0)
     }
 
     /// The next block of `batch` streams after `cache`: the logits, and the cache for the block
@@ -484,7 +525,46 @@ impl Lm {
     /// # Panics
     /// Without a cache (`model.cache`), or with one of another batch size or layer count.
     pub fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &LmCache) -> (Tensor<3>, LmCache) {
-        let window = self.window().expect("forward_cached needs model.cache");
+        assert!(self.window().is_some(), "forward_cached needs model.cache");
+        let (h, next) = self.hidden(tokens, Some(cache));
+        (self.logits(h), next.expect("a model with a cache"))
+    }
+
+    /// The hidden states the head reads (after the final LayerNorm of a pre-norm model), and
+    /// for a model with a cache the cache for the next block: `cache` continues `batch`
+    /// streams, `None` starts them (a fresh [`new_cache`](Self::new_cache)).
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` ids, `seq <= seq_len`; `cache` of `batch` rows
+    /// - output: `[batch, seq, d_model]`
+    ///
+    /// # Panics
+    /// With a cache of another batch size or layer count, or one given to a model without
+    /// `model.cache`.
+    pub fn hidden(
+        &self,
+        tokens: Tensor<2, Int>,
+        cache: Option<&LmCache>,
+    ) -> (Tensor<3>, Option<LmCache>) {
+        let fresh;
+        let cache = match (cache, self.window()) {
+            (Some(cache), Some(_)) => cache,
+            (None, Some(_)) => {
+                fresh = self
+                    .new_cache(tokens.dims()[0], &tokens.device())
+                    .expect("a window");
+                &fresh
+            }
+            (Some(_), None) => panic!("a cache given to a model without model.cache"),
+            (None, None) => {
+                let (mut x, key_pe) = self.embed(tokens);
+                for block in &self.blocks {
+                    x = block.forward(x, key_pe.as_ref());
+                }
+                return (self.final_norm(x), None);
+            }
+        };
+        let window = self.window().expect("matched");
         let [batch, seq] = tokens.dims();
         assert!(
             cache.batch() == batch && cache.layers.len() == self.blocks.len(),
@@ -515,7 +595,58 @@ impl Lm {
             .iter()
             .map(|v| (v + seq).min(window.span))
             .collect();
-        (self.output(x), LmCache { layers, valid })
+        (self.final_norm(x), Some(LmCache { layers, valid }))
+    }
+
+    /// The head's scores of every word from hidden states `[batch, seq, d_model]`:
+    /// `[batch, seq, vocab]` logits (an adaptive softmax gives its log-probabilities).
+    pub fn logits(&self, h: Tensor<3>) -> Tensor<3> {
+        let [batch, seq, d_model] = h.dims();
+        match (&self.adaptive_softmax, &self.head, &self.token_embedding) {
+            (Some(softmax), _, _) => {
+                let lp = softmax.log_probs(
+                    self.adaptive_input.as_ref(),
+                    h.reshape([batch * seq, d_model]),
+                );
+                let vocab = lp.dims()[1];
+                lp.reshape([batch, seq, vocab])
+            }
+            (None, Some(head), _) => crate::linear::forward(head, h),
+            // Tied head: logits = h · Eᵀ, `[batch·seq, d_model] x [d_model, vocab]`.
+            (None, None, Some(embedding)) => {
+                crate::linear::matmul_rows(h, embedding.weight.val().transpose())
+            }
+            (None, None, None) => unreachable!("adaptive input comes with an adaptive softmax"),
+        }
+    }
+
+    /// The summed negative log-likelihood (nats) of `targets` given hidden states `h` (from
+    /// [`hidden`](Self::hidden)), each position's multiplied by its weight when `weights` is
+    /// given: the full softmax through [`cross_entropy_sum`](crate::loss::cross_entropy_sum),
+    /// an adaptive softmax with each tail only for the positions whose target is in it.
+    ///
+    /// # Shapes
+    /// - `h`: `[batch, seq, d_model]`; `targets`, `weights`: `[batch, seq]`
+    /// - output: `[1]`
+    pub fn nll_sum(
+        &self,
+        h: Tensor<3>,
+        targets: Tensor<2, Int>,
+        weights: Option<Tensor<2>>,
+    ) -> Tensor<1> {
+        match &self.adaptive_softmax {
+            Some(softmax) => {
+                let [batch, seq, d_model] = h.dims();
+                let rows = batch * seq;
+                softmax.nll(
+                    self.adaptive_input.as_ref(),
+                    h.reshape([rows, d_model]),
+                    targets.reshape([rows]),
+                    weights.map(|w| w.reshape([rows])),
+                )
+            }
+            None => crate::loss::cross_entropy_sum(self.logits(h), targets, weights),
+        }
     }
 
     /// Token embedding plus learned positions, dropout; and the relative-position keys.
@@ -527,7 +658,11 @@ impl Lm {
             self.seq_len
         );
         let device = tokens.device();
-        let mut x = self.token_embedding.forward(tokens); // [batch, seq, d_model]
+        let mut x = match (&self.token_embedding, &self.adaptive_input) {
+            (Some(table), _) => table.forward(tokens), // [batch, seq, d_model]
+            (None, Some(clusters)) => clusters.embed(tokens),
+            (None, None) => unreachable!("every model has an input embedding"),
+        };
         if let Some(pos) = &self.pos_embedding {
             let positions = Tensor::<1, Int>::arange(0..seq as i64, &device).reshape([1, seq]);
             let [_, _, d_model] = x.dims();
@@ -537,16 +672,11 @@ impl Lm {
         (self.dropout.forward(x), key_pe)
     }
 
-    /// Final norm (pre-norm models) and the output head.
-    fn output(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = match &self.norm_final {
+    /// The final LayerNorm of a pre-norm model.
+    fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
+        match &self.norm_final {
             Some(norm) => crate::norm_op::layer_norm(norm, x),
             None => x,
-        };
-        match &self.head {
-            Some(head) => crate::linear::forward(head, x),
-            // Tied head: logits = x · Eᵀ, `[batch·seq, d_model] x [d_model, vocab]`.
-            None => crate::linear::matmul_rows(x, self.token_embedding.weight.val().transpose()),
         }
     }
 }
@@ -556,9 +686,10 @@ mod tests {
     use super::*;
     use crate::loss::cross_entropy_sum;
     use crate::mixer::DenseAttentionConfig;
-    use crate::test_util::{devices, to_vec, tokens};
+    use crate::test_util::{assert_all_close, devices, to_vec, tokens};
     use burn::module::{ModuleVisitor, Param};
     use burn::optim::GradientsParams;
+    use burn::tensor::TensorData;
 
     fn tiny(position: Position, tie: bool) -> LmConfig {
         LmConfig {
@@ -788,7 +919,7 @@ mod tests {
             );
             // The logits are the head applied to the last block's (normalised) output.
             let ids = tokens(2, 8, 11, 6, &device);
-            let mut x = post.token_embedding.forward(ids.clone());
+            let mut x = post.token_embedding.as_ref().unwrap().forward(ids.clone());
             let positions = Tensor::<1, Int>::arange(0..8, &device).reshape([1, 8]);
             x = x + post
                 .pos_embedding
@@ -895,5 +1026,235 @@ mod tests {
         });
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("model.mixer.n_heads = 5"), "{err}");
+    }
+
+    /// A tiny model with an adaptive softmax over 40 words (head 8, tails 12 and 20 at widths
+    /// 8 and 4), adaptive input or not, tied or not.
+    fn adaptive(input: bool, tie: bool) -> LmConfig {
+        LmConfig {
+            vocab_size: Some(40),
+            tie_embeddings: tie,
+            adaptive: Some(AdaptiveConfig {
+                cutoffs: vec![8, 20],
+                div_val: 2,
+                input,
+            }),
+            ..tiny(Position::Learned, tie)
+        }
+    }
+
+    /// Every float parameter's gradient, in module order (zeros where none reached it).
+    fn parameter_grads(model: &Lm, grads: &GradientsParams) -> Vec<Vec<f32>> {
+        struct Collect<'a>(&'a GradientsParams, Vec<Vec<f32>>);
+        impl ModuleVisitor for Collect<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let g = self
+                    .0
+                    .get::<D>(param.id)
+                    .map_or_else(|| vec![0.0; param.val().shape().num_elements()], to_vec);
+                self.1.push(g);
+            }
+        }
+        let mut c = Collect(grads, vec![]);
+        model.visit(&mut c);
+        c.1
+    }
+
+    /// With an adaptive softmax the logits are log-probabilities over the whole vocabulary
+    /// (log-sum-exp 0 at every position), and the training loss (`hidden` + `nll_sum`, tails
+    /// only for their positions, weights some zero) equals the cross-entropy of those logits
+    /// in value and in every parameter's gradient: plain or adaptive input, tied or not.
+    #[test]
+    fn an_adaptive_lm_scores_the_whole_vocabulary_and_trains_on_it() {
+        for (name, device) in devices() {
+            for (input, tie) in [(false, false), (true, false), (true, true)] {
+                let ad = device.clone().autodiff();
+                ad.seed(21);
+                let model = adaptive(input, tie).init(&ad).unwrap();
+                assert_eq!(model.token_embedding.is_some(), !input);
+                assert_eq!(
+                    model.adaptive_softmax.as_ref().unwrap().words.is_none(),
+                    tie
+                );
+                assert!(model.head.is_none());
+                let (batch, seq) = (3, 8);
+                let x = tokens(batch, seq, 40, 4, &ad);
+                let y = tokens(batch, seq, 40, 5, &ad);
+                let w = Tensor::<2>::from_data(
+                    TensorData::new(
+                        (0..batch * seq)
+                            .map(|i| [1.0f32, 0.0, 2.0][i % 3])
+                            .collect::<Vec<_>>(),
+                        [batch, seq],
+                    ),
+                    &ad,
+                );
+                let logits = model.forward(x.clone());
+                assert_eq!(logits.dims(), [batch, seq, 40]);
+                let lse = to_vec(logits.clone().exp().sum_dim(2).log());
+                assert!(
+                    lse.iter().all(|v| v.abs() < 1e-5),
+                    "{name} input {input} tie {tie}: {lse:?}"
+                );
+                let fast = model.nll_sum(model.hidden(x, None).0, y.clone(), Some(w.clone()));
+                let reference = cross_entropy_sum(logits, y, Some(w));
+                let what = format!("{name} input {input} tie {tie}");
+                assert_all_close(
+                    &to_vec(fast.clone()),
+                    &to_vec(reference.clone()),
+                    1e-5,
+                    &what,
+                );
+                let g_fast = GradientsParams::from_grads(fast.backward(), &model);
+                let g_ref = GradientsParams::from_grads(reference.backward(), &model);
+                let (a, b) = (
+                    parameter_grads(&model, &g_fast),
+                    parameter_grads(&model, &g_ref),
+                );
+                assert_eq!(a.len(), b.len());
+                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                    assert_all_close(x, y, 1e-4, &format!("{what} parameter {i}"));
+                }
+            }
+        }
+    }
+
+    /// Tying shares the tensors: a tied model has one set of cluster vectors and projections
+    /// (its parameter count is the untied one's less a whole set), and their gradient is the
+    /// sum of the input's and the softmax's gradients in an untied model holding copies of the
+    /// same values — one update moves both.
+    #[test]
+    fn tied_adaptive_clusters_are_one_set_of_parameters_for_input_and_output() {
+        let device = Device::flex().autodiff();
+        device.seed(22);
+        let tied = adaptive(true, true).init(&device).unwrap();
+        let untied_count = adaptive(true, false).init(&device).unwrap().num_params();
+        let input = tied.adaptive_input.as_ref().unwrap();
+        let copy = |p: &Param<Tensor<2>>| Param::from_tensor(p.val().detach());
+        let words = Clusters {
+            head: copy(&input.head),
+            tails: input
+                .tails
+                .iter()
+                .map(|t| crate::adaptive::Tail {
+                    start: t.start,
+                    end: t.end,
+                    proj: copy(&t.proj),
+                    weight: copy(&t.weight),
+                })
+                .collect(),
+            shortlist: input.shortlist,
+        };
+        assert_eq!(untied_count - tied.num_params(), words.num_params());
+        let untied = Lm {
+            adaptive_softmax: Some(AdaptiveSoftmax {
+                words: Some(words),
+                ..tied.adaptive_softmax.clone().unwrap()
+            }),
+            ..tied.clone()
+        };
+        let (x, y) = (tokens(2, 8, 40, 6, &device), tokens(2, 8, 40, 7, &device));
+        let loss = |m: &Lm| m.nll_sum(m.hidden(x.clone(), None).0, y.clone(), None);
+        let (lt, lu) = (loss(&tied), loss(&untied));
+        assert_eq!(to_vec(lt.clone()), to_vec(lu.clone()), "same function");
+        let gt = GradientsParams::from_grads(lt.backward(), &tied);
+        let gu = GradientsParams::from_grads(lu.backward(), &untied);
+        let grad = |g: &GradientsParams, p: &Param<Tensor<2>>| to_vec(g.get::<2>(p.id).unwrap());
+        let own = untied
+            .adaptive_softmax
+            .as_ref()
+            .unwrap()
+            .words
+            .as_ref()
+            .unwrap();
+        let mut pairs = vec![(&input.head, &own.head)];
+        for (a, b) in input.tails.iter().zip(&own.tails) {
+            pairs.push((&a.proj, &b.proj));
+            pairs.push((&a.weight, &b.weight));
+        }
+        for (i, (shared, out)) in pairs.into_iter().enumerate() {
+            let through_input = grad(&gu, shared); // the untied model's input copy
+            let through_output = grad(&gu, out);
+            assert!(through_input.iter().any(|v| *v != 0.0), "tensor {i} input");
+            assert!(
+                through_output.iter().any(|v| *v != 0.0),
+                "tensor {i} output"
+            );
+            let sum: Vec<f32> = through_input
+                .iter()
+                .zip(&through_output)
+                .map(|(a, b)| a + b)
+                .collect();
+            assert_all_close(&grad(&gt, shared), &sum, 1e-5, &format!("tensor {i}"));
+        }
+    }
+
+    /// Without cutoffs a tied adaptive model is the plain tied model: the same logits up to
+    /// log-softmax (the adaptive head gives log-probabilities) and the same loss, from the
+    /// same weights.
+    #[test]
+    fn without_cutoffs_a_tied_adaptive_lm_is_the_plain_tied_lm() {
+        for (name, device) in devices() {
+            device.seed(23);
+            let config = LmConfig {
+                adaptive: Some(AdaptiveConfig::default()),
+                ..tiny(Position::Learned, true)
+            };
+            let a = config.init(&device).unwrap();
+            let plain = Lm {
+                token_embedding: Some(Embedding {
+                    weight: a.adaptive_input.as_ref().unwrap().head.clone(),
+                }),
+                adaptive_input: None,
+                adaptive_softmax: None,
+                ..a.clone()
+            };
+            let (x, y) = (tokens(2, 8, 11, 8, &device), tokens(2, 8, 11, 9, &device));
+            let got = to_vec(a.forward(x.clone()));
+            let want = to_vec(burn::tensor::activation::log_softmax(
+                plain.forward(x.clone()),
+                2,
+            ));
+            assert_all_close(&got, &want, 1e-6, name);
+            let la = to_vec(a.nll_sum(a.hidden(x.clone(), None).0, y.clone(), None));
+            let lp = to_vec(cross_entropy_sum(plain.forward(x), y, None));
+            assert_all_close(&la, &lp, 1e-6, name);
+        }
+    }
+
+    /// An adaptive model (tied adaptive input and softmax) overfits a fixed batch.
+    #[test]
+    fn an_adaptive_lm_overfits_a_batch() {
+        let device = Device::flex().autodiff();
+        device.seed(24);
+        let model = adaptive(true, true).init(&device).unwrap();
+        let (x, y) = (tokens(2, 8, 40, 10, &device), tokens(2, 8, 40, 11, &device));
+        let losses = crate::test_util::overfit(model, |m| {
+            m.nll_sum(m.hidden(x.clone(), None).0, y.clone(), None)
+                .div_scalar(16.0)
+        });
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(last < 0.2 * first, "{first} -> {last}");
+    }
+
+    /// Adaptive settings that cannot build a model are refused, naming the key.
+    #[test]
+    fn bad_adaptive_settings_name_the_key() {
+        let err = |c: LmConfig| c.validate().unwrap_err().to_string();
+        let e = err(adaptive(false, true));
+        assert!(e.contains("model.adaptive.input"), "{e}");
+        let e = err(LmConfig {
+            head_bias: true,
+            ..adaptive(true, false)
+        });
+        assert!(e.contains("model.head_bias"), "{e}");
+        let mut c = adaptive(true, true);
+        c.adaptive.as_mut().unwrap().cutoffs = vec![8, 40];
+        let e = err(c);
+        assert!(
+            e.contains("model.adaptive.cutoffs") && e.contains("40 words"),
+            "{e}"
+        );
+        assert!(adaptive(true, true).validate().is_ok());
     }
 }

@@ -561,7 +561,7 @@ pub fn head_point(
     repeats: usize,
 ) -> Result<Value> {
     use burn::tensor::{Distribution, Int, Tensor, activation};
-    use mixlab_models::adaptive::AdaptiveSoftmaxConfig;
+    use mixlab_models::adaptive::AdaptiveConfig;
     let selected = device::select(BackendChoice::parse(backend)?)?;
     let ad = selected.device.clone().autodiff();
     ad.seed(0);
@@ -581,11 +581,12 @@ pub fn head_point(
         .collect();
     let targets = Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(targets, [rows]), &ad);
     let head = adaptive.map(|(cutoffs, div_val)| {
-        AdaptiveSoftmaxConfig {
+        AdaptiveConfig {
             cutoffs: cutoffs.to_vec(),
             div_val,
+            input: false,
         }
-        .init(vocab, d_model, &ad)
+        .init_softmax(vocab, d_model, false, &ad)
     });
     let full =
         Tensor::<2>::random([vocab, d_model], Distribution::Normal(0.0, 0.02), &ad).require_grad();
@@ -595,7 +596,7 @@ pub fn head_point(
             .require_grad();
         let started = Instant::now();
         let loss = match &head {
-            Some(head) => head.nll(h.clone(), targets.clone()),
+            Some(head) => head.nll(None, h.clone(), targets.clone(), None),
             None => {
                 let lp = activation::log_softmax(h.clone().matmul(full.clone().transpose()), 1);
                 lp.gather(1, targets.clone().unsqueeze_dim(1)).sum().neg()

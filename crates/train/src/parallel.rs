@@ -20,7 +20,7 @@ use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use mixlab_data::{Batch, shard_rows};
-use mixlab_models::{Lm, LmCache, loss::cross_entropy_sum};
+use mixlab_models::{Lm, LmCache};
 
 use crate::source::to_tensors;
 
@@ -126,14 +126,8 @@ fn shard_step(
     extras: Extras,
 ) -> Result<ShardOutcome> {
     let (inputs, targets, weights) = to_tensors(shard, device);
-    let (logits, next) = match cache {
-        Some(cache) => {
-            let (logits, next) = model.forward_cached(inputs, cache);
-            (logits, Some(next))
-        }
-        None => (model.forward(inputs), None),
-    };
-    let mut loss = cross_entropy_sum(logits, targets, weights).div_scalar(weight);
+    let (h, next) = model.hidden(inputs, cache);
+    let mut loss = model.nll_sum(h, targets, weights).div_scalar(weight);
     if extras.poison {
         loss = loss.mul_scalar(f64::NAN);
     }

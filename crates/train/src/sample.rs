@@ -117,7 +117,9 @@ pub fn sample(run_dir: &Path, opts: &SampleOptions, out: &mut dyn Write) -> Resu
         let input: Vec<i64> = context.iter().map(|&t| i64::from(t)).collect();
         let n = input.len();
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(input, [1, n]), &device);
-        let logits = model.forward(tokens).narrow(1, n - 1, 1); // [1, 1, vocab]
+        // The head scores the last position only (an adaptive softmax's whole distribution).
+        let last = model.hidden(tokens, None).0.narrow(1, n - 1, 1);
+        let logits = model.logits(last); // [1, 1, vocab]
         let logits: Vec<f32> = logits
             .into_data()
             .convert::<f32>()

@@ -12,7 +12,7 @@ use burn::optim::{GradientsAccumulator, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use mixlab_data::{Batch, shard_rows};
-use mixlab_models::{Lm, LmCache, loss::cross_entropy_sum};
+use mixlab_models::{Lm, LmCache};
 use serde_json::json;
 
 use crate::checkpoint;
@@ -744,15 +744,9 @@ pub fn evaluate(model: &Lm, batches: &[mixlab_data::Batch], device: &Device) -> 
         .and_then(|b| model.new_cache(b.batch, device));
     for batch in batches {
         let (inputs, targets, weights) = to_tensors(batch, device);
-        let logits = match cache.take() {
-            Some(past) => {
-                let (logits, next) = model.forward_cached(inputs, &past);
-                cache = Some(next);
-                logits
-            }
-            None => model.forward(inputs),
-        };
-        let loss = cross_entropy_sum(logits, targets, weights);
+        let (h, next) = model.hidden(inputs, cache.as_ref());
+        cache = next;
+        let loss = model.nll_sum(h, targets, weights);
         sum += f64::from(loss.into_scalar::<f32>());
         weight += batch.weight_sum();
     }

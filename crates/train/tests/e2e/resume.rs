@@ -69,6 +69,123 @@ fn a_cached_run_resumes_bit_for_bit_with_its_cache() {
     }
 }
 
+/// WikiText-103's models in small: a word-level run with a tied adaptive input and softmax
+/// (two tails) and a cache. Resumed at step 4 it repeats the uninterrupted losses bit for
+/// bit; `eval` reproduces its final whole-split validation loss from the checkpoint; `sample`
+/// continues a prompt with the corpus's words; `export` writes the clusters under their
+/// module names, with no `[vocab, d_model]` token embedding.
+#[test]
+fn an_adaptive_softmax_run_resumes_bit_for_bit_evaluates_samples_and_exports() {
+    let dir = scratch("adaptive");
+    let config = write_cached_config(&dir, |t| {
+        t.replace("level = \"byte\"", "level = \"word\"").replace(
+            "[model.cache]",
+            "[model.adaptive]\ncutoffs = [4, 8]\ndiv_val = 2\n\n[model.cache]",
+        )
+    });
+    // Lines of Zipf-distributed words after one line holding all of them (so every split's
+    // words are in the training split's vocabulary).
+    const WORDS: [&str; 12] = [
+        "the", "cache", "reaches", "back", "past", "its", "block", "and", "a", "stream", "goes",
+        "on",
+    ];
+    let mut text = WORDS.join(" ") + "\n";
+    let harmonic: f64 = (1..=WORDS.len()).map(|r| 1.0 / r as f64).sum();
+    let mut state = 7u64;
+    for line in 0..60 {
+        for _ in 0..6 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let mut u = (state >> 11) as f64 / (1u64 << 53) as f64 * harmonic;
+            let mut r = 0;
+            while r + 1 < WORDS.len() && u > 1.0 / (r + 1) as f64 {
+                u -= 1.0 / (r + 1) as f64;
+                r += 1;
+            }
+            text.push_str(WORDS[r]);
+            text.push(' ');
+        }
+        text.push_str(if line % 2 == 0 { "on\n" } else { "the\n" });
+    }
+    std::fs::write(dir.join("corpus.txt"), text).unwrap();
+    resumed_run_repeats("adaptive", &dir, &config, &[]);
+    let full = dir.join("full");
+    // The vocabulary is ordered by frequency, so the head cluster holds the common words.
+    let tokenizer = std::fs::read_to_string(full.join("tokenizer.json")).unwrap();
+    assert!(
+        tokenizer.find("\"the\"").unwrap() < tokenizer.find("\"goes\"").unwrap(),
+        "{tokenizer}"
+    );
+    let resolved = std::fs::read_to_string(full.join("config.toml")).unwrap();
+    assert!(resolved.contains("[model.adaptive]"), "{resolved}");
+    let last_valid = losses(&metrics(&full), "valid").last().unwrap().1;
+    let out = run(Command::new(env!("CARGO_BIN_EXE_eval"))
+        .arg("--run")
+        .arg(&full)
+        .args(["--split", "valid", "--backend", "flex"]));
+    ok(&out);
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let loss = line["loss"].as_f64().unwrap();
+    assert!(
+        (loss - last_valid).abs() < 1e-9 * last_valid,
+        "eval {loss} vs training's final valid {last_valid}"
+    );
+
+    let out = run(Command::new(env!("CARGO_BIN_EXE_sample"))
+        .arg("--run")
+        .arg(&full)
+        .args([
+            "--prompt",
+            "the cache",
+            "--tokens",
+            "12",
+            "--backend",
+            "flex",
+        ]));
+    ok(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("the cache"), "{text}");
+    let text = text.trim_end_matches('\n');
+    let words: Vec<&str> = text.split_whitespace().collect();
+    // Each sampled token is a word or an <eos> (a newline).
+    assert_eq!(words.len() + text.matches('\n').count(), 2 + 12, "{text:?}");
+    let corpus = std::fs::read_to_string(dir.join("corpus.txt")).unwrap();
+    for w in &words {
+        assert!(
+            corpus.split_whitespace().any(|c| c == *w) || *w == "<unk>" || *w == "<eos>",
+            "{w:?} is not a corpus word: {text:?}"
+        );
+    }
+
+    let st = dir.join("adaptive.safetensors");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_export"))
+        .arg("--run")
+        .arg(&full)
+        .arg("--out")
+        .arg(&st));
+    ok(&out);
+    let listing = String::from_utf8(out.stdout).unwrap();
+    for name in [
+        "adaptive_input.head",
+        "adaptive_input.tails.0.proj",
+        "adaptive_input.tails.1.weight",
+        "adaptive_softmax.cluster_weight",
+        "adaptive_softmax.head_bias",
+        "adaptive_softmax.tail_bias.1",
+    ] {
+        assert!(
+            listing.lines().any(|l| l.starts_with(&format!("{name}\t"))),
+            "{name} missing:\n{listing}"
+        );
+    }
+    assert!(!listing.contains("token_embedding"), "{listing}");
+    assert!(
+        !listing.contains("adaptive_softmax.words"),
+        "tied: {listing}"
+    );
+}
+
 fn resumed_run_repeats(name: &str, dir: &Path, config: &Path, extra: &[&str]) {
     let train = |run_dir: &Path| {
         let dir = format!("train.run_dir=\"{}\"", run_dir.display());
