@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::DataError;
+use crate::bpe::{Bpe, BpeSettings};
 use crate::text::{Level, Splits, Tokenizer, WordVocab};
 
 /// The corpora `[data] corpus = ...` accepts.
@@ -159,16 +160,26 @@ impl Corpus {
         })
     }
 
-    /// The tokenisation level this corpus uses, given the configured one.
+    /// The tokenisation level this corpus uses, given the configured one: the corpus's own
+    /// (word for WikiText and PTB, char for tiny-shakespeare and text8, …) unless `bpe` is
+    /// configured, which any text takes.
     pub fn level(self, configured: Level) -> Level {
+        if configured == Level::Bpe {
+            return Level::Bpe;
+        }
         self.spec().and_then(|s| s.level).unwrap_or(configured)
     }
 
-    /// Whether losses on this corpus are reported as perplexity (word level) rather than bpc.
-    pub fn is_word_level(self, configured: Level) -> bool {
+    /// Whether losses on this corpus are reported as perplexity (per word at word level, per
+    /// token with BPE) rather than bpc.
+    pub fn reports_perplexity(self, configured: Level) -> bool {
         // ptb-char is tokenised by the word tokenizer (its symbols are space-separated), but
         // its tokens are characters: report bits per character.
-        self.level(configured) == Level::Word && self != Corpus::PtbChar
+        match self.level(configured) {
+            Level::Word => self != Corpus::PtbChar,
+            Level::Bpe => true,
+            Level::Byte | Level::Char => false,
+        }
     }
 }
 
@@ -179,8 +190,10 @@ pub struct LoadRequest<'a> {
     pub corpus: Corpus,
     /// Folder of a named corpus, or the file / directory for `text`.
     pub path: &'a Path,
-    /// Level for `text` and the raw corpora.
+    /// Level for `text` and the raw corpora (`bpe`: any text corpus).
     pub level: Level,
+    /// How a `bpe` level gets its tokenizer.
+    pub bpe: BpeSettings,
     /// `text` only: fraction held out for validation (after train).
     pub valid_fraction: f64,
     /// `text` only: fraction held out for test (at the end).
@@ -236,14 +249,20 @@ pub fn load_cached(
     cache_dir: &Path,
     notify: &mut dyn FnMut(String),
 ) -> Result<Splits, DataError> {
-    let srcs = sources(req)?;
-    let settings = format!(
+    let mut srcs = sources(req)?;
+    let level = req.corpus.level(req.level);
+    let mut settings = format!(
         "{}|{:?}|{}|{}",
         req.corpus.name(),
-        req.corpus.level(req.level),
+        level,
         req.valid_fraction,
         req.test_fraction
     );
+    if level == Level::Bpe {
+        // The vocabulary size, or the loaded tokenizer file (fingerprinted like a source).
+        settings.push_str(&format!("|{}", req.bpe.describe()));
+        srcs.extend(req.bpe.tokenizer.clone());
+    }
     let dir = crate::cache::entry_dir(cache_dir, req.corpus.name(), &settings, &srcs);
     match crate::cache::load(&dir) {
         Ok(splits) => return Ok(splits),
@@ -272,9 +291,9 @@ pub fn load(req: &LoadRequest) -> Result<Splits, DataError> {
         }
         let (v, t) = (req.valid_fraction, req.test_fraction);
         let pieces = cut_fraction(&bytes, req.level, req.path, 1.0 - v - t, v)?;
-        return tokenize_pieces(req.level, pieces, req.path, t > 0.0);
+        return tokenize_pieces(req.level, &req.bpe, pieces, req.path, t > 0.0);
     };
-    let level = spec.level.unwrap_or(req.level);
+    let level = req.corpus.level(req.level);
     match spec.layout {
         Layout::OneFile {
             train_pct,
@@ -284,7 +303,7 @@ pub fn load(req: &LoadRequest) -> Result<Splits, DataError> {
             let path = &srcs[0];
             let bytes = read(path)?;
             let pieces = cut_percent(&bytes, level, path, train_pct, valid_pct)?;
-            tokenize_pieces(level, pieces, path, train_pct + valid_pct < 100)
+            tokenize_pieces(level, &req.bpe, pieces, path, train_pct + valid_pct < 100)
         }
         Layout::Files { .. } => {
             let texts = srcs
@@ -292,7 +311,7 @@ pub fn load(req: &LoadRequest) -> Result<Splits, DataError> {
                 .map(|p| read(p))
                 .collect::<Result<Vec<_>, _>>()?;
             let paths: Vec<&Path> = srcs.iter().map(PathBuf::as_path).collect();
-            split_files(level, [&texts[0], &texts[1], &texts[2]], &paths)
+            split_files(level, &req.bpe, [&texts[0], &texts[1], &texts[2]], &paths)
         }
     }
 }
@@ -369,11 +388,12 @@ fn cut_fraction<'a>(
 }
 
 /// Byte offsets of unit boundaries (`len + 1` entries): every byte at byte level, every char
-/// start at char level, every line start at word level (words split within lines).
+/// start at char level (and for BPE, which cuts where char level does), every line start at
+/// word level (words split within lines).
 fn unit_offsets(bytes: &[u8], level: Level, path: &Path) -> Result<Vec<usize>, DataError> {
     Ok(match level {
         Level::Byte => (0..=bytes.len()).collect(),
-        Level::Char => {
+        Level::Char | Level::Bpe => {
             let text = utf8(bytes, path)?;
             text.char_indices()
                 .map(|(i, _)| i)
@@ -399,20 +419,27 @@ fn unit_offsets(bytes: &[u8], level: Level, path: &Path) -> Result<Vec<usize>, D
 
 fn tokenize_pieces(
     level: Level,
+    bpe: &BpeSettings,
     pieces: [&[u8]; 3],
     path: &Path,
     has_test: bool,
 ) -> Result<Splits, DataError> {
     let paths = [path, path, path];
-    let mut splits = split_files(level, pieces, &paths)?;
+    let mut splits = split_files(level, bpe, pieces, &paths)?;
     if !has_test {
         splits.test = None;
     }
     Ok(splits)
 }
 
-/// Tokenise three split texts; the vocabulary (char, word) comes from the training split.
-fn split_files(level: Level, texts: [&[u8]; 3], paths: &[&Path]) -> Result<Splits, DataError> {
+/// Tokenise three split texts; the vocabulary (char, word, a trained BPE) comes from the
+/// training split.
+fn split_files(
+    level: Level,
+    bpe: &BpeSettings,
+    texts: [&[u8]; 3],
+    paths: &[&Path],
+) -> Result<Splits, DataError> {
     let [train, valid, test] = texts;
     let (tokenizer, ids): (Tokenizer, Vec<Vec<u32>>) = match level {
         Level::Byte => (
@@ -439,6 +466,19 @@ fn split_files(level: Level, texts: [&[u8]; 3], paths: &[&Path]) -> Result<Split
             ids.push(vocab.encode_lines(utf8(valid, paths[1])?, "valid", paths[1])?);
             ids.push(vocab.encode_lines(utf8(test, paths[2])?, "test", paths[2])?);
             (Tokenizer::Word(vocab), ids)
+        }
+        Level::Bpe => {
+            let strs = [
+                utf8(train, paths[0])?,
+                utf8(valid, paths[1])?,
+                utf8(test, paths[2])?,
+            ];
+            let tokenizer = match &bpe.tokenizer {
+                Some(path) => Bpe::load(path)?,
+                None => Bpe::train(strs[0], bpe.vocab_size)?,
+            };
+            let ids = strs.iter().map(|s| tokenizer.encode(s)).collect();
+            (Tokenizer::Bpe(tokenizer), ids)
         }
     };
     let mut ids = ids.into_iter();
@@ -476,6 +516,7 @@ mod tests {
             corpus,
             path: dir,
             level: Level::Byte,
+            bpe: crate::BpeSettings::default(),
             valid_fraction: 0.1,
             test_fraction: 0.0,
         })
@@ -529,6 +570,40 @@ mod tests {
         assert!(s.test.is_none());
     }
 
+    /// `level = "bpe"` overrides a named corpus's own level: tiny-shakespeare cut where char
+    /// level cuts it (90 / 10 of its characters), a BPE of 1,000 tokens trained on the training
+    /// part, both splits decoding back to exactly their text.
+    #[test]
+    fn a_named_corpus_takes_the_bpe_level() {
+        let Some(dir) = shared("tinyshakespeare") else {
+            return;
+        };
+        let s = load(&LoadRequest {
+            corpus: Corpus::Tinyshakespeare,
+            path: &dir,
+            level: Level::Bpe,
+            bpe: BpeSettings {
+                vocab_size: 1000,
+                tokenizer: None,
+            },
+            valid_fraction: 0.1,
+            test_fraction: 0.0,
+        })
+        .unwrap();
+        assert!(matches!(s.tokenizer, Tokenizer::Bpe(_)));
+        assert_eq!(s.tokenizer.vocab_size(), 1000);
+        let text = std::fs::read_to_string(dir.join("input.txt")).unwrap();
+        let cut = text.char_indices().nth(1_003_854).unwrap().0;
+        assert_eq!(s.tokenizer.decode(&s.train), text[..cut]);
+        assert_eq!(s.tokenizer.decode(&s.valid), text[cut..]);
+        assert!(
+            s.train.len() < 1_003_854 / 2,
+            "merges: {} tokens",
+            s.train.len()
+        );
+        assert!(Corpus::Tinyshakespeare.reports_perplexity(Level::Bpe));
+    }
+
     /// PTB's word vocabulary is ordered by frequency: the counts of ids 0, 1, 2, ... in the
     /// encoded training split never increase, and a second build gives the same ids.
     #[test]
@@ -567,7 +642,7 @@ mod tests {
             text.split_whitespace().count() + text.lines().count()
         );
         assert!(
-            !Corpus::PtbChar.is_word_level(Level::Byte),
+            !Corpus::PtbChar.reports_perplexity(Level::Byte),
             "ptb-char reports bpc"
         );
     }
@@ -607,6 +682,7 @@ mod tests {
                 corpus,
                 path,
                 level: Level::Char,
+                bpe: crate::BpeSettings::default(),
                 valid_fraction: 0.1,
                 test_fraction: 0.0,
             }
@@ -669,6 +745,7 @@ mod tests {
             corpus: Corpus::Text,
             path: &dir.join("c.txt"),
             level: Level::Word,
+            bpe: crate::BpeSettings::default(),
             valid_fraction: 0.2,
             test_fraction: 0.1,
         };
@@ -708,6 +785,7 @@ mod tests {
             corpus: Corpus::Text,
             path: &dir.join("a.txt"),
             level: Level::Byte,
+            bpe: crate::BpeSettings::default(),
             valid_fraction: 0.1,
             test_fraction: 0.1,
         })

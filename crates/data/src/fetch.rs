@@ -750,6 +750,7 @@ mod tests {
                 corpus,
                 path: &dir,
                 level: crate::Level::Char,
+                bpe: crate::BpeSettings::default(),
                 valid_fraction: 0.1,
                 test_fraction: 0.0,
             };

@@ -43,6 +43,7 @@ proptest! {
             corpus: Corpus::Text,
             path: &path,
             level,
+            bpe: crate::BpeSettings::default(),
             valid_fraction: valid,
             test_fraction: test,
         };
@@ -69,6 +70,7 @@ proptest! {
             corpus: Corpus::Ptb,
             path: &dir,
             level: Level::Word,
+            bpe: crate::BpeSettings::default(),
             valid_fraction: 0.1,
             test_fraction: 0.0,
         };
@@ -87,6 +89,7 @@ proptest! {
             corpus: Corpus::Text,
             path: &path,
             level: Level::Char,
+            bpe: crate::BpeSettings::default(),
             valid_fraction: 0.2,
             test_fraction: 0.0,
         };

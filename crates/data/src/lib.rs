@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod bpe;
 pub mod cache;
 pub mod catalogue;
 pub mod copy;
@@ -19,6 +20,7 @@ pub use batch::{
     Batch, Sampler, eval_windows, shard_rows, stream_batch, stream_eval_batches, stream_restarts,
     stream_windows,
 };
+pub use bpe::{Bpe, BpeSettings};
 pub use catalogue::{Corpus, LoadRequest, corpus_dir, load, load_cached, sources};
 pub use copy::CopyTask;
 pub use fetch::{Download, FetchEvent, downloads, fetch};
@@ -42,8 +44,15 @@ pub struct DataConfig {
     pub path: Option<PathBuf>,
     /// Where named corpora land: `<root>/<corpus>/`.
     pub root: PathBuf,
-    /// Tokenisation of `text` and the raw WikiText corpora: `byte`, `char` or `word`.
+    /// Tokenisation of `text` and the raw WikiText corpora: `byte`, `char` or `word`; `bpe`
+    /// (byte-level BPE) for any text corpus, named ones included.
     pub level: Level,
+    /// `level = "bpe"`: the vocabulary size a BPE trained on the training split reaches (the
+    /// 256 bytes plus merges).
+    pub bpe_vocab_size: usize,
+    /// `level = "bpe"`: a Hugging Face `tokenizer.json` to use instead of training one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<PathBuf>,
     /// `text` only: fraction held out for validation.
     pub valid_fraction: f64,
     /// `text` only: fraction held out for test, at the very end.
@@ -71,6 +80,8 @@ impl Default for DataConfig {
             path: None,
             root: PathBuf::from("datasets"),
             level: Level::Byte,
+            bpe_vocab_size: 4096,
+            tokenizer: None,
             valid_fraction: 0.1,
             test_fraction: 0.0,
             sampler: Sampler::Random,

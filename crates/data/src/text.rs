@@ -1,4 +1,4 @@
-//! Tokenisation: byte, character and word level.
+//! Tokenisation: byte, character and word level, and byte-level BPE (`bpe.rs`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::DataError;
+use crate::bpe::Bpe;
 
 /// A tokenised corpus with its splits (what `catalogue::load` returns and `cache` stores).
 #[derive(Debug, Clone)]
@@ -30,6 +31,9 @@ pub enum Level {
     Char,
     /// One token per whitespace-separated word, `<eos>` after every line (blank lines too).
     Word,
+    /// Byte-level BPE (GPT-2's tokenisation): trained on the training split
+    /// (`data.bpe_vocab_size`) or loaded from `data.tokenizer`; newlines are bytes like any.
+    Bpe,
 }
 
 /// Maps text to token ids and back. Saved with a run so a resumed or evaluated model reads
@@ -50,6 +54,8 @@ pub enum Tokenizer {
     },
     /// Word level: the training split's words, most frequent first.
     Word(WordVocab),
+    /// Byte-level BPE.
+    Bpe(Bpe),
 }
 
 impl Tokenizer {
@@ -59,6 +65,7 @@ impl Tokenizer {
             Tokenizer::Byte => 256,
             Tokenizer::Char { chars, unknown } => chars.len() + usize::from(*unknown),
             Tokenizer::Word(v) => v.len(),
+            Tokenizer::Bpe(b) => b.vocab_size(),
         }
     }
 
@@ -84,11 +91,13 @@ impl Tokenizer {
                 .flat_map(|line| line.split_whitespace().chain([EOS]))
                 .filter_map(|w| v.id(w).or(v.unk))
                 .collect(),
+            Tokenizer::Bpe(b) => b.encode(text),
         }
     }
 
-    /// Text of `ids` (lossy for byte sequences that are not UTF-8; `�` for unknown ids; words
-    /// joined by spaces with `<eos>` as a newline).
+    /// Text of `ids` (lossy for byte sequences that are not UTF-8 — bytes, BPE tokens that end
+    /// inside a character; `�` for unknown ids; words joined by spaces with `<eos>` as a
+    /// newline).
     pub fn decode(&self, ids: &[u32]) -> String {
         match self {
             Tokenizer::Byte => {
@@ -115,6 +124,7 @@ impl Tokenizer {
                 }
                 out
             }
+            Tokenizer::Bpe(b) => b.decode(ids),
         }
     }
 }

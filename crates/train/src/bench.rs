@@ -656,6 +656,7 @@ pub fn data_load(size_mb: usize, dir: &std::path::Path) -> Result<Value> {
         corpus: mixlab_data::Corpus::Text,
         path: &path,
         level: mixlab_data::Level::Word,
+        bpe: mixlab_data::BpeSettings::default(),
         valid_fraction: 0.01,
         test_fraction: 0.01,
     };

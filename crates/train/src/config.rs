@@ -569,7 +569,13 @@ mod tests {
                 c.validate()
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 let mut model = c.model.clone();
-                model.vocab_size.get_or_insert(256);
+                // What the data gives (word corpora: their published vocabularies).
+                model.vocab_size.get_or_insert(match c.data.corpus.name() {
+                    "wikitext-2" => 33_278,
+                    "wikitext-103" => 267_735,
+                    "ptb" => 10_000,
+                    _ => 256,
+                });
                 model
                     .validate()
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -594,6 +600,36 @@ mod tests {
         let expected = layers * per_layer + 2 * 256 * d + 256 + 64 * 8192;
         assert_eq!(lm.num_params(), expected);
         assert!((38_000_000..40_000_000).contains(&expected), "{expected}");
+    }
+
+    /// `configs/wt103.toml` builds the paper's WikiText-103 all-attention model: 36 layers of
+    /// bias-free projections, 2·N·d persistent vectors and one LayerNorm, relative keys over the
+    /// 2048-position span, tied adaptive input and softmax over 267,735 words (cluster widths
+    /// 512 / 128 / 32 / 8, projections for the tails, the head's cluster logits and biases):
+    /// 132.3M parameters (the paper: 133M).
+    #[test]
+    fn the_wt103_config_is_the_papers_133m_model() {
+        let path = crate::crate_dir().join("../../configs/wt103.toml");
+        let mut model = Config::load(&path, &[]).unwrap().model;
+        let vocab = 267_735;
+        model.vocab_size = Some(vocab);
+        use burn::module::Module;
+        let lm = model.init(&burn::tensor::Device::flex()).unwrap();
+        let (d, n, layers) = (512, 2048, 36);
+        let per_layer = 4 * d * d + 2 * n * d + 2 * d + 8;
+        let clusters = [
+            (0, 20_000, 512),
+            (20_000, 40_000, 128),
+            (40_000, 200_000, 32),
+        ];
+        let mut embeddings = 0;
+        for (start, end, width) in clusters.into_iter().chain([(200_000, vocab, 8)]) {
+            embeddings += (end - start) * width + if width < d { width * d } else { 0 };
+        }
+        let softmax = 3 * d + (20_000 + 3) + (vocab - 20_000); // cluster logits, biases
+        let expected = layers * per_layer + embeddings + softmax + 64 * 2048;
+        assert_eq!(lm.num_params(), expected);
+        assert!((132_000_000..133_500_000).contains(&expected), "{expected}");
     }
 
     /// Fuzzing the config loader (proptest): shipped configs with random edits, random

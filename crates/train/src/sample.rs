@@ -111,6 +111,7 @@ pub fn sample(run_dir: &Path, opts: &SampleOptions, out: &mut dyn Write) -> Resu
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
     let mut generated = vec![];
     let mut pending = vec![]; // byte-level output waits for whole UTF-8 characters
+    let mut pending_ids = vec![]; // so does BPE output
     write!(out, "{}", opts.prompt)?;
     for _ in 0..opts.tokens {
         let context = &ids[ids.len().saturating_sub(seq_len)..];
@@ -155,6 +156,16 @@ pub fn sample(run_dir: &Path, opts: &SampleOptions, out: &mut dyn Write) -> Resu
                 }
             }
             Tokenizer::Char { .. } => write!(out, "{}", tokenizer.decode(&[next]))?,
+            Tokenizer::Bpe(_) => {
+                // A token can end inside a UTF-8 character: print once the text is whole
+                // (or after 8 tokens that never complete one).
+                pending_ids.push(next);
+                let text = tokenizer.decode(&pending_ids);
+                if !text.ends_with('\u{FFFD}') || pending_ids.len() >= 8 {
+                    write!(out, "{text}")?;
+                    pending_ids.clear();
+                }
+            }
         }
         out.flush()?;
     }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use crate::config::{Config, Objective};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use mixlab_data::{
-    Batch, CopyTask, Corpus, DataConfig, DataError, LoadRequest, Sampler, Splits, Tokenizer,
+    Batch, CopyTask, Corpus, DataConfig, DataError, Level, LoadRequest, Sampler, Splits, Tokenizer,
     corpus_dir, eval_windows, stream_eval_batches, stream_restarts,
 };
 
@@ -249,6 +249,14 @@ impl Source {
                         ),
                     });
                 }
+                if config.tokenizer.is_some() && corpus.level(config.level) != Level::Bpe {
+                    bail!(DataError::Invalid {
+                        field: "tokenizer",
+                        message: "a tokenizer.json is for level = \"bpe\": set data.level = \
+                                  \"bpe\" or leave data.tokenizer out"
+                            .into(),
+                    });
+                }
                 let stride = config.eval_stride.unwrap_or(seq);
                 if stride == 0 || stride > seq {
                     bail!(DataError::Invalid {
@@ -260,6 +268,10 @@ impl Source {
                     corpus,
                     path: &path,
                     level: config.level,
+                    bpe: mixlab_data::BpeSettings {
+                        vocab_size: config.bpe_vocab_size,
+                        tokenizer: config.tokenizer.clone(),
+                    },
                     valid_fraction: v,
                     test_fraction: t,
                 };
@@ -382,7 +394,7 @@ impl Source {
     pub fn unit(&self, config: &DataConfig) -> Unit {
         match self {
             Source::Copy { .. } => Unit::Nats,
-            Source::Text { .. } if config.corpus.is_word_level(config.level) => Unit::Ppl,
+            Source::Text { .. } if config.corpus.reports_perplexity(config.level) => Unit::Ppl,
             Source::Text { .. } => Unit::Bpc,
         }
     }

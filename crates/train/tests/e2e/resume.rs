@@ -186,6 +186,57 @@ fn an_adaptive_softmax_run_resumes_bit_for_bit_evaluates_samples_and_exports() {
     );
 }
 
+/// A byte-level BPE run (`data.level = "bpe"`, trained on the training split in every
+/// process: the corpus cache is off) resumes bit for bit — the BPE trained again on resume is
+/// the same tokenizer — reports perplexity per token, and `sample` continues a prompt with
+/// text made of the corpus's characters.
+#[test]
+fn a_bpe_run_resumes_bit_for_bit_and_samples_text() {
+    let dir = scratch("bpe");
+    let config = write_cached_config(&dir, |t| {
+        t.replace("level = \"byte\"", "level = \"bpe\"\nbpe_vocab_size = 300")
+    });
+    resumed_run_repeats("bpe", &dir, &config, &[]);
+    let full = dir.join("full");
+    let tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("tokenizer.json")).unwrap())
+            .unwrap();
+    assert_eq!(tokenizer["level"], "bpe");
+    assert_eq!(tokenizer["tokenizer"]["model"]["type"], "BPE");
+    let valid = metrics(&full)
+        .into_iter()
+        .rfind(|l| l["split"] == "valid")
+        .unwrap();
+    let (loss, ppl) = (
+        valid["loss"].as_f64().unwrap(),
+        valid["ppl"].as_f64().unwrap(),
+    );
+    assert!((ppl - loss.exp()).abs() < 1e-9 * ppl, "{valid}");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_sample"))
+        .arg("--run")
+        .arg(&full)
+        .args([
+            "--prompt",
+            "the cache",
+            "--tokens",
+            "20",
+            "--backend",
+            "flex",
+        ])
+        .args(["--temperature", "0"]));
+    ok(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("the cache"), "{text}");
+    assert!(text.len() > "the cache".len() + 5, "{text:?}");
+    let corpus = std::fs::read_to_string(dir.join("corpus.txt")).unwrap();
+    assert!(
+        text.trim_end_matches('\n')
+            .chars()
+            .all(|c| corpus.contains(c)),
+        "{text:?}"
+    );
+}
+
 fn resumed_run_repeats(name: &str, dir: &Path, config: &Path, extra: &[&str]) {
     let train = |run_dir: &Path| {
         let dir = format!("train.run_dir=\"{}\"", run_dir.display());

@@ -368,3 +368,89 @@ fn half_precision_trains_on_flex_and_is_refused_where_it_cannot_work() {
         );
     }
 }
+
+/// WikiText-103's vocabulary without WikiText-103: a generated corpus of 267,735 word types
+/// (each once in its first line, then Zipf-distributed lines, as `bench data` draws them)
+/// trains with the papers' adaptive input and softmax (cutoffs 20k / 40k / 200k, div_val 4,
+/// tied) and is evaluated over its whole held-out splits — which a full softmax over these
+/// words could not do in a test's time.
+#[test]
+fn a_wikitext_103_sized_vocabulary_trains_with_the_papers_adaptive_softmax() {
+    use rand::{Rng, SeedableRng};
+    let dir = scratch("wt103-vocab");
+    let types = 267_735usize;
+    let mut text = (0..types)
+        .map(|r| format!("w{r}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    text.push('\n');
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    for _ in 0..20_000 {
+        for _ in 0..20 {
+            let rank = (types as f64).powf(rng.random::<f64>()) as usize;
+            text.push_str(&format!("w{rank} "));
+        }
+        text.push('\n');
+    }
+    let corpus = write_named(&dir, "zipf.txt", &text);
+    let config = write_named(
+        &dir,
+        "wt103-small.toml",
+        &format!(
+            r#"
+[model]
+d_model = 64
+n_layers = 1
+d_ff = 128
+seq_len = 32
+position = "learned"
+tie_embeddings = true
+
+[model.adaptive]
+cutoffs = [20000, 40000, 200000]
+div_val = 4
+
+[model.mixer]
+kind = "dense"
+n_heads = 4
+
+[data]
+corpus = "text"
+path = "{}"
+level = "word"
+valid_fraction = 0.02
+test_fraction = 0.02
+cache_dir = ""
+
+[train]
+backend = "flex"
+steps = 3
+batch_size = 8
+eval_every = 0
+checkpoint_every = 3
+log_every = 1
+"#,
+            corpus.display()
+        ),
+    );
+    let run_dir = dir.join("run");
+    ok(&train_with(&config, &run_dir, &[]));
+    let resolved = std::fs::read_to_string(run_dir.join("config.toml")).unwrap();
+    assert!(
+        resolved.contains(&format!("vocab_size = {}", types + 1)),
+        "every type and <eos>:\n{resolved}"
+    );
+    let lines = metrics(&run_dir);
+    let test = lines.iter().find(|l| l["split"] == "test").unwrap();
+    let ppl = test["ppl"].as_f64().unwrap();
+    assert!(
+        ppl.is_finite() && ppl > 1.0 && ppl < 2.0 * types as f64,
+        "{test}"
+    );
+    // The model is the adaptive one: no [267,736, 64] table anywhere (widths 64/16/4/1).
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    let params = summary["params"].as_u64().unwrap() as usize;
+    assert!(params < types * 64 / 4, "{params} parameters");
+}
