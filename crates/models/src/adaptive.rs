@@ -168,9 +168,13 @@ impl Tail {
     /// Log-probabilities within the tail, `[rows, end − start]`, of hidden states `[rows, d]`
     /// (the logits in the model's precision, the log-softmax in f32 as for a full softmax).
     fn log_probs(&self, h: Tensor<2>, bias: &Param<Tensor<1>>) -> Tensor<2> {
+        activation::log_softmax(self.logits(h, bias).cast(FloatDType::F32), 1)
+    }
+
+    /// Logits within the tail, `[rows, end − start]`.
+    fn logits(&self, h: Tensor<2>, bias: &Param<Tensor<1>>) -> Tensor<2> {
         let x = h.matmul(self.proj.val().transpose());
-        let logits = x.matmul(self.weight.val().transpose()) + bias.val().unsqueeze();
-        activation::log_softmax(logits.cast(FloatDType::F32), 1)
+        x.matmul(self.weight.val().transpose()) + bias.val().unsqueeze()
     }
 }
 
@@ -254,12 +258,16 @@ impl AdaptiveSoftmax {
 
     /// The head cluster's log-probabilities, `[rows, shortlist + tails]`.
     fn head_log_probs(&self, words: &Clusters, h: Tensor<2>) -> Tensor<2> {
+        activation::log_softmax(self.head_logits(words, h).cast(FloatDType::F32), 1)
+    }
+
+    /// The head cluster's logits, `[rows, shortlist + tails]`.
+    fn head_logits(&self, words: &Clusters, h: Tensor<2>) -> Tensor<2> {
         let weight = match &self.cluster_weight {
             Some(c) => Tensor::cat(vec![words.head.val(), c.val()], 0),
             None => words.head.val(),
         };
-        let logits = h.matmul(weight.transpose()) + self.head_bias.val().unsqueeze();
-        activation::log_softmax(logits.cast(FloatDType::F32), 1)
+        h.matmul(weight.transpose()) + self.head_bias.val().unsqueeze()
     }
 
     /// Log-probabilities of every word, `[rows, vocab]`, from hidden states `[rows, d_model]`
@@ -295,7 +303,14 @@ impl AdaptiveSoftmax {
             .try_to_vec::<i64>()
             .expect("integer targets");
         let rows = ids.len();
-        let head = self.head_log_probs(words, h.clone());
+        // Each softmax's negative log-likelihood straight from its logits (the fused
+        // cross-entropy on flex, one pass per row each way; log-softmax + gather elsewhere):
+        // no log-probability matrix is kept for the backward.
+        let nll_of = |logits: Tensor<2>, picks: Vec<i64>| {
+            let [n, _] = logits.dims();
+            let picks = Tensor::<2, Int>::from_data(TensorData::new(picks, [1, n]), &device);
+            crate::loss::token_nll(logits.unsqueeze_dim(0), picks).reshape([n])
+        };
         // The head column each row reads: its word, or its tail's logit.
         let column: Vec<i64> = ids
             .iter()
@@ -306,8 +321,8 @@ impl AdaptiveSoftmax {
                 },
             )
             .collect();
-        let column = Tensor::<2, Int>::from_data(TensorData::new(column, [rows, 1]), &device);
-        let picked = head.gather(1, column).reshape([rows]);
+        let picked = nll_of(self.head_logits(words, h.clone()), column);
+        debug_assert_eq!(picked.dims(), [rows]);
         let weights = weights.map(|w| w.cast(FloatDType::F32));
         let mut total = match &weights {
             Some(w) => (picked * w.clone()).sum(),
@@ -325,16 +340,17 @@ impl AdaptiveSoftmax {
             }
             let n = selected.len();
             let selected = Tensor::<1, Int>::from_data(TensorData::new(selected, [n]), &device);
-            let within = Tensor::<2, Int>::from_data(TensorData::new(within, [n, 1]), &device);
-            let lp = tail.log_probs(h.clone().select(0, selected.clone()), bias);
-            let picked = lp.gather(1, within).reshape([n]);
+            let picked = nll_of(
+                tail.logits(h.clone().select(0, selected.clone()), bias),
+                within,
+            );
             total = total
                 + match &weights {
                     Some(w) => (picked * w.clone().select(0, selected)).sum(),
                     None => picked.sum(),
                 };
         }
-        total.neg()
+        total
     }
 }
 
