@@ -302,7 +302,6 @@ impl AdaptiveSoftmax {
             .convert::<i64>()
             .try_to_vec::<i64>()
             .expect("integer targets");
-        let rows = ids.len();
         // Each softmax's negative log-likelihood straight from its logits (the fused
         // cross-entropy on flex, one pass per row each way; log-softmax + gather elsewhere):
         // no log-probability matrix is kept for the backward.
@@ -322,7 +321,6 @@ impl AdaptiveSoftmax {
             )
             .collect();
         let picked = nll_of(self.head_logits(words, h.clone()), column);
-        debug_assert_eq!(picked.dims(), [rows]);
         let weights = weights.map(|w| w.cast(FloatDType::F32));
         let mut total = match &weights {
             Some(w) => (picked * w.clone()).sum(),

@@ -132,19 +132,7 @@ fn an_adaptive_softmax_run_resumes_bit_for_bit_evaluates_samples_and_exports() {
         "eval {loss} vs training's final valid {last_valid}"
     );
 
-    let out = run(Command::new(env!("CARGO_BIN_EXE_sample"))
-        .arg("--run")
-        .arg(&full)
-        .args([
-            "--prompt",
-            "the cache",
-            "--tokens",
-            "12",
-            "--backend",
-            "flex",
-        ]));
-    ok(&out);
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = sample_from(&full, 12, &[]);
     assert!(text.starts_with("the cache"), "{text}");
     let text = text.trim_end_matches('\n');
     let words: Vec<&str> = text.split_whitespace().collect();
@@ -212,20 +200,7 @@ fn a_bpe_run_resumes_bit_for_bit_and_samples_text() {
         valid["ppl"].as_f64().unwrap(),
     );
     assert!((ppl - loss.exp()).abs() < 1e-9 * ppl, "{valid}");
-    let out = run(Command::new(env!("CARGO_BIN_EXE_sample"))
-        .arg("--run")
-        .arg(&full)
-        .args([
-            "--prompt",
-            "the cache",
-            "--tokens",
-            "20",
-            "--backend",
-            "flex",
-        ])
-        .args(["--temperature", "0"]));
-    ok(&out);
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = sample_from(&full, 20, &["--temperature", "0"]);
     assert!(text.starts_with("the cache"), "{text}");
     assert!(text.len() > "the cache".len() + 5, "{text:?}");
     let corpus = std::fs::read_to_string(dir.join("corpus.txt")).unwrap();
@@ -235,6 +210,18 @@ fn a_bpe_run_resumes_bit_for_bit_and_samples_text() {
             .all(|c| corpus.contains(c)),
         "{text:?}"
     );
+}
+
+/// `sample --run RUN_DIR --prompt "the cache" --tokens N --backend flex [EXTRA]`'s output.
+fn sample_from(run_dir: &Path, tokens: usize, extra: &[&str]) -> String {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_sample"))
+        .arg("--run")
+        .arg(run_dir)
+        .args(["--prompt", "the cache", "--backend", "flex"])
+        .args(["--tokens", &tokens.to_string()])
+        .args(extra));
+    ok(&out);
+    String::from_utf8(out.stdout).unwrap()
 }
 
 fn resumed_run_repeats(name: &str, dir: &Path, config: &Path, extra: &[&str]) {
