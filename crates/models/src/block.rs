@@ -39,6 +39,8 @@ pub struct BlockConfig {
     pub d_ff: Option<usize>,
     /// Where the LayerNorms sit.
     pub norm: NormPlacement,
+    /// The MLP's GELU.
+    pub activation: crate::mlp::Activation,
 }
 
 /// Residual block with a pluggable token mixer, pre- or post-norm.
@@ -68,6 +70,7 @@ impl BlockConfig {
                 d_ff,
                 dropout: self.ctx.dropout,
                 n_layers: self.ctx.n_layers,
+                activation: self.activation,
             }
             .init(device)
         });
@@ -170,6 +173,7 @@ mod tests {
             },
             d_ff: Some(16),
             norm,
+            activation: Default::default(),
         }
     }
 

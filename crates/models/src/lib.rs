@@ -13,6 +13,7 @@ pub mod adaptive;
 pub mod block;
 pub mod cache;
 pub mod gelu_op;
+pub mod head;
 pub mod init;
 pub mod linear;
 pub mod lm;
@@ -25,12 +26,13 @@ pub mod pattern;
 
 pub use block::{Block, BlockConfig, NormPlacement};
 pub use cache::{CacheConfig, CacheStart, CacheView, LmCache, Window};
+pub use head::HeadTransform;
 pub use lm::{AttentionLayout, Lm, LmConfig, Position, attention_positions};
 pub use mixer::{
     AttentionImpl, DenseAttention, DenseAttentionConfig, Mixer, MixerConfig, PersistentAttention,
     PersistentAttentionConfig, SparseAttention, SparseAttentionConfig, seed_dropout,
 };
-pub use mlp::{Mlp, MlpConfig};
+pub use mlp::{Activation, Mlp, MlpConfig};
 
 /// The optimisation level (`opt-level`: `0`–`3`, `s`, `z`) this crate was compiled at, as
 /// its build script saw it. The mixers and their fused kernels are where training spends its

@@ -1,6 +1,8 @@
 //! The language model: token embedding (a table, or adaptive input clusters), position
-//! information, `n_layers` [`Block`]s (pre- or post-norm), a final LayerNorm (pre-norm only) and
-//! an output head (a full softmax or an adaptive softmax, tied to the input embedding or not).
+//! information (and BERT/FNet's token types, embedding LayerNorm and projection), `n_layers`
+//! [`Block`]s (pre- or post-norm), a final LayerNorm (pre-norm only), an MLM head transform
+//! (optional) and an output head (a full softmax or an adaptive softmax, tied to the input
+//! embedding or not, with or without a bias).
 
 use burn::module::{Module, Param};
 use burn::nn::{
@@ -13,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::adaptive::{AdaptiveConfig, AdaptiveSoftmax, Clusters};
 use crate::block::{Block, BlockConfig, NormPlacement};
 use crate::cache::{CacheConfig, CacheStart, CacheView, LmCache, Window};
+use crate::head::HeadTransform;
 use crate::mixer::{AttentionImpl, MixerConfig, MixerContext};
+use crate::mlp::Activation;
 use crate::{ModelError, init};
 
 /// How the model knows where a token is.
@@ -85,10 +89,29 @@ pub struct LmConfig {
     /// Sukhbaatar et al.'s all-attention: no).
     #[serde(skip_serializing_if = "is_true")]
     pub attention_bias: bool,
-    /// A bias on the untied output head (Sukhbaatar et al.'s `out_emb`: yes; GPT-2: no head
-    /// of its own).
+    /// A bias on the output layer: the untied head's own (Sukhbaatar et al.'s `out_emb`), or a
+    /// vector of its own beside the tied embedding (BERT's and FNet's MLM decoder). GPT-2: none.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub head_bias: bool,
+    /// The GELU of every MLP and of the head transform: `gelu` (exact, erf-based; the default)
+    /// or `gelu_new` (the tanh approximation of GPT-2's, BERT's and FNet's code).
+    #[serde(skip_serializing_if = "is_default")]
+    pub activation: Activation,
+    /// Token-type (segment) embeddings, a table of this many vectors (BERT: 2, FNet: 4) of
+    /// which the first is added at every position (Mixlab's corpora are one segment; the others
+    /// are there for fine-tuning on sentence pairs after export). 0: none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub token_types: usize,
+    /// A LayerNorm over the summed embeddings, before the first block (BERT, FNet).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub embedding_norm: bool,
+    /// A linear `d_model -> d_model` projection of the (normalised) embeddings (FNet).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub embedding_projection: bool,
+    /// The masked-LM head's transform before the output layer: dense, GELU, LayerNorm (BERT,
+    /// FNet).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub head_transform: bool,
     /// Where the blocks' LayerNorms sit: `pre` (GPT-2: before each sublayer, plus a final
     /// LayerNorm) or `post` (BERT, FNet, all-attention: after each residual add, no final
     /// LayerNorm).
@@ -124,6 +147,14 @@ fn is_true(value: &bool) -> bool {
     *value
 }
 
+fn is_zero(value: &usize) -> bool {
+    *value == 0
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
 impl Default for LmConfig {
     fn default() -> Self {
         Self {
@@ -138,6 +169,11 @@ impl Default for LmConfig {
             tie_embeddings: true,
             attention_bias: true,
             head_bias: false,
+            activation: Activation::Gelu,
+            token_types: 0,
+            embedding_norm: false,
+            embedding_projection: false,
+            head_transform: false,
             norm: NormPlacement::Pre,
             cache: None,
             adaptive: None,
@@ -258,14 +294,6 @@ impl LmConfig {
                 return Err(ModelError::invalid(field, 0, "must be at least 1"));
             }
         }
-        if self.head_bias && self.tie_embeddings {
-            return Err(ModelError::invalid(
-                "head_bias",
-                true,
-                "the tied head is the token embedding and has no bias; set \
-                 tie_embeddings = false for an output layer of its own with a bias",
-            ));
-        }
         if let Some(adaptive) = &self.adaptive {
             adaptive.validate("adaptive", self.vocab_size.expect("checked"), self.d_model)?;
             if self.tie_embeddings && !adaptive.input {
@@ -364,6 +392,7 @@ impl LmConfig {
             },
             d_ff: (self.d_ff > 0).then_some(self.d_ff),
             norm: self.norm,
+            activation: self.activation,
         };
         let adaptive_input = self
             .adaptive
@@ -378,6 +407,13 @@ impl LmConfig {
             token_embedding: adaptive_input.is_none().then(|| embedding(vocab_size)),
             adaptive_input,
             pos_embedding: (self.position == Position::Learned).then(|| embedding(self.seq_len)),
+            type_embedding: (self.token_types > 0).then(|| embedding(self.token_types)),
+            embedding_norm: self
+                .embedding_norm
+                .then(|| LayerNormConfig::new(self.d_model).init(device)),
+            embedding_projection: self
+                .embedding_projection
+                .then(|| init::linear(self.d_model, self.d_model, true, init::STD, device)),
             key_pe: (self.position == Position::Relative).then(|| {
                 let d_head = mixers
                     .iter()
@@ -397,8 +433,13 @@ impl LmConfig {
                 .collect(),
             norm_final: (self.norm == NormPlacement::Pre)
                 .then(|| LayerNormConfig::new(self.d_model).init(device)),
+            head_transform: self
+                .head_transform
+                .then(|| HeadTransform::init(self.d_model, self.activation, device)),
             head: (!self.tie_embeddings && adaptive_softmax.is_none())
                 .then(|| init::linear(self.d_model, vocab_size, self.head_bias, init::STD, device)),
+            tied_bias: (self.tie_embeddings && self.head_bias && adaptive_softmax.is_none())
+                .then(|| Param::from_tensor(Tensor::zeros([vocab_size], device))),
             adaptive_softmax,
             d_model: self.d_model,
             seq_len: self.seq_len,
@@ -422,6 +463,13 @@ pub struct Lm {
     pub adaptive_input: Option<Clusters>,
     /// `[seq_len, d_model]` learned absolute positions, when `position = "learned"`.
     pub pos_embedding: Option<Embedding>,
+    /// `[token_types, d_model]` token-type embeddings (`model.token_types`); the first is added
+    /// at every position.
+    pub type_embedding: Option<Embedding>,
+    /// LayerNorm over the summed embeddings (`model.embedding_norm`).
+    pub embedding_norm: Option<LayerNorm>,
+    /// `d_model -> d_model` projection of the embeddings (`model.embedding_projection`).
+    pub embedding_projection: Option<Linear>,
     /// `[d_head, seq_len]` relative-position keys shared by every block, when
     /// `position = "relative"` (index = distance between query and key).
     pub key_pe: Option<Param<Tensor<2>>>,
@@ -431,9 +479,13 @@ pub struct Lm {
     pub blocks: Vec<Block>,
     /// LayerNorm before the head (pre-norm models; a post-norm model's last block ends in one).
     pub norm_final: Option<LayerNorm>,
+    /// The MLM head's transform before the output layer (`model.head_transform`).
+    pub head_transform: Option<HeadTransform>,
     /// Untied output head `d_model -> vocab`; `None` when tied to `token_embedding` or with an
     /// adaptive softmax.
     pub head: Option<Linear>,
+    /// `[vocab]` bias of the tied output layer (`model.head_bias` with `tie_embeddings`).
+    pub tied_bias: Option<Param<Tensor<1>>>,
     /// The adaptive softmax head (`[model.adaptive]`).
     pub adaptive_softmax: Option<AdaptiveSoftmax>,
     /// Width of the residual stream.
@@ -530,7 +582,8 @@ impl Lm {
         (self.logits(h), next.expect("a model with a cache"))
     }
 
-    /// The hidden states the head reads (after the final LayerNorm of a pre-norm model), and
+    /// The hidden states the head reads (after the final LayerNorm of a pre-norm model and the
+    /// head transform of an MLM head), and
     /// for a model with a cache the cache for the next block: `cache` continues `batch`
     /// streams, `None` starts them (a fresh [`new_cache`](Self::new_cache)).
     ///
@@ -614,7 +667,11 @@ impl Lm {
             (None, Some(head), _) => crate::linear::forward(head, h),
             // Tied head: logits = h · Eᵀ, `[batch·seq, d_model] x [d_model, vocab]`.
             (None, None, Some(embedding)) => {
-                crate::linear::matmul_rows(h, embedding.weight.val().transpose())
+                let logits = crate::linear::matmul_rows(h, embedding.weight.val().transpose());
+                match &self.tied_bias {
+                    Some(bias) => logits + bias.val().unsqueeze::<3>(),
+                    None => logits,
+                }
             }
             (None, None, None) => unreachable!("adaptive input comes with an adaptive softmax"),
         }
@@ -649,7 +706,8 @@ impl Lm {
         }
     }
 
-    /// Token embedding plus learned positions, dropout; and the relative-position keys.
+    /// Token embedding plus learned positions and the first token type, then the embedding
+    /// LayerNorm and projection, dropout; and the relative-position keys.
     fn embed(&self, tokens: Tensor<2, Int>) -> (Tensor<3>, Option<Tensor<2>>) {
         let [batch, seq] = tokens.dims();
         assert!(
@@ -668,14 +726,29 @@ impl Lm {
             let [_, _, d_model] = x.dims();
             x = x + pos.forward(positions).expand([batch, seq, d_model]);
         }
+        if let Some(types) = &self.type_embedding {
+            // Every position is of the first type: one segment.
+            let first = types.weight.val().narrow(0, 0, 1); // [1, d_model]
+            x = x + first.unsqueeze::<3>();
+        }
+        if let Some(norm) = &self.embedding_norm {
+            x = crate::norm_op::layer_norm(norm, x);
+        }
+        if let Some(projection) = &self.embedding_projection {
+            x = crate::linear::forward(projection, x);
+        }
         let key_pe = self.key_pe.as_ref().map(|p| p.val());
         (self.dropout.forward(x), key_pe)
     }
 
-    /// The final LayerNorm of a pre-norm model.
+    /// The final LayerNorm of a pre-norm model, then the MLM head's transform.
     fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
-        match &self.norm_final {
+        let x = match &self.norm_final {
             Some(norm) => crate::norm_op::layer_norm(norm, x),
+            None => x,
+        };
+        match &self.head_transform {
+            Some(transform) => transform.forward(x),
             None => x,
         }
     }
@@ -887,17 +960,121 @@ mod tests {
         for (a, b) in before.iter().zip(&after) {
             assert!((b - a - 0.5).abs() < 1e-5, "{a} -> {b}");
         }
-        let err = LmConfig {
+        // A tied head's bias (BERT's and FNet's decoder) is a vector of its own, added too.
+        let tied = tiny(Position::Learned, true);
+        let tied_bias = LmConfig {
             head_bias: true,
-            ..tiny(Position::Learned, true)
+            ..tied.clone()
+        };
+        assert_eq!(count(tied_bias.clone()), count(tied) + 11);
+        let mut model = tied_bias.init(&device).unwrap();
+        let x = tokens(2, 8, 11, 1, &device);
+        let before = to_vec(model.forward(x.clone()));
+        let b = model.tied_bias.take().unwrap();
+        let shift = Tensor::<1, Int>::arange(0..11, &device).float() * 0.25;
+        model.tied_bias = Some(Param::from_tensor(b.val() + shift));
+        let after = to_vec(model.forward(x));
+        for (i, (a, b)) in before.iter().zip(&after).enumerate() {
+            let expected = 0.25 * (i % 11) as f32;
+            assert!((b - a - expected).abs() < 1e-5, "{i}: {a} -> {b}");
         }
-        .init(&device)
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("head_bias") && err.contains("tie_embeddings"),
-            "{err}"
-        );
+    }
+
+    /// FNet's published model (`configs/fnet-paper.toml`'s options) computes what
+    /// `transformers`' FNetForMaskedLM does: `x = LN(E[t] + P[pos] + T[0])`, projected; the
+    /// post-norm blocks; `h = LN(gelu_new(dense(x)))`; logits `h · Eᵀ + b`. Checked against
+    /// those formulas from tensor ops (a LayerNorm of our own, not the fused kernel), with
+    /// non-trivial norm parameters and biases so a misplaced piece shows.
+    #[test]
+    fn fnet_paper_options_compute_their_formulas() {
+        fn reference_norm(norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
+            let mean = x.clone().mean_dim(2);
+            let centred = x - mean;
+            let var = centred.clone().powi_scalar(2).mean_dim(2);
+            let y = centred / var.add_scalar(1e-5).sqrt();
+            y * norm.gamma.val().unsqueeze::<3>()
+                + norm.beta.as_ref().unwrap().val().unsqueeze::<3>()
+        }
+        fn jiggle(norm: &mut LayerNorm, device: &Device) {
+            let d = norm.gamma.val().dims()[0];
+            norm.gamma =
+                Param::from_tensor(Tensor::random([d], Distribution::Uniform(0.5, 1.5), device));
+            norm.beta = Some(Param::from_tensor(Tensor::random(
+                [d],
+                Distribution::Uniform(-0.5, 0.5),
+                device,
+            )));
+        }
+        let linear = |l: &Linear, x: Tensor<3>| {
+            x.matmul(l.weight.val().unsqueeze::<3>())
+                + l.bias.as_ref().unwrap().val().unsqueeze::<3>()
+        };
+        for (name, device) in devices() {
+            let config = LmConfig {
+                norm: NormPlacement::Post,
+                activation: Activation::GeluNew,
+                token_types: 4,
+                embedding_norm: true,
+                embedding_projection: true,
+                head_transform: true,
+                head_bias: true,
+                mixer: MixerConfig::Fourier(crate::mixer::FourierMixerConfig::default()),
+                ..tiny(Position::Learned, true)
+            };
+            device.seed(5);
+            let mut model = config.init(&device).unwrap();
+            jiggle(model.embedding_norm.as_mut().unwrap(), &device);
+            let transform = model.head_transform.as_mut().unwrap();
+            jiggle(&mut transform.norm, &device);
+            transform.dense.bias = Some(Param::from_tensor(Tensor::random(
+                [16],
+                Distribution::Normal(0.0, 0.5),
+                &device,
+            )));
+            model.tied_bias = Some(Param::from_tensor(Tensor::random(
+                [11],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            )));
+            let ids = tokens(2, 8, 11, 3, &device);
+            let table = model.token_embedding.as_ref().unwrap().weight.val();
+            let rows: Vec<i64> = ids
+                .clone()
+                .into_data()
+                .convert::<i64>()
+                .try_to_vec()
+                .unwrap();
+            let gathered = table.clone().select(
+                0,
+                Tensor::<1, Int>::from_data(TensorData::new(rows, [16]), &device),
+            );
+            let x = gathered.reshape([2, 8, 16])
+                + model
+                    .pos_embedding
+                    .as_ref()
+                    .unwrap()
+                    .weight
+                    .val()
+                    .unsqueeze::<3>()
+                + model
+                    .type_embedding
+                    .as_ref()
+                    .unwrap()
+                    .weight
+                    .val()
+                    .narrow(0, 0, 1)
+                    .unsqueeze::<3>();
+            let x = reference_norm(model.embedding_norm.as_ref().unwrap(), x);
+            let mut x = linear(model.embedding_projection.as_ref().unwrap(), x);
+            for block in &model.blocks {
+                x = block.forward(x, None);
+            }
+            let t = model.head_transform.as_ref().unwrap();
+            let h = reference_norm(&t.norm, crate::mlp::gelu_new(linear(&t.dense, x)));
+            let want = h.matmul(table.transpose().unsqueeze::<3>())
+                + model.tied_bias.as_ref().unwrap().val().unsqueeze::<3>();
+            assert_all_close(&to_vec(model.forward(ids)), &to_vec(want), 1e-4, name);
+        }
     }
 
     #[test]

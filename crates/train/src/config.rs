@@ -632,6 +632,31 @@ mod tests {
         assert!((132_000_000..133_500_000).contains(&expected), "{expected}");
     }
 
+    /// `configs/fnet-paper.toml` builds FNet-Base as the paper and `transformers` define it:
+    /// 32,000 ids (31,999 BPE tokens + [MASK]), word + position + 4 token-type embeddings with
+    /// their LayerNorm and projection, 12 post-norm layers of two LayerNorms and a 768/3072
+    /// FFN, the MLM transform and the decoder's bias: 82.9M parameters (the paper: 83M).
+    #[test]
+    fn the_fnet_paper_config_is_fnet_base() {
+        let path = crate::crate_dir().join("../../configs/fnet-paper.toml");
+        let config = Config::load(&path, &[]).unwrap();
+        assert_eq!(config.train.objective, Objective::Masked);
+        let mut model = config.model;
+        assert_eq!(model.activation, mixlab_models::Activation::GeluNew);
+        let vocab = config.data.bpe_vocab_size + 1; // + [MASK]
+        assert_eq!(vocab, 32_000);
+        model.vocab_size = Some(vocab);
+        use burn::module::Module;
+        let lm = model.init(&burn::tensor::Device::flex()).unwrap();
+        let (d, ff, layers) = (768, 3072, 12);
+        let embeddings = vocab * d + 512 * d + 4 * d + 2 * d + d * d + d;
+        let per_layer = 2 * d + d * ff + ff + ff * d + d + 2 * d;
+        let head = d * d + d + 2 * d + vocab;
+        let expected = embeddings + layers * per_layer + head;
+        assert_eq!(lm.num_params(), expected);
+        assert_eq!(expected, 82_894_592);
+    }
+
     /// Fuzzing the config loader (proptest): shipped configs with random edits, random
     /// `--set` overrides and line soup must parse-and-validate to a value or an error — never
     /// a panic — and an accepted config must also build its model's mixers' settings.

@@ -433,6 +433,7 @@ fn default_memory_has_the_parameter_count_of_the_ffn_it_replaces() {
             },
             d_ff: Some(d_ff),
             norm: crate::NormPlacement::Pre,
+            activation: Default::default(),
         }
         .init(&device);
         let all_attn = BlockConfig {
@@ -443,6 +444,7 @@ fn default_memory_has_the_parameter_count_of_the_ffn_it_replaces() {
             ctx: mixer_ctx,
             d_ff: None,
             norm: crate::NormPlacement::Pre,
+            activation: Default::default(),
         }
         .init(&device);
         let crate::Mixer::Persistent(m) = &all_attn.mixer else {
