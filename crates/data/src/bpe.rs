@@ -139,7 +139,7 @@ impl Bpe {
         Ok(bpe)
     }
 
-    fn hf(&self) -> &tokenizers::Tokenizer {
+    pub(crate) fn hf(&self) -> &tokenizers::Tokenizer {
         self.parsed.get_or_init(|| {
             Arc::new(
                 tokenizers::Tokenizer::from_str(&self.tokenizer.to_string())

@@ -14,6 +14,7 @@ pub mod copy;
 pub mod fetch;
 #[cfg(test)]
 mod fuzz;
+pub mod hf;
 pub mod text;
 
 pub use batch::{

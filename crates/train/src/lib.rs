@@ -8,6 +8,7 @@ pub mod config;
 pub mod device;
 pub mod distributed;
 pub mod export;
+pub mod hf;
 pub mod malloc;
 pub mod metrics;
 pub mod optim;

@@ -753,6 +753,82 @@ pub fn evaluate(model: &Lm, batches: &[mixlab_data::Batch], device: &Device) -> 
     (sum / weight.max(1.0), weight as u64)
 }
 
+/// One evaluation window's per-token scores ([`score_windows`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WindowScores {
+    /// The window's index in the split (batch-major: row `r` of batch `b` is `b · batch + r`).
+    pub window: usize,
+    /// The ids the model reads (under the masked objective: with `[MASK]` and random ids at
+    /// the chosen positions).
+    pub input: Vec<u32>,
+    /// The id each position is scored against (causal: the next token; masked: the original).
+    pub target: Vec<u32>,
+    /// The positions that are scored (weight > 0): the masked positions, or under a strided
+    /// evaluation the window's new tokens.
+    pub scored: Vec<usize>,
+    /// The weight of each scored position (1 except at a split's edge).
+    pub weight: Vec<f32>,
+    /// `log p(target | input)` in nats at each scored position.
+    pub logprob: Vec<f64>,
+}
+
+/// Per-token scores of the first `k` windows of `batches` under the run's protocol (the
+/// same windows, masks and cache [`evaluate`] uses): for checking another implementation of the
+/// model token by token. `Σ weight · logprob / Σ weight` over all windows is minus
+/// [`evaluate`]'s loss when `k` covers the split.
+pub fn score_windows(
+    model: &Lm,
+    batches: &[mixlab_data::Batch],
+    device: &Device,
+    k: usize,
+) -> Vec<WindowScores> {
+    let model = model.valid();
+    let mut out = vec![];
+    let mut cache = batches
+        .first()
+        .and_then(|b| model.new_cache(b.batch, device));
+    for batch in batches {
+        if out.len() >= k {
+            break;
+        }
+        let (inputs, targets, _) = to_tensors(batch, device);
+        let (h, next) = model.hidden(inputs, cache.as_ref());
+        cache = next;
+        let log_probs = burn::tensor::activation::log_softmax(model.logits(h), 2);
+        let picked: Vec<f32> = log_probs
+            .gather(2, targets.unsqueeze_dim::<3>(2))
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32");
+        let (input, target) = batch.inputs_targets();
+        let ids = |v: &[i64]| v.iter().map(|&x| x as u32).collect::<Vec<u32>>();
+        for r in 0..batch.batch {
+            if out.len() >= k {
+                break;
+            }
+            let row = r * batch.seq..(r + 1) * batch.seq;
+            let weights: Vec<f32> = match &batch.weights {
+                Some(w) => w[row.clone()].to_vec(),
+                None => vec![1.0; batch.seq],
+            };
+            let scored: Vec<usize> = (0..batch.seq).filter(|&p| weights[p] > 0.0).collect();
+            out.push(WindowScores {
+                window: out.len(),
+                input: ids(&input[row.clone()]),
+                target: ids(&target[row.clone()]),
+                weight: scored.iter().map(|&p| weights[p]).collect(),
+                logprob: scored
+                    .iter()
+                    .map(|&p| f64::from(picked[row.start + p]))
+                    .collect(),
+                scored,
+            });
+        }
+    }
+    out
+}
+
 /// Burn initialises a parameter lazily, from the device's generator at its first use: draw
 /// every one now, right after seeding, so the initial weights depend on `train.seed` alone —
 /// not on which step or rank first touches them — and are the same in one process and in

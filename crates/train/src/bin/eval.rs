@@ -4,8 +4,12 @@
 //! carried from block to block. Prints one JSON line: loss (nats/token), bpc or ppl, tokens
 //! scored, tokens/s, and the protocol.
 //!
+//! `--scores FILE` also writes the first `--score-windows` windows' per-token log-probabilities
+//! (JSONL, one window per line) for checking another implementation token by token.
+//!
 //! ```text
 //! cargo run --release --bin eval -- --run runs/dense --split test
+//! cargo run --release --bin eval -- --run runs/fnet --scores scores.jsonl --score-windows 16
 //! ```
 
 use std::path::PathBuf;
@@ -17,7 +21,7 @@ use clap::Parser;
 use mixlab_train::checkpoint;
 use mixlab_train::device::{self, BackendChoice};
 use mixlab_train::source::{Protocol, Source};
-use mixlab_train::trainer::{evaluate, for_evaluation};
+use mixlab_train::trainer::{evaluate, for_evaluation, score_windows};
 use mixlab_train::{Config, print_json};
 use serde_json::json;
 
@@ -37,6 +41,14 @@ struct Cli {
     /// Backend: auto, flex, ndarray or wgpu.
     #[arg(long, default_value = "auto")]
     backend: String,
+    /// Also write the first `--score-windows` windows' per-token scores to this JSONL file:
+    /// per window its input ids, targets, scored (e.g. masked) positions and their weights and
+    /// log-probabilities, to check another implementation token by token.
+    #[arg(long, value_name = "FILE")]
+    scores: Option<PathBuf>,
+    /// How many windows `--scores` writes.
+    #[arg(long, default_value_t = 8, value_name = "K")]
+    score_windows: usize,
     /// Override any config key, e.g. --set data.eval_stride=64 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -63,6 +75,20 @@ fn run(cli: &Cli) -> Result<serde_json::Value> {
     let started = Instant::now();
     let (loss, tokens) = evaluate(&model, &batches, &selected.device);
     let seconds = started.elapsed().as_secs_f64();
+    let scored = match &cli.scores {
+        Some(path) => {
+            let windows = score_windows(&model, &batches, &selected.device, cli.score_windows);
+            let mut text = String::new();
+            for w in &windows {
+                text.push_str(&serde_json::to_string(w)?);
+                text.push('\n');
+            }
+            std::fs::write(path, text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Some(windows)
+        }
+        None => None,
+    };
     let mut line = json!({
         "kind": "eval",
         "run": cli.run.display().to_string(),
@@ -76,6 +102,25 @@ fn run(cli: &Cli) -> Result<serde_json::Value> {
     });
     if let Some((name, value)) = source.unit(&config.data).metric(loss) {
         line[name] = json!(value);
+    }
+    if let (Some(path), Some(windows)) = (&cli.scores, scored) {
+        let (sum, weight) = windows.iter().fold((0.0, 0.0), |(s, w), x| {
+            let ws = x.weight.iter().map(|&v| f64::from(v));
+            (
+                s - x
+                    .logprob
+                    .iter()
+                    .zip(ws.clone())
+                    .map(|(l, w)| l * w)
+                    .sum::<f64>(),
+                w + ws.sum::<f64>(),
+            )
+        });
+        line["scores"] = json!(path.display().to_string());
+        line["scored_windows"] = json!(windows.len());
+        // The mean loss over the scored windows alone (what a check of those windows should
+        // reproduce).
+        line["scored_loss"] = json!(sum / weight.max(1.0));
     }
     Ok(line)
 }

@@ -395,3 +395,158 @@ fn report_compares_runs_in_a_table_and_plots() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a run directory"));
 }
+
+/// `export --format hf` of a char-level dense run writes a GPT2LMHeadModel directory (config,
+/// weights under transformers' names, tokenizer files); `eval --scores` writes the first K
+/// windows' per-token log-probabilities, whose weighted mean is the `scored_loss` it prints;
+/// a model transformers cannot express is refused naming the option, before any checkpoint
+/// is read.
+#[test]
+fn hf_export_and_per_token_scores() {
+    let dir = scratch("hf-export");
+    let corpus = write_corpus(&dir);
+    let config = write_named(
+        &dir,
+        "dense.toml",
+        &format!(
+            r#"
+[model]
+d_model = 32
+n_layers = 2
+d_ff = 64
+seq_len = 16
+
+[model.mixer]
+kind = "dense"
+n_heads = 4
+
+[data]
+corpus = "text"
+path = "{}"
+level = "char"
+valid_fraction = 0.2
+cache_dir = ""
+
+[optim]
+lr = 3e-3
+warmup_steps = 2
+
+[train]
+backend = "flex"
+steps = 4
+batch_size = 4
+eval_every = 0
+eval_batches = 2
+checkpoint_every = 4
+log_every = 1
+"#,
+            corpus.display()
+        ),
+    );
+    let run_dir = dir.join("run");
+    ok(&run(train_bin().arg("--config").arg(&config).args([
+        "--set",
+        &format!("train.run_dir=\"{}\"", run_dir.display()),
+    ])));
+    let out_dir = dir.join("hf");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_export"))
+        .arg("--run")
+        .arg(&run_dir)
+        .args(["--format", "hf", "--out"])
+        .arg(&out_dir));
+    ok(&out);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("transformer.wte.weight\tF32\t[")
+            && listing.contains("transformer.h.1.mlp.c_proj.weight\tF32\t[64, 32]"),
+        "{listing}"
+    );
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out_dir.join(file).is_file(), "{file}");
+    }
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["architectures"][0], "GPT2LMHeadModel");
+    assert_eq!(json["n_positions"], 16);
+    // The tokenizer gives the run's ids for the corpus's text.
+    let text = std::fs::read_to_string(&corpus).unwrap();
+    let mixlab: mixlab_data::Tokenizer =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let hf = tokenizers::Tokenizer::from_file(out_dir.join("tokenizer.json")).unwrap();
+    assert_eq!(
+        hf.encode(text.as_str(), false).unwrap().get_ids(),
+        &mixlab.encode(&text)[..]
+    );
+
+    let scores = dir.join("scores.jsonl");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_eval"))
+        .arg("--run")
+        .arg(&run_dir)
+        .args(["--backend", "flex", "--score-windows", "3", "--scores"])
+        .arg(&scores));
+    ok(&out);
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let windows: Vec<Value> = std::fs::read_to_string(&scores)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(windows.len(), 3);
+    assert_eq!(line["scored_windows"], 3);
+    let (mut sum, mut weight) = (0.0, 0.0);
+    for (i, w) in windows.iter().enumerate() {
+        assert_eq!(w["window"], i);
+        assert_eq!(w["input"].as_array().unwrap().len(), 16);
+        assert_eq!(w["target"].as_array().unwrap().len(), 16);
+        let n = w["scored"].as_array().unwrap().len();
+        assert!(n > 0 && n == w["logprob"].as_array().unwrap().len());
+        for (lp, wt) in w["logprob"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(w["weight"].as_array().unwrap())
+        {
+            let (lp, wt) = (lp.as_f64().unwrap(), wt.as_f64().unwrap());
+            assert!(lp <= 0.0);
+            sum -= lp * wt;
+            weight += wt;
+        }
+    }
+    let scored = line["scored_loss"].as_f64().unwrap();
+    assert!(
+        (sum / weight - scored).abs() < 1e-9,
+        "{} vs {scored}",
+        sum / weight
+    );
+    // Windows cover valid tokens in order: the first window's targets are its inputs shifted.
+    let w0 = &windows[0];
+    assert_eq!(w0["input"][1], w0["target"][0]);
+
+    // A RoPE model: refused by name, exit 1, before reading any checkpoint.
+    let rope = dir.join("rope-run");
+    std::fs::create_dir_all(&rope).unwrap();
+    let toml = std::fs::read_to_string(run_dir.join("config.toml"))
+        .unwrap()
+        .replace("position = \"learned\"", "position = \"rope\"");
+    assert!(toml.contains("\"rope\""), "{toml}");
+    std::fs::write(rope.join("config.toml"), toml).unwrap();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_export"))
+        .arg("--run")
+        .arg(&rope)
+        .args(["--format", "hf", "--out"])
+        .arg(dir.join("hf-rope")));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("model.position") && err.contains("--format hf") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(!dir.join("hf-rope").exists());
+}
