@@ -6,6 +6,7 @@ mod errors;
 mod mixers;
 #[cfg(feature = "mpi")]
 mod mpi;
+mod repo;
 mod resume;
 mod runs;
 mod tools;
