@@ -7,7 +7,8 @@ use std::f64::consts::LN_2;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
-use plotters::coord::ranged1d::{Ranged, ValueFormatter};
+use plotters::coord::combinators::LogCoord;
+use plotters::coord::ranged1d::{BoldPoints, Ranged, ValueFormatter};
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde_json::Value;
@@ -65,7 +66,14 @@ pub fn write_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
         .into_iter()
         .find(|m| lines.iter().any(|l| l.get(*m).is_some()));
     let series = |split: &str, key: &str, color: RGBColor| Series {
-        label: format!("{split} {}", if key == "loss" { "loss" } else { key }),
+        label: format!(
+            "{split} {}",
+            if key == "tokens_per_s" {
+                "tokens/s"
+            } else {
+                key
+            }
+        ),
         points: lines
             .iter()
             .filter(|l| l["split"] == split)
@@ -76,8 +84,8 @@ pub fn write_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
     };
     let run = run_title(run_dir);
     let loss_ticks: Option<fn(f64) -> String> = match metric {
-        Some("bpc") => Some(|nats| format!("{} ({} bpc)", number(nats), number(nats / LN_2))),
-        Some("ppl") => Some(|nats| format!("{} (ppl {})", number(nats), number(nats.exp()))),
+        Some("bpc") => Some(|nats| format!("{} ({} bpc)", tick(nats), tick(nats / LN_2))),
+        Some("ppl") => Some(|nats| format!("{} (ppl {})", tick(nats), tick(nats.exp()))),
         _ => None,
     };
     let loss_label = match metric {
@@ -177,13 +185,28 @@ pub fn write_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
-/// A tick value: three decimals, or three significant digits in scientific notation below
-/// 0.01 (a log-scale loss axis reaches 1e-5).
-fn number(v: f64) -> String {
-    if v != 0.0 && v.abs() < 0.01 {
-        format!("{v:.2e}")
+/// A tick value as the number it is: four significant digits, trailing zeros dropped, in
+/// scientific notation below 0.001 or from 1e6 (`0.25`, `2.308`, `1e-4`, `2.5e-5`, `1e6`), so
+/// a log axis's decades read `1e-4`, not `9.999999999e-5`.
+pub fn tick(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let sci = format!("{v:.3e}");
+    let (mantissa, exponent) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    let trim = |s: &str| {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    if (-3..6).contains(&exponent) {
+        let decimals = (3 - exponent).max(0) as usize;
+        trim(&format!("{v:.decimals$}"))
     } else {
-        format!("{v:.3}")
+        format!("{}e{exponent}", trim(mantissa))
     }
 }
 
@@ -219,27 +242,83 @@ pub fn chart(out: &Path, axes: &Axes, series: &[Series]) -> Result<(), Box<dyn s
     for &(x, y) in all {
         (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
     }
+    // Lone points (a scatter) keep a margin from the frame, so no marker is cut in half; a
+    // single x value is centred.
     if x1 <= x0 {
-        x1 = x0 + 1.0;
+        let pad = 0.05 * x0.abs().max(1.0);
+        (x0, x1) = (x0 - pad, x1 + pad);
+    } else if series.iter().any(|s| s.points.len() == 1) {
+        let pad = 0.05 * (x1 - x0);
+        (x0, x1) = (x0 - pad, x1 + pad);
     }
     let root = SVGBackend::new(out, (800, 480)).into_drawing_area();
     root.fill(&WHITE)?;
+    let log = y0 > 0.0 && y1 >= 10.0 * y0;
+    let y_range = if log {
+        y0 * 0.9..y1 * 1.1
+    } else {
+        // A constant series (a fixed learning rate) gets 5% of its value on each side, so
+        // its ticks are distinct numbers.
+        let size = y0.abs().max(y1.abs());
+        let pad = if y1 - y0 > 1e-9 * size {
+            (y1 - y0) * 0.05
+        } else if size > 0.0 {
+            size * 0.05
+        } else {
+            1.0
+        };
+        (y0 - pad)..(y1 + pad)
+    };
+    // The tick labels plotters will draw (the same coordinate, the same count), so the label
+    // area is as wide as the widest of them plus the axis title: the title never overlaps.
+    let ticks: Vec<f64> = if log {
+        LogCoord::from(y_range.clone().log_scale()).key_points(BoldPoints(Y_TICKS))
+    } else {
+        RangedCoordf64::from(y_range.clone()).key_points(BoldPoints(Y_TICKS))
+    };
+    let widest = ticks
+        .iter()
+        .map(|&y| text_width(&y_tick_label(axes, y), LABEL_PX))
+        .fold(0.0, f64::max);
+    let y_area = (widest + TICK_GAP_PX + 2.0 * DESC_PX).ceil() as u32;
     let mut builder = ChartBuilder::on(&root);
     builder
-        .caption(&axes.title, ("sans-serif", 20))
+        .caption(&axes.title, ("sans-serif", CAPTION_PX))
         .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(if axes.y_ticks.is_some() { 130 } else { 70 });
-    if y0 > 0.0 && y1 >= 10.0 * y0 {
-        let chart = builder.build_cartesian_2d(x0..x1, (y0 * 0.9..y1 * 1.1).log_scale())?;
+        .x_label_area_size((LABEL_PX + TICK_GAP_PX + 2.0 * DESC_PX).ceil() as u32)
+        .y_label_area_size(y_area);
+    if log {
+        let chart = builder.build_cartesian_2d(x0..x1, y_range.log_scale())?;
         draw(chart, axes, series)?;
     } else {
-        let pad = ((y1 - y0) * 0.05).max(1e-9);
-        let chart = builder.build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
+        let chart = builder.build_cartesian_2d(x0..x1, y_range)?;
         draw(chart, axes, series)?;
     }
     root.present()?;
     Ok(())
+}
+
+/// Font sizes (pixels) of tick labels, axis titles and the chart's caption, and the y-axis
+/// tick count.
+const LABEL_PX: f64 = 12.0;
+const DESC_PX: f64 = 13.0;
+const CAPTION_PX: f64 = 18.0;
+const TICK_GAP_PX: f64 = 14.0;
+const Y_TICKS: usize = 10;
+
+/// An upper bound of `text`'s width in a sans-serif font of `px` pixels (0.62 em a character:
+/// wider than any digit, letter or bracket of the labels in common sans-serif fonts but `m`
+/// and `w`, which tick labels do not repeat).
+pub fn text_width(text: &str, px: f64) -> f64 {
+    text.chars().count() as f64 * 0.62 * px
+}
+
+/// The y tick label of `y`: the chart's own formatter, or the plain number.
+fn y_tick_label(axes: &Axes, y: f64) -> String {
+    match axes.y_ticks {
+        Some(f) => f(y),
+        None => tick(y),
+    }
 }
 
 /// Mesh, lines and legend of [`chart`], whatever the y coordinate (linear or log).
@@ -258,16 +337,19 @@ where
             String::new()
         }
     };
-    let y_ticks = |y: &f64| match axes.y_ticks {
-        Some(f) => f(*y),
-        None => Y::format(y),
-    };
+    let plain_x = |x: &f64| tick(*x);
+    let y_ticks = |y: &f64| y_tick_label(axes, *y);
     let mut mesh = chart.configure_mesh();
     mesh.x_desc(&axes.x_label)
         .y_desc(&axes.y_label)
+        .y_labels(Y_TICKS)
+        .label_style(("sans-serif", LABEL_PX))
+        .axis_desc_style(("sans-serif", DESC_PX))
         .y_label_formatter(&y_ticks);
     if axes.integer_x {
         mesh.x_label_formatter(&x_ticks);
+    } else {
+        mesh.x_label_formatter(&plain_x);
     }
     mesh.draw().map_err(|e| e.to_string())?;
     for s in series {
@@ -294,6 +376,7 @@ where
     }
     chart
         .configure_series_labels()
+        .label_font(("sans-serif", LABEL_PX))
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
@@ -409,6 +492,126 @@ mod tests {
         assert!(
             steps.windows(2).all(|w| (w[0] - w[1]).abs() < 1e-2),
             "linear ticks {linear:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn ticks_are_printed_as_the_numbers_they_are() {
+        for (v, want) in [
+            (9.999999999e-5, "1e-4"),
+            (9.9999999999e-6, "1e-5"),
+            (2.5e-5, "2.5e-5"),
+            (0.001, "0.001"),
+            (0.0123456, "0.01235"),
+            (0.25, "0.25"),
+            (2.30759, "2.308"),
+            (3.0, "3"),
+            (-0.5, "-0.5"),
+            (1200.0, "1200"),
+            (2e6, "2e6"),
+            (0.0, "0"),
+        ] {
+            assert_eq!(tick(v), want, "{v}");
+        }
+    }
+
+    /// `<text>` elements as (x, y, font size, anchor, rotated, text).
+    fn text_boxes(svg: &str) -> Vec<(f64, f64, f64, String, bool, String)> {
+        let attr = |tag: &str, name: &str| -> Option<String> {
+            let at = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+            Some(tag[at..].split('"').next()?.to_string())
+        };
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| {
+                let (tag, rest) = t.split_once('>')?;
+                let text = rest.split_once("</text>")?.0.trim().to_string();
+                Some((
+                    attr(tag, "x")?.parse().ok()?,
+                    attr(tag, "y")?.parse().ok()?,
+                    attr(tag, "font-size")?.parse().ok()?,
+                    attr(tag, "text-anchor")?,
+                    tag.contains("rotate("),
+                    text,
+                ))
+            })
+            .collect()
+    }
+
+    /// The axis titles of every loss chart kind (nats only on a log scale, as the copy task
+    /// draws it; nats with bpc; nats with perplexity) clear their tick labels, and no tick
+    /// label is a float's rounding residue.
+    #[test]
+    fn axis_titles_never_overlap_tick_labels() {
+        let dir = std::env::temp_dir().join(format!("mixlab-plot-boxes-{}", std::process::id()));
+        for metric in ["none", "bpc", "ppl"] {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut text = String::new();
+            for step in 1..=600u32 {
+                let loss = 2.8 / f64::from(step).powf(1.6);
+                let extra = match metric {
+                    "bpc" => format!(",\"bpc\":{}", loss / LN_2),
+                    "ppl" => format!(",\"ppl\":{}", loss.exp()),
+                    _ => String::new(),
+                };
+                text += &format!(
+                    "{{\"step\":{step},\"split\":\"train\",\"loss\":{loss}{extra},\"lr\":0.001,\"tokens_per_s\":123456.7}}\n"
+                );
+            }
+            std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
+            for file in write_plots(&dir).unwrap() {
+                let svg = std::fs::read_to_string(&file).unwrap();
+                let boxes = text_boxes(&svg);
+                let name = file.display();
+                // The y-axis title: rotated, its glyphs spanning [x, x + size] across.
+                let (dx, _, dsize, _, _, _) = boxes
+                    .iter()
+                    .find(|b| b.4)
+                    .unwrap_or_else(|| panic!("{name}: no y-axis title"))
+                    .clone();
+                let y_ticks: Vec<_> = boxes.iter().filter(|b| b.3 == "end").collect();
+                assert!(y_ticks.len() >= 3, "{name}: {boxes:?}");
+                for (x, _, size, _, _, label) in &y_ticks {
+                    let left = x - text_width(label, *size);
+                    assert!(
+                        dx + 1.25 * dsize < left,
+                        "{name}: the y title (x {dx}, {dsize} px) overlaps tick {label:?} \
+                         (from x {left})"
+                    );
+                    // At most four significant digits: no float rounding residue such as
+                    // `9.999999999e-5`.
+                    let short = label
+                        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                        .all(|n| n.split_once('.').is_none_or(|(_, f)| f.len() <= 6));
+                    assert!(short, "{name}: tick {label:?}");
+                }
+                let distinct: std::collections::BTreeSet<&String> =
+                    y_ticks.iter().map(|b| &b.5).collect();
+                assert_eq!(distinct.len(), y_ticks.len(), "{name}: {y_ticks:?}");
+                // The x-axis title sits below the step ticks.
+                let (_, desc_y, desc_size, _, _, _) = boxes
+                    .iter()
+                    .find(|b| b.5 == "step")
+                    .unwrap_or_else(|| panic!("{name}: no x-axis title"))
+                    .clone();
+                for (_, y, size, anchor, rotated, label) in &boxes {
+                    if anchor == "middle" && !rotated && label.parse::<f64>().is_ok() {
+                        assert!(
+                            y + size < desc_y - 1.3 * desc_size,
+                            "{name}: the x title overlaps tick {label:?}"
+                        );
+                    }
+                }
+            }
+        }
+        // A log loss axis labels its decades as such.
+        let svg = std::fs::read_to_string(dir.join("loss.svg")).unwrap();
+        let labels: Vec<String> = text_boxes(&svg).into_iter().map(|b| b.5).collect();
+        assert!(
+            labels.iter().any(|l| l.starts_with("1e-")),
+            "decade ticks: {labels:?}"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
