@@ -10,7 +10,7 @@
 //! [`keep_freed_memory`] serves allocations up to 32 MiB (glibc's largest allowed threshold)
 //! from the heap and stops trimming it, so freed buffers are reused by the next step instead of
 //! returned and faulted in again. Peak RSS does not grow (a step's peak is reused, not added
-//! to); the README's benchmark section has the measurement. Not a memory pool: the system
+//! to); docs/BENCHMARKS.md has the measurement. Not a memory pool: the system
 //! allocator with two of its documented `mallopt` settings.
 
 /// Largest mmap threshold glibc accepts on 64-bit targets (`HEAP_MAX_SIZE / 2`); larger values

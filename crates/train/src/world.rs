@@ -201,7 +201,7 @@ pub fn refusal(rank: usize, size: usize, var: &str) -> String {
         "this train was built without MPI but was started as rank {rank} of {size} ({var} = \
          {size}): each rank would train alone and every rank would write the same run \
          directory. Rebuild with the MPI feature: cargo build --release --features \
-         mixlab-train/mpi (needs Open MPI or MPICH and libclang; README, \"Several machines\")"
+         mixlab-train/mpi (needs Open MPI or MPICH and libclang; docs/MPI.md)"
     )
 }
 
