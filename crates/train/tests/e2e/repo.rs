@@ -192,13 +192,12 @@ fn docs_and_config_comments_name_only_paths_that_exist() {
 /// error "unknown field"; a wrong type or value is another error, so the key exists. Only
 /// configs that already have the key's table count (`model.mixer.n_persistent` in one whose
 /// mixer is `persistent`): a table the override creates fails for its missing fields first.
-fn known_key(key: &str, bases: &[String]) -> bool {
+fn known_key(key: &str, bases: &[(String, toml::Table)]) -> bool {
     let parents: Vec<&str> = key.split('.').collect();
     let parents = &parents[..parents.len() - 1];
-    bases.iter().any(|base| {
-        let table: toml::Table = base.parse().unwrap();
+    bases.iter().any(|(base, table)| {
         if parents.len() > 1 {
-            let mut at = Some(&table);
+            let mut at = Some(table);
             for p in parents {
                 at = at.and_then(|t| t.get(*p)).and_then(|v| v.as_table());
             }
@@ -223,12 +222,17 @@ fn known_key(key: &str, bases: &[String]) -> bool {
 fn docs_name_only_config_keys_that_exist() {
     let mut configs = vec![];
     files(&root().join("configs"), &mut configs);
-    let bases: Vec<String> = std::iter::once(String::new())
+    // Each shipped config (and the empty one: every default), parsed once.
+    let bases: Vec<(String, toml::Table)> = std::iter::once(String::new())
         .chain(
             configs
                 .iter()
                 .map(|f| std::fs::read_to_string(root().join(f)).unwrap()),
         )
+        .map(|text| {
+            let table = text.parse().unwrap();
+            (text, table)
+        })
         .collect();
     let extensions = [
         "rs",
