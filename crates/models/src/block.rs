@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::mixer::{Mixer, MixerConfig, MixerContext};
 use crate::mlp::{Mlp, MlpConfig};
-use crate::norm_op::layer_norm;
+use crate::ops::norm::layer_norm;
 
 /// Where each block's LayerNorms sit (`model.norm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

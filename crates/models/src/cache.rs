@@ -21,6 +21,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
+use crate::ops::attention::KeyLayout;
 
 /// How a stream's start fills the cache (`model.cache.start`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -110,6 +111,13 @@ pub struct CacheView {
 }
 
 impl CacheView {
+    /// The fused attention's key layout of a block after `cache` cached positions, for
+    /// `n_heads` heads per batch row.
+    pub fn key_layout(&self, cache: usize, n_heads: usize) -> KeyLayout {
+        let window = (self.window.min_distance(), self.window.max_distance());
+        KeyLayout::cached(cache, window, &self.valid, n_heads)
+    }
+
     /// The masks of a block of `n` queries over `[cache (s) ; block (n)]`:
     /// `hidden` `[batch, 1, n, s + n]` (true where the key is not in the query's window or is
     /// a masked cache position) and the distances `δ = s + i − j` `[n, s + n]` (i64, negative

@@ -7,7 +7,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::init;
 use crate::mlp::{Activation, linear_activation};
-use crate::norm_op::layer_norm;
+use crate::ops::norm::layer_norm;
 
 /// Dense, GELU, LayerNorm: what BERT's and FNet's `PredictionHeadTransform` compute.
 #[derive(Module, Debug)]

@@ -664,10 +664,10 @@ impl Lm {
                 let vocab = lp.dims()[1];
                 lp.reshape([batch, seq, vocab])
             }
-            (None, Some(head), _) => crate::linear::forward(head, h),
+            (None, Some(head), _) => crate::ops::linear::forward(head, h),
             // Tied head: logits = h · Eᵀ, `[batch·seq, d_model] x [d_model, vocab]`.
             (None, None, Some(embedding)) => {
-                let logits = crate::linear::matmul_rows(h, embedding.weight.val().transpose());
+                let logits = crate::ops::linear::matmul_rows(h, embedding.weight.val().transpose());
                 match &self.tied_bias {
                     Some(bias) => logits + bias.val().unsqueeze::<3>(),
                     None => logits,
@@ -732,10 +732,10 @@ impl Lm {
             x = x + first.unsqueeze::<3>();
         }
         if let Some(norm) = &self.embedding_norm {
-            x = crate::norm_op::layer_norm(norm, x);
+            x = crate::ops::norm::layer_norm(norm, x);
         }
         if let Some(projection) = &self.embedding_projection {
-            x = crate::linear::forward(projection, x);
+            x = crate::ops::linear::forward(projection, x);
         }
         let key_pe = self.key_pe.as_ref().map(|p| p.val());
         (self.dropout.forward(x), key_pe)
@@ -744,7 +744,7 @@ impl Lm {
     /// The final LayerNorm of a pre-norm model, then the MLM head's transform.
     fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
         let x = match &self.norm_final {
-            Some(norm) => crate::norm_op::layer_norm(norm, x),
+            Some(norm) => crate::ops::norm::layer_norm(norm, x),
             None => x,
         };
         match &self.head_transform {

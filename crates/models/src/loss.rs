@@ -10,9 +10,9 @@ use burn::tensor::{FloatDType, Int, Tensor, activation};
 /// - `targets`: `[batch, seq]` token ids in `0..vocab`
 /// - output: `[batch, seq]`
 pub fn token_nll(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
-    if crate::mixer::on_flex(&logits.device()) {
-        // One pass per row forward and backward (`loss_op.rs`).
-        return crate::loss_op::fused_token_nll(logits, targets);
+    if crate::ops::on_flex(&logits.device()) {
+        // One pass per row forward and backward (`ops/loss.rs`).
+        return crate::ops::loss::fused_token_nll(logits, targets);
     }
     token_nll_composed(logits, targets)
 }

@@ -43,9 +43,9 @@ pub fn gelu_new<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// `activation(layer(x))`: the fused bias + exact GELU, or the linear layer then `gelu_new`.
 pub fn linear_activation(layer: &Linear, x: Tensor<3>, tanh_gelu: bool) -> Tensor<3> {
     if tanh_gelu {
-        gelu_new(crate::linear::forward(layer, x))
+        gelu_new(crate::ops::linear::forward(layer, x))
     } else {
-        crate::gelu_op::linear_gelu(layer, x)
+        crate::ops::gelu::linear_gelu(layer, x)
     }
 }
 
@@ -102,7 +102,8 @@ impl Mlp {
     /// - output: `[batch, seq, d_model]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let h = linear_activation(&self.fc, x, self.tanh_gelu); // [batch, seq, d_ff]
-        self.dropout.forward(crate::linear::forward(&self.proj, h))
+        self.dropout
+            .forward(crate::ops::linear::forward(&self.proj, h))
     }
 }
 

@@ -143,7 +143,7 @@ impl DenseAttention {
         let y = self.attend(q, k, v); // [batch, n_heads, seq, d_head]
         let y = y.swap_dims(1, 2).reshape([batch, seq, d_model]);
         self.resid_dropout
-            .forward(crate::linear::forward(&self.proj, y))
+            .forward(crate::ops::linear::forward(&self.proj, y))
     }
 
     /// Queries, keys and values per head, with RoPE applied when configured.
@@ -158,7 +158,7 @@ impl DenseAttention {
             t.reshape([batch, seq, self.n_heads, d_head])
                 .swap_dims(1, 2) // [batch, n_heads, seq, d_head]
         };
-        let mut qkv = crate::linear::forward(&self.qkv, x)
+        let mut qkv = crate::ops::linear::forward(&self.qkv, x)
             .chunk(3, 2)
             .into_iter()
             .map(heads);
@@ -235,7 +235,7 @@ impl DenseAttention {
         let y = attend(q.narrow(2, s, n), k, v);
         let y = y.swap_dims(1, 2).reshape([batch, n, d_model]);
         self.resid_dropout
-            .forward(crate::linear::forward(&self.proj, y))
+            .forward(crate::ops::linear::forward(&self.proj, y))
     }
 
     /// Scaled dot-product attention of `n` queries over `s + n` keys `[cache ; block]`, each
@@ -270,7 +270,7 @@ impl DenseAttention {
         let [batch, n_heads, n, d_head] = q.dims();
         let keys = k.dims()[2];
         if fused {
-            let layout = super::KeyLayout::cached(view, keys - n, n_heads);
+            let layout = view.key_layout(keys - n, n_heads);
             return self.attend_tiled(q, k, v, layout);
         }
         let scale = 1.0 / (d_head as f64).sqrt();
@@ -294,9 +294,9 @@ impl DenseAttention {
     ) -> Tensor<4> {
         let [.., d_head] = q.dims();
         let scale = 1.0 / (d_head as f64).sqrt();
-        let dropout = super::fused_dropout(&self.attn_dropout, &q.device());
-        let extras = super::attention_op::Extras::default();
-        super::attention_op::attention(q.mul_scalar(scale), k, v, extras, keys, dropout)
+        let dropout = crate::ops::dropout::fused_dropout(&self.attn_dropout, &q.device());
+        let extras = crate::ops::attention::Extras::default();
+        crate::ops::attention::attention(q.mul_scalar(scale), k, v, extras, keys, dropout)
     }
 }
 

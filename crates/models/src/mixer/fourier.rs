@@ -8,7 +8,7 @@
 //! variable-length sequences every output depends on how much padding its row has.
 //!
 //! Two implementations of the same function:
-//! - `fft`: O(s d log(s d)). On flex, one fused backend operation (`fourier_op.rs`): rustfft
+//! - `fft`: O(s d log(s d)). On flex, one fused backend operation (`ops/fourier.rs`): rustfft
 //!   real FFTs along hidden, complex FFTs along the sequence, the other half of the hidden
 //!   spectrum from Hermitian symmetry, and a backward that is the same transform (the map is
 //!   self-adjoint); any lengths. On the CubeCL backends (GPUs), composed from
@@ -34,8 +34,8 @@ use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::MixerContext;
-use super::kernel::Memo;
 use crate::ModelError;
+use crate::ops::kernel::Memo;
 
 /// Which implementation computes the transform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,9 +189,9 @@ enum FftBackend {
 
 /// burn-signal's FFT ops exist on flex and the CubeCL backends (wgpu, cuda, ...), not ndarray.
 fn fft_backend(device: &Device) -> Option<FftBackend> {
-    if super::on_flex(device) {
+    if crate::ops::on_flex(device) {
         Some(FftBackend::Flex)
-    } else if super::on_cube(device) {
+    } else if crate::ops::on_cube(device) {
         Some(FftBackend::Cube)
     } else {
         None
@@ -200,7 +200,7 @@ fn fft_backend(device: &Device) -> Option<FftBackend> {
 
 /// `Re(FFT_seq(FFT_hidden(x)))` by FFTs, computed in f32 whatever the model's precision. On
 /// flex it is one fused operation whose backward is the same transform
-/// ([`FourierOps`](super::fourier_op::FourierOps)); elsewhere it is composed from
+/// ([`FourierOps`](crate::ops::fourier::FourierOps)); elsewhere it is composed from
 /// `burn::signal` ops ([`fft_mix_composed`]).
 ///
 /// # Shapes
@@ -211,7 +211,7 @@ pub fn fft_mix(x: Tensor<3>) -> Tensor<3> {
     let x = x.cast(FloatDType::F32);
     let y = match fft_backend(&x.device()) {
         Some(FftBackend::Flex) => Tensor::from_dispatch(
-            <burn::backend::Dispatch as super::fourier_op::FourierOps>::fourier_mix(
+            <burn::backend::Dispatch as crate::ops::fourier::FourierOps>::fourier_mix(
                 x.into_dispatch(),
             ),
         ),
@@ -265,8 +265,8 @@ pub fn seq_fft_mix(x: Tensor<3>) -> Tensor<3> {
     let dtype = x.dtype();
     let x = x.cast(FloatDType::F32);
     let (c_h, s_h) = cached_dft_matrices(d_model, false, &x.device());
-    let re = crate::linear::matmul_rows(x.clone(), c_h); // Re(X F_h)
-    let im = crate::linear::matmul_rows(x, s_h).neg(); // Im(X F_h)
+    let re = crate::ops::linear::matmul_rows(x.clone(), c_h); // Re(X F_h)
+    let im = crate::ops::linear::matmul_rows(x, s_h).neg(); // Im(X F_h)
     let (y, _) = burn::signal::cfft(re, im, 1, None);
     y.cast(dtype)
 }
@@ -412,7 +412,7 @@ mod tests {
             let x: Vec<f32> = (0..batch * seq * d)
                 .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 3.0)
                 .collect();
-            let got = super::super::fourier_op::transform(&x, batch, seq, d);
+            let got = crate::ops::fourier::transform(&x, batch, seq, d);
             for b in 0..batch {
                 let range = b * seq * d..(b + 1) * seq * d;
                 let want = direct(&x[range.clone()], seq, d, false);
@@ -433,7 +433,7 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            pool.install(|| super::super::fourier_op::transform(&x, batch, seq, d))
+            pool.install(|| crate::ops::fourier::transform(&x, batch, seq, d))
                 .iter()
                 .map(|v| v.to_bits())
                 .collect::<Vec<_>>()

@@ -23,10 +23,9 @@ use burn::nn::Dropout;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData, activation};
 use serde::{Deserialize, Serialize};
 
-use super::attention_op::KeyLayout;
-use super::kernel::Memo;
 use super::{DenseAttention, DenseAttentionConfig, MixerContext};
 use crate::ModelError;
+use crate::ops::kernel::Memo;
 use crate::pattern::{LayerPattern, PatternSpec};
 
 /// Settings of [`SparseAttention`] under `[model.mixer]` with `kind = "sparse"`.
@@ -170,14 +169,14 @@ impl SparseAttention {
         let y = if self.attention.fused && super::attention_fused_on(&q.device(), d_head) {
             let n_heads = self.attention.n_heads;
             self.attention
-                .attend_tiled(q, k, v, KeyLayout::sparse(&layout, n_heads))
+                .attend_tiled(q, k, v, layout.key_layout(n_heads))
         } else {
             block_sparse_attention(q, k, v, &layout, Some(&self.attention.attn_dropout))
         };
         let y = y.swap_dims(1, 2).reshape([batch, seq, d_model]);
         self.attention
             .resid_dropout
-            .forward(crate::linear::forward(&self.attention.proj, y))
+            .forward(crate::ops::linear::forward(&self.attention.proj, y))
     }
 }
 

@@ -23,6 +23,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
+use crate::ops::attention::KeyLayout;
 
 /// One attention pattern, as written in TOML (`{ kind = "window", width = 3 }`). Sizes count
 /// blocks. The causal flag belongs to the mixer, not to the pattern: a causal mixer drops every
@@ -136,6 +137,17 @@ pub struct LayerPattern {
     pub block: usize,
     /// Head groups in order; head `h` of `n_heads` uses group `h / (n_heads / groups.len())`.
     pub groups: Vec<BlockPattern>,
+}
+
+impl LayerPattern {
+    /// The fused attention's key layout of this pattern for `n_heads` heads per batch row.
+    ///
+    /// # Panics
+    /// If the head groups do not divide `n_heads`, or a row lacks its own (diagonal) block.
+    pub fn key_layout(&self, n_heads: usize) -> KeyLayout {
+        let rows: Vec<&[Vec<usize>]> = self.groups.iter().map(|g| g.rows.as_slice()).collect();
+        KeyLayout::sparse(self.block, self.groups[0].causal, &rows, n_heads)
+    }
 }
 
 impl PatternSpec {

@@ -156,7 +156,7 @@ fn words(line: &str) -> Vec<(String, Option<char>)> {
 }
 
 /// A doc names `crates/...`, `configs/...` and `scripts/...` paths and bare source files
-/// (`mixer/dense.rs`, `gelu_op.rs`): each must exist (a bare one as the end of some path).
+/// (`mixer/dense.rs`, `gelu.rs`): each must exist (a bare one as the end of some path).
 #[test]
 fn docs_and_config_comments_name_only_paths_that_exist() {
     let mut all = vec![];

@@ -193,7 +193,7 @@ impl PersistentAttention {
         let y = y.swap_dims(1, 2).reshape([batch, seq, d_model]);
         self.attn
             .resid_dropout
-            .forward(crate::linear::forward(&self.attn.proj, y))
+            .forward(crate::ops::linear::forward(&self.attn.proj, y))
     }
 
     /// The attention kernel: the same function as `combine(weights(q, k), v)` without ever
@@ -380,14 +380,14 @@ impl PersistentAttention {
         let scale = 1.0 / (d_head as f64).sqrt();
         let span = view.window.span;
         if fused {
-            let extras = super::attention_op::Extras {
+            let extras = crate::ops::attention::Extras {
                 memory: self.memory(1.0), // the score scale is on q
                 key_pe: key_pe.cloned(),
                 span: self.span_tokens(span).map(|z| (z, self.span_ramp as f32)),
             };
-            let layout = super::KeyLayout::cached(view, keys - n, n_heads);
-            let dropout = super::fused_dropout(&self.attn.attn_dropout, &device);
-            return super::attention_op::attention(
+            let layout = view.key_layout(keys - n, n_heads);
+            let dropout = crate::ops::dropout::fused_dropout(&self.attn.attn_dropout, &device);
+            return crate::ops::attention::attention(
                 q.mul_scalar(scale),
                 k,
                 v,
@@ -459,14 +459,14 @@ impl PersistentAttention {
         let scale = 1.0 / (d_head as f64).sqrt();
         let memory = self.memory(1.0); // the score scale is on q
         let span = self.span_tokens(seq).map(|z| (z, self.span_ramp as f32));
-        let extras = super::attention_op::Extras {
+        let extras = crate::ops::attention::Extras {
             memory,
             key_pe: key_pe.cloned(),
             span,
         };
         let keys = super::KeyLayout::dense(self.attn.causal);
-        let dropout = super::fused_dropout(&self.attn.attn_dropout, &q.device());
-        super::attention_op::attention(q.mul_scalar(scale), k, v, extras, keys, dropout)
+        let dropout = crate::ops::dropout::fused_dropout(&self.attn.attn_dropout, &q.device());
+        crate::ops::attention::attention(q.mul_scalar(scale), k, v, extras, keys, dropout)
     }
 
     /// Context scores `q·k (+ relative term)`, future positions at -inf when causal (unscaled).

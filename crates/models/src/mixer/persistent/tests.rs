@@ -167,7 +167,7 @@ fn flex_tiled_operation_equals_the_composed_path_in_values_and_gradients() {
     tiled_operation_equals_the_composed_path(&Device::flex().autodiff(), "flex");
 }
 
-/// The same through the mixer on wgpu (the CubeCL kernels of `attention_op/cube.rs`) against
+/// The same through the mixer on wgpu (the CubeCL kernels of `ops/attention/cube/`) against
 /// the composed path on the same device.
 #[test]
 fn cube_tiled_operation_equals_the_composed_path_in_values_and_gradients() {

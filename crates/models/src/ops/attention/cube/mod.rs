@@ -61,7 +61,7 @@ use burn_backend::cubecl::dtype_to_storage_type;
 use burn_backend::ops::IntTensorOps;
 use burn_cubecl::{CubeBackend, CubeDevice};
 
-use crate::mixer::kernel::Memo;
+use crate::ops::kernel::Memo;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;

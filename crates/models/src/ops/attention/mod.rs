@@ -49,9 +49,7 @@ use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use crate::pattern::LayerPattern;
-
-use super::kernel::{Dropout, exp_nonpositive, lanes, matmul, slice};
+use crate::ops::kernel::{Dropout, exp_nonpositive, lanes, matmul, slice};
 
 mod backward;
 mod cube;
@@ -140,7 +138,7 @@ struct CachedKeys {
     first: Vec<usize>,
 }
 
-/// A [`LayerPattern`] resolved for the kernel.
+/// A block-sparse pattern resolved for the kernel.
 #[derive(Debug, PartialEq)]
 struct SparseKeys {
     /// Pattern block size in tokens: the kernel's tile height.
@@ -163,19 +161,25 @@ impl KeyLayout {
     }
 
     /// A cached layer's keys: `cache` positions of earlier inputs before a block, each causal
-    /// query seeing the keys of `view`'s window (not a masked start), for `n_heads` heads per
-    /// batch row (`view.valid` has one entry per batch row).
-    pub fn cached(view: &crate::cache::CacheView, cache: usize, n_heads: usize) -> Self {
+    /// query seeing the keys at distances `min_distance..=max_distance` (not a masked start),
+    /// for `n_heads` heads per batch row; `valid[b]` is batch row `b`'s number of valid cache
+    /// positions (at the cache's end). The models build it from a cache view
+    /// (`CacheView::key_layout`).
+    pub fn cached(
+        cache: usize,
+        (min_distance, max_distance): (usize, usize),
+        valid: &[usize],
+        n_heads: usize,
+    ) -> Self {
         Self {
             causal: true,
             sparse: None,
             cached: Some(Arc::new(CachedKeys {
                 cache,
-                min_distance: view.window.min_distance(),
-                max_distance: view.window.max_distance(),
+                min_distance,
+                max_distance,
                 n_heads,
-                first: view
-                    .valid
+                first: valid
                     .iter()
                     .map(|&valid| cache.saturating_sub(valid))
                     .collect(),
@@ -188,26 +192,25 @@ impl KeyLayout {
         self.cached.as_ref().map_or(0, |c| c.first[h / c.n_heads])
     }
 
-    /// The key blocks of `pattern` for `n_heads` heads per batch row (head `h` uses group
-    /// `h / (n_heads / groups)`, as in [`LayerPattern`]).
+    /// The key blocks of a block-sparse pattern of `block`-token blocks for `n_heads` heads per
+    /// batch row: `groups[g][i]` lists (sorted, distinct) the key blocks of query block `i` in
+    /// head group `g`, and head `h` uses group `h / (n_heads / groups)`. The models build it
+    /// from a pattern (`LayerPattern::key_layout`).
     ///
     /// # Panics
     /// If the head groups do not divide `n_heads`, or a row lacks its own (diagonal) block: every
     /// query needs a key.
-    pub fn sparse(pattern: &LayerPattern, n_heads: usize) -> Self {
-        let groups = pattern.groups.len();
+    pub fn sparse(block: usize, causal: bool, groups: &[&[Vec<usize>]], n_heads: usize) -> Self {
+        let n_groups = groups.len();
         assert!(
-            groups > 0 && n_heads.is_multiple_of(groups),
-            "a pattern of {groups} head groups for {n_heads} heads"
+            n_groups > 0 && n_heads.is_multiple_of(n_groups),
+            "a pattern of {n_groups} head groups for {n_heads} heads"
         );
-        let per_run = (KEYS / pattern.block).max(1);
-        let runs = pattern
-            .groups
+        let per_run = (KEYS / block).max(1);
+        let runs = groups
             .iter()
-            .map(|group| {
-                group
-                    .rows
-                    .iter()
+            .map(|rows| {
+                rows.iter()
                     .enumerate()
                     .map(|(i, row)| {
                         assert!(
@@ -231,9 +234,9 @@ impl KeyLayout {
             })
             .collect();
         Self {
-            causal: pattern.groups[0].causal,
+            causal,
             sparse: Some(Arc::new(SparseKeys {
-                block: pattern.block,
+                block,
                 n_heads,
                 runs,
             })),
@@ -818,7 +821,7 @@ mod tests {
                         })
                         .collect();
                     let name = format!("n={n} cache={cache} {view:?}");
-                    let keys = KeyLayout::cached(&view, cache, n_heads);
+                    let keys = view.key_layout(cache, n_heads);
                     cases.push((name, [heads, n, d], keys, allowed));
                 }
             }
@@ -847,7 +850,7 @@ mod tests {
         let (n_heads, batch, d) = (4, 2, 8);
         let heads = batch * n_heads;
         let mut cases = vec![];
-        for spec in crate::mixer::sparse::builtin_patterns() {
+        for spec in crate::mixer::builtin_patterns() {
             for causal in [true, false] {
                 for &(n, block) in sizes {
                     let pattern = spec.build(n.div_ceil(block), block, causal, 1);
@@ -855,7 +858,7 @@ mod tests {
                     let allowed: Vec<bool> = (0..heads)
                         .flat_map(|h| pattern.token_mask((h % n_heads) / (n_heads / groups), n))
                         .collect();
-                    let keys = KeyLayout::sparse(&pattern, n_heads);
+                    let keys = pattern.key_layout(n_heads);
                     let name = format!("{} causal={causal} n={n} b={block}", spec.name());
                     cases.push((name, [heads, n, d], keys, allowed));
                 }
@@ -870,12 +873,12 @@ mod tests {
     fn sparse_runs_merge_consecutive_blocks_up_to_keys() {
         let dense = crate::pattern::PatternSpec::Dense {};
         let runs = |block: usize, n_blocks: usize| {
-            let keys = KeyLayout::sparse(&dense.build(n_blocks, block, false, 0), 1);
+            let keys = dense.build(n_blocks, block, false, 0).key_layout(1);
             keys.sparse.unwrap().runs[0][0].clone()
         };
         assert_eq!(runs(64, 10), vec![(0, 4), (4, 4), (8, 2)]);
         assert_eq!(runs(512, 3), vec![(0, 1), (1, 1), (2, 1)]);
-        let keys = KeyLayout::sparse(&dense.build(3, 100, true, 0), 1);
+        let keys = dense.build(3, 100, true, 0).key_layout(1);
         // Row 250 (block 2) of a causal 3-block pattern over 270 tokens: keys 0..270 in runs of
         // two blocks, clipped at n.
         assert_eq!(
@@ -945,7 +948,7 @@ mod tests {
             let shape = plain(heads, n, d, causal);
             cases.push((shape, plain_inputs, KeyLayout::dense(causal)));
             let pattern = window.build(n.div_ceil(32), 32, causal, 0);
-            cases.push((shape, plain_inputs, KeyLayout::sparse(&pattern, 2)));
+            cases.push((shape, plain_inputs, pattern.key_layout(2)));
         }
         cases.push((all_attention, all_inputs, KeyLayout::dense(true)));
         // A cached layer's all-attention: 400 queries after a cache of 300 (k and v are the
@@ -969,7 +972,7 @@ mod tests {
             q: &q[..heads * 400 * d],
             ..all_inputs
         };
-        cases.push((cached, cached_inputs, KeyLayout::cached(&view, 300, 2)));
+        cases.push((cached, cached_inputs, view.key_layout(300, 2)));
         for (shape, inputs, keys) in cases {
             let grad = if keys.cached.is_some() {
                 &cached_grad
@@ -1068,7 +1071,7 @@ mod tests {
             };
             let mut context = q.clone().matmul(k.clone().swap_dims(1, 2)); // [heads, n, n]
             if relative {
-                let rel = crate::mixer::persistent::relative_scores(q.clone().unsqueeze(), &pe);
+                let rel = crate::mixer::relative_scores(q.clone().unsqueeze(), &pe);
                 context = context + rel.reshape([heads, n, n]);
             }
             if causal {

@@ -1,4 +1,4 @@
-//! What the fused flex kernels (`attention_op/`, `norm_op.rs`, `gelu_op.rs`) share: operand
+//! What the fused flex kernels (`ops/attention/`, `ops/norm.rs`, `ops/gelu.rs`) share: operand
 //! access, a single-threaded tile GEMM on the `gemm` crate, a vectorisable `exp` for non-positive arguments, lane-wise reductions, and the hashed
 //! attention-dropout mask that a backward regenerates.
 

@@ -21,7 +21,7 @@ use burn::nn::Linear;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::mixer::kernel::{exp_nonpositive, slice};
+use crate::ops::kernel::{exp_nonpositive, slice};
 
 /// Rows per chunk: the unit of parallel work and of the ordered bias-gradient sums.
 const CHUNK: usize = 32;
@@ -216,10 +216,11 @@ impl<B: BiasGeluOps + BiasGeluBackward, C: CheckpointStrategy> BiasGeluOps for A
 /// - output: `[batch, seq, d_out]`
 pub fn linear_gelu(fc: &Linear, x: Tensor<3>) -> Tensor<3> {
     match &fc.bias {
-        Some(bias) if crate::mixer::on_flex(&x.device()) => {
+        Some(bias) if crate::ops::on_flex(&x.device()) => {
             let [batch, seq, _] = x.dims();
             let [_, d_out] = fc.weight.dims();
-            let h = crate::linear::matmul_rows(x, fc.weight.val()).reshape([batch * seq, d_out]);
+            let h =
+                crate::ops::linear::matmul_rows(x, fc.weight.val()).reshape([batch * seq, d_out]);
             let dtype = h.dtype();
             let y = Tensor::<2>::from_dispatch(
                 <burn::backend::Dispatch as BiasGeluOps>::fused_bias_gelu(

@@ -18,7 +18,7 @@ use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::mixer::kernel::{exp_nonpositive, lanes, slice};
+use crate::ops::kernel::{exp_nonpositive, lanes, slice};
 
 /// Rows per parallel chunk.
 const CHUNK: usize = 32;

@@ -20,7 +20,7 @@ use burn::nn::LayerNorm;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::mixer::kernel::{lanes, slice};
+use crate::ops::kernel::{lanes, slice};
 
 /// Rows per chunk: the unit of parallel work, and of the ordered dγ / dβ sums.
 const CHUNK: usize = 64;
@@ -262,7 +262,7 @@ impl<B: LayerNormOps + LayerNormBackward, C: CheckpointStrategy> LayerNormOps fo
 /// - output: `[batch, seq, d_model]`
 pub fn layer_norm(norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
     match &norm.beta {
-        Some(beta) if crate::mixer::on_flex(&x.device()) => {
+        Some(beta) if crate::ops::on_flex(&x.device()) => {
             let [batch, seq, d] = x.dims();
             let dtype = x.dtype();
             let f32 = |t: Tensor<1>| t.cast(FloatDType::F32).into_dispatch();
