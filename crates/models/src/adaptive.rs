@@ -16,7 +16,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Device, Distribution, FloatDType, Int, Tensor, TensorData, activation};
 use serde::{Deserialize, Serialize};
 
-use crate::ModelError;
+use crate::error::ModelError;
 
 /// The `[model.adaptive]` section: adaptive softmax (and input) clusters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

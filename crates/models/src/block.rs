@@ -11,7 +11,8 @@ use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::mixer::{Mixer, MixerConfig, MixerContext};
+use crate::mixer::context::MixerContext;
+use crate::mixer::{Mixer, MixerConfig};
 use crate::mlp::{Mlp, MlpConfig};
 use crate::ops::norm::layer_norm;
 

@@ -20,7 +20,7 @@
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::ModelError;
+use crate::error::ModelError;
 use crate::ops::attention::KeyLayout;
 
 /// How a stream's start fills the cache (`model.cache.start`).

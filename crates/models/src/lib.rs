@@ -73,4 +73,6 @@ mod build_tests {
 }
 
 #[cfg(test)]
+mod layering;
+#[cfg(test)]
 pub(crate) mod test_util;

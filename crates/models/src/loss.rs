@@ -10,7 +10,7 @@ use burn::tensor::{FloatDType, Int, Tensor, activation};
 /// - `targets`: `[batch, seq]` token ids in `0..vocab`
 /// - output: `[batch, seq]`
 pub fn token_nll(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
-    if crate::ops::on_flex(&logits.device()) {
+    if crate::ops::device::on_flex(&logits.device()) {
         // One pass per row forward and backward (`ops/loss.rs`).
         return crate::ops::loss::fused_token_nll(logits, targets);
     }

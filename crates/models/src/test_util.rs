@@ -74,7 +74,7 @@ pub fn assert_all_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
 }
 
 /// Train `model` for 150 AdamW steps (lr 1e-2, no decay) on `loss`, returning the losses.
-pub fn overfit(mut model: crate::Lm, loss: impl Fn(&crate::Lm) -> Tensor<1>) -> Vec<f32> {
+pub fn overfit(mut model: crate::lm::Lm, loss: impl Fn(&crate::lm::Lm) -> Tensor<1>) -> Vec<f32> {
     use burn::optim::{AdamWConfig, GradientsParams};
     let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
     let mut losses = vec![];

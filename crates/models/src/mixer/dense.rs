@@ -11,9 +11,10 @@ use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingCon
 use burn::tensor::{Bool, Device, Tensor, activation};
 use serde::{Deserialize, Serialize};
 
-use super::MixerContext;
+use super::context::MixerContext;
 use crate::cache::CacheView;
-use crate::{ModelError, init};
+use crate::error::ModelError;
+use crate::init;
 
 /// Settings of [`DenseAttention`] under `[model.mixer]` with `kind = "dense"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,7 +182,7 @@ impl DenseAttention {
     /// - output: `[batch, n_heads, seq, d_head]`
     pub fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
         let d_head = q.dims()[3];
-        let fused = self.fused && super::attention_fused_on(&q.device(), d_head);
+        let fused = self.fused && crate::ops::attention::attention_fused_on(&q.device(), d_head);
         self.attend_with(q, k, v, fused)
     }
 
@@ -192,7 +193,12 @@ impl DenseAttention {
     /// and the reference the fused operation is tested against).
     pub fn attend_with(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, fused: bool) -> Tensor<4> {
         if fused {
-            return self.attend_tiled(q, k, v, super::KeyLayout::dense(self.causal));
+            return self.attend_tiled(
+                q,
+                k,
+                v,
+                crate::ops::attention::KeyLayout::dense(self.causal),
+            );
         }
         let [batch, n_heads, seq, d_head] = q.dims();
         let scale = 1.0 / (d_head as f64).sqrt();
@@ -253,7 +259,8 @@ impl DenseAttention {
         v: Tensor<4>,
         view: &CacheView,
     ) -> Tensor<4> {
-        let fused = self.fused && super::cached_attention_fused_on(&q.device(), q.dims()[3]);
+        let fused = self.fused
+            && crate::ops::attention::cached_attention_fused_on(&q.device(), q.dims()[3]);
         self.attend_cached_with(q, k, v, view, fused)
     }
 
@@ -290,7 +297,7 @@ impl DenseAttention {
         q: Tensor<4>,
         k: Tensor<4>,
         v: Tensor<4>,
-        keys: super::KeyLayout,
+        keys: crate::ops::attention::KeyLayout,
     ) -> Tensor<4> {
         let [.., d_head] = q.dims();
         let scale = 1.0 / (d_head as f64).sqrt();

@@ -33,8 +33,8 @@ use burn::module::Module;
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::MixerContext;
-use crate::ModelError;
+use super::context::MixerContext;
+use crate::error::ModelError;
 use crate::ops::kernel::Memo;
 
 /// Which implementation computes the transform.
@@ -189,9 +189,9 @@ enum FftBackend {
 
 /// burn-signal's FFT ops exist on flex and the CubeCL backends (wgpu, cuda, ...), not ndarray.
 fn fft_backend(device: &Device) -> Option<FftBackend> {
-    if crate::ops::on_flex(device) {
+    if crate::ops::device::on_flex(device) {
         Some(FftBackend::Flex)
-    } else if crate::ops::on_cube(device) {
+    } else if crate::ops::device::on_cube(device) {
         Some(FftBackend::Cube)
     } else {
         None

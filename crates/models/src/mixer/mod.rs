@@ -6,13 +6,15 @@
 //! Adding a mixer = one file here, one arm in each enum, its tests and a `configs/*.toml`;
 //! `Block` and `Lm` do not change.
 
-mod context;
+pub mod context;
 mod dense;
 mod fourier;
 mod persistent;
 mod sparse;
 
-pub use crate::ops::attention::{AttentionOps, KeyLayout};
+pub use crate::ops::attention::{
+    AttentionOps, KeyLayout, attention_fused_on, cached_attention_fused_on,
+};
 pub use crate::ops::dropout::seed_dropout;
 pub use crate::ops::fourier::FourierOps;
 pub use context::MixerContext;
@@ -32,21 +34,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::ModelError;
-
-/// Whether attention (dense, block-sparse or all-attention) of width `d_head` runs as the fused
-/// operation on `device`: always on flex; on the Cube backends when their kernels cover it
-/// (head width ≤ 256; `ops/attention/cube/`).
-pub fn attention_fused_on(device: &Device, d_head: usize) -> bool {
-    crate::ops::on_flex(device)
-        || (crate::ops::on_cube(device) && crate::ops::attention::cube_supported(d_head))
-}
-
-/// Whether a cached layer's attention (keys `[cache ; block]`, [`crate::cache`]) of width
-/// `d_head` runs as the fused operation on `device`: as [`attention_fused_on`].
-pub fn cached_attention_fused_on(device: &Device, d_head: usize) -> bool {
-    attention_fused_on(device, d_head)
-}
+use crate::error::ModelError;
 
 /// How attention mixers compute softmax attention (`model.attention_impl`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

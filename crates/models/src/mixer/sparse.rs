@@ -9,7 +9,7 @@
 //! pattern checker reports the padding fraction of each pattern.
 //!
 //! On flex (with `model.attention_impl = "fused"`, the default) the mixer instead runs the
-//! tiled attention operation ([`KeyLayout::sparse`](super::KeyLayout::sparse)): each query
+//! tiled attention operation ([`KeyLayout::sparse`](crate::ops::attention::KeyLayout::sparse)): each query
 //! block walks only its listed key blocks, consecutive ones as one run, with no padding and
 //! nothing gathered; the backward recomputes the probabilities. The gathering kernel below
 //! stays as the path of the other backends and the fused path's test reference.
@@ -23,8 +23,9 @@ use burn::nn::Dropout;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData, activation};
 use serde::{Deserialize, Serialize};
 
-use super::{DenseAttention, DenseAttentionConfig, MixerContext};
-use crate::ModelError;
+use super::context::MixerContext;
+use super::dense::{DenseAttention, DenseAttentionConfig};
+use crate::error::ModelError;
 use crate::ops::kernel::Memo;
 use crate::pattern::{LayerPattern, PatternSpec};
 
@@ -166,7 +167,9 @@ impl SparseAttention {
         let (q, k, v) = self.attention.project(x);
         let layout = self.layer_pattern(seq);
         let d_head = q.dims()[3];
-        let y = if self.attention.fused && super::attention_fused_on(&q.device(), d_head) {
+        let y = if self.attention.fused
+            && crate::ops::attention::attention_fused_on(&q.device(), d_head)
+        {
             let n_heads = self.attention.n_heads;
             self.attention
                 .attend_tiled(q, k, v, layout.key_layout(n_heads))

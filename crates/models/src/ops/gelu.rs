@@ -216,7 +216,7 @@ impl<B: BiasGeluOps + BiasGeluBackward, C: CheckpointStrategy> BiasGeluOps for A
 /// - output: `[batch, seq, d_out]`
 pub fn linear_gelu(fc: &Linear, x: Tensor<3>) -> Tensor<3> {
     match &fc.bias {
-        Some(bias) if crate::ops::on_flex(&x.device()) => {
+        Some(bias) if crate::ops::device::on_flex(&x.device()) => {
             let [batch, seq, _] = x.dims();
             let [_, d_out] = fc.weight.dims();
             let h =

@@ -16,6 +16,7 @@
 //! hashed attention-dropout masks.
 
 pub mod attention;
+pub mod device;
 pub mod dropout;
 pub mod fourier;
 pub mod gelu;
@@ -24,16 +25,4 @@ pub mod linear;
 pub mod loss;
 pub mod norm;
 
-use burn::tensor::Device;
-
-/// Whether `device` is flex (autodiff or not), where the fused mixer operations
-/// (the kernels of this folder) run. Burn 0.22 has no backend query on
-/// a `Device`; its `Debug` form names the backend.
-pub fn on_flex(device: &Device) -> bool {
-    format!("{device:?}").contains("Flex")
-}
-
-/// Whether `device` is one of Burn's CubeCL backends (wgpu, CUDA, ...).
-pub fn on_cube(device: &Device) -> bool {
-    format!("{device:?}").contains("Cube")
-}
+pub use device::{on_cube, on_flex};

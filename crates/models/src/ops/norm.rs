@@ -262,7 +262,7 @@ impl<B: LayerNormOps + LayerNormBackward, C: CheckpointStrategy> LayerNormOps fo
 /// - output: `[batch, seq, d_model]`
 pub fn layer_norm(norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
     match &norm.beta {
-        Some(beta) if crate::ops::on_flex(&x.device()) => {
+        Some(beta) if crate::ops::device::on_flex(&x.device()) => {
             let [batch, seq, d] = x.dims();
             let dtype = x.dtype();
             let f32 = |t: Tensor<1>| t.cast(FloatDType::F32).into_dispatch();

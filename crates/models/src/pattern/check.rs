@@ -14,7 +14,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::LayerPattern;
+use super::layer::LayerPattern;
 
 /// What [`check`] found for a pattern family.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -27,10 +27,10 @@ use burn::module::{Module, Param};
 use burn::tensor::{Bool, Device, Distribution, Tensor, activation};
 use serde::{Deserialize, Serialize};
 
-use super::MixerContext;
+use super::context::MixerContext;
 use super::dense::{DenseAttention, DenseAttentionConfig};
-use crate::ModelError;
 use crate::cache::CacheView;
+use crate::error::ModelError;
 
 /// Settings of [`PersistentAttention`] under `[model.mixer]` with `kind = "persistent"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -218,7 +218,8 @@ impl PersistentAttention {
         key_pe: Option<&Tensor<2>>,
     ) -> Tensor<4> {
         let d_head = q.dims()[3];
-        let fused = self.attn.fused && super::attention_fused_on(&q.device(), d_head);
+        let fused =
+            self.attn.fused && crate::ops::attention::attention_fused_on(&q.device(), d_head);
         self.attend_with(q, k, v, key_pe, fused)
     }
 
@@ -357,7 +358,8 @@ impl PersistentAttention {
         key_pe: Option<&Tensor<2>>,
         view: &CacheView,
     ) -> Tensor<4> {
-        let fused = self.attn.fused && super::cached_attention_fused_on(&q.device(), q.dims()[3]);
+        let fused = self.attn.fused
+            && crate::ops::attention::cached_attention_fused_on(&q.device(), q.dims()[3]);
         self.attend_cached_with(q, k, v, key_pe, view, fused)
     }
 
@@ -464,7 +466,7 @@ impl PersistentAttention {
             key_pe: key_pe.cloned(),
             span,
         };
-        let keys = super::KeyLayout::dense(self.attn.causal);
+        let keys = crate::ops::attention::KeyLayout::dense(self.attn.causal);
         let dropout = crate::ops::dropout::fused_dropout(&self.attn.attn_dropout, &q.device());
         crate::ops::attention::attention(q.mul_scalar(scale), k, v, extras, keys, dropout)
     }

@@ -1,7 +1,13 @@
 //! The backward kernel: per tile, probabilities recomputed from the log-sum-exp; dQ per tile,
 //! dK / dV and the shared gradients (memory, key_pe, span) summed in a fixed order.
 
-use super::*;
+use rayon::prelude::*;
+
+use super::layout::{GROUPS, KeyLayout, Shape};
+use super::tiles::{
+    Head, Inputs, Range, add_relative, head, range_scores, scratch, span_weight, tile_ranges,
+};
+use crate::ops::kernel::{Dropout, exp_nonpositive, matmul};
 
 /// One group's running sums of the shared gradients: context dK / dV of its head, memory
 /// dK / dV, `d key_pe` and `d z`.

@@ -1,7 +1,13 @@
 //! The forward kernel: per head and tile, an online softmax over the tile's key ranges;
 //! output and row log-sum-exp.
 
-use super::*;
+use rayon::prelude::*;
+
+use super::layout::{KeyLayout, Shape};
+use super::tiles::{
+    Head, Inputs, Range, add_relative, range_scores, scratch, span_weight, tile_ranges, tiles,
+};
+use crate::ops::kernel::{Dropout, exp_nonpositive, lanes, matmul};
 
 /// Forward kernel; see [`AttentionOps::tiled_attention`].
 pub(super) fn forward(x: Inputs, shape: Shape, keys: &KeyLayout, dropout: Dropout) -> Vec<f32> {

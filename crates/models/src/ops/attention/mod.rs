@@ -3,7 +3,7 @@
 //! materialises the `n × n` scores: FlashAttention-2's schedule on a CPU. Every attention
 //! mixer calls it on flex.
 //!
-//! Forward, per head and tile of [`TILE`] query rows: for each block of [`KEYS`] keys, the
+//! Forward, per head and tile of `TILE` query rows: for each block of `KEYS` keys, the
 //! scores `S = Q_tile K_blockᵀ` (queries come pre-scaled), an online softmax (running row
 //! maximum `m` and sum `l`, the accumulated output rescaled by `exp(m_old − m_new)` when the
 //! maximum grows), `O += P V_block`; at the end `O /= l` and the row's log-sum-exp
@@ -21,9 +21,9 @@
 //! backward regenerates (`dP` is masked the same way; `Δ = rowsum(dO ∘ O)` stays exact).
 //!
 //! Which keys a query sees is a [`KeyLayout`]: every key (causal: every earlier key), in
-//! tiles of [`TILE`] rows, or a block-sparse pattern's key blocks for each query block, in tiles
+//! tiles of `TILE` rows, or a block-sparse pattern's key blocks for each query block, in tiles
 //! of one pattern block (consecutive listed key blocks are walked as one run of up to
-//! [`KEYS`] keys; unlisted blocks cost nothing and no padded slot is computed).
+//! `KEYS` keys; unlisted blocks cost nothing and no padded slot is computed).
 //!
 //! All-attention (Sukhbaatar et al. 2019): persistent keys and values are one more run of keys
 //! for every tile, in the same online softmax; the relative-position term `q_i · key_pe[:, i −
@@ -37,553 +37,38 @@
 //! tile group of each head in flight and per flattened head until the final ordered sum — so
 //! peak memory is linear in the sequence length, and all-attention adds `O(batch · heads · N · d)`
 //! (about 256 MB at N = 2048, d 64, 256 flattened heads).
+//!
+//! Files: `extension.rs` (the backend extension's interface), `layout.rs` ([`KeyLayout`], the
+//! tiling), `flex.rs` (operands checked, then `forward.rs` / `backward.rs` over `tiles.rs`),
+//! `autodiff.rs` (the node and its backward), `cube/` (the same operation as CubeCL kernels);
+//! this file holds the tensor-level [`attention`] the mixers call.
 
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::flex::FlexTensor;
-use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Flex, backend_extension};
-use burn::tensor::{DType, FloatDType, Tensor, TensorData};
-use rayon::prelude::*;
-use std::sync::Arc;
+use burn::tensor::{Device, FloatDType, Tensor};
 
-use crate::ops::kernel::{Dropout, exp_nonpositive, lanes, matmul, slice};
-
+mod autodiff;
 mod backward;
 mod cube;
-pub(crate) use cube::supported as cube_supported;
+mod extension;
+mod flex;
 mod forward;
+mod layout;
 mod tiles;
 
-use backward::backward;
-use forward::forward;
-use tiles::*;
+pub(crate) use cube::supported as cube_supported;
+pub use extension::{AttentionBackward, AttentionOps, Operands};
+pub use layout::KeyLayout;
 
-/// Query rows per tile.
-const TILE: usize = 64;
-
-/// Keys per block: a `[TILE, KEYS]` score block is 64 KB, well inside L2.
-const KEYS: usize = 256;
-
-/// Groups of query tiles whose dK / dV partial sums the backward adds in a fixed order.
-const GROUPS: usize = 8;
-
-/// Heads (batch × heads, flattened), query rows and context keys, head width, causality and a
-/// cached layer's window, and all-attention's parts (zero sizes when absent).
-#[derive(Clone, Copy, Debug)]
-struct Shape {
-    heads: usize,
-    /// Query rows per head.
-    n: usize,
-    /// Context keys per head: `n`, or `s + n` over `[cache ; block]` (query `i` is key `s + i`).
-    nk: usize,
-    d: usize,
-    causal: bool,
-    /// The visible distances `δ = offset + i − j` of a causal query: `min_distance..=max_distance`
-    /// (`0..=usize::MAX` without a cache).
-    min_distance: usize,
-    max_distance: usize,
-    /// Persistent vectors per memory head (0: none) and memory heads.
-    mem: usize,
-    mem_heads: usize,
-    /// Distances `key_pe` covers (0: no relative positions); its column `c` is distance
-    /// `c + min_distance`.
-    pe_span: usize,
-    /// Heads of the adaptive span (0: none) and its ramp width.
-    span_heads: usize,
-    ramp: f32,
+/// Whether attention (dense, block-sparse or all-attention) of width `d_head` runs as the fused
+/// operation on `device`: always on flex; on the Cube backends when their kernels cover it
+/// (head width ≤ 256; `ops/attention/cube/`).
+pub fn attention_fused_on(device: &Device, d_head: usize) -> bool {
+    super::device::on_flex(device) || (super::device::on_cube(device) && cube_supported(d_head))
 }
 
-impl Shape {
-    /// The query row `row`'s key position (`nk − n` keys come before the block).
-    fn position(&self, row: usize) -> usize {
-        self.nk - self.n + row
-    }
-
-    /// The context keys `lo..hi` query row `row` sees when its first visible key is `first`
-    /// (a masked stream start; 0 otherwise); `lo ≥ hi` when none.
-    fn window(&self, row: usize, first: usize) -> (usize, usize) {
-        if !self.causal {
-            return (0, self.nk);
-        }
-        let p = self.position(row);
-        let hi = (p + 1).saturating_sub(self.min_distance).min(self.nk);
-        (first.max(p.saturating_sub(self.max_distance)), hi)
-    }
-}
-
-/// Which keys each query attends to: every key (when causal, every key not after the query),
-/// the key blocks a block-sparse pattern lists for the query's block (when causal, again only
-/// keys not after the query), or a cached layer's window over `[cache ; block]`. Cheap to
-/// clone.
-#[derive(Clone, Debug, PartialEq)]
-pub struct KeyLayout {
-    causal: bool,
-    sparse: Option<Arc<SparseKeys>>,
-    cached: Option<Arc<CachedKeys>>,
-}
-
-/// A cached layer's keys ([`crate::cache`]): `cache` positions before the block, each query's
-/// window of distances, and per batch row the first key that is not a masked stream start.
-#[derive(Debug, PartialEq)]
-struct CachedKeys {
-    cache: usize,
-    min_distance: usize,
-    max_distance: usize,
-    /// Heads per batch row (flattened head `h` is batch row `h / n_heads`).
-    n_heads: usize,
-    /// Per batch row, the first visible key.
-    first: Vec<usize>,
-}
-
-/// A block-sparse pattern resolved for the kernel.
-#[derive(Debug, PartialEq)]
-struct SparseKeys {
-    /// Pattern block size in tokens: the kernel's tile height.
-    block: usize,
-    /// Heads per batch row (the kernel sees `batch · n_heads` flattened heads).
-    n_heads: usize,
-    /// `runs[g][i]`: the key blocks of query block `i` in head group `g` as runs of
-    /// consecutive blocks `(first block, count)`, each at most `max(KEYS, block)` keys.
-    runs: Vec<Vec<Vec<(usize, usize)>>>,
-}
-
-impl KeyLayout {
-    /// Every key, or every key not after the query when `causal`.
-    pub fn dense(causal: bool) -> Self {
-        Self {
-            causal,
-            sparse: None,
-            cached: None,
-        }
-    }
-
-    /// A cached layer's keys: `cache` positions of earlier inputs before a block, each causal
-    /// query seeing the keys at distances `min_distance..=max_distance` (not a masked start),
-    /// for `n_heads` heads per batch row; `valid[b]` is batch row `b`'s number of valid cache
-    /// positions (at the cache's end). The models build it from a cache view
-    /// (`CacheView::key_layout`).
-    pub fn cached(
-        cache: usize,
-        (min_distance, max_distance): (usize, usize),
-        valid: &[usize],
-        n_heads: usize,
-    ) -> Self {
-        Self {
-            causal: true,
-            sparse: None,
-            cached: Some(Arc::new(CachedKeys {
-                cache,
-                min_distance,
-                max_distance,
-                n_heads,
-                first: valid
-                    .iter()
-                    .map(|&valid| cache.saturating_sub(valid))
-                    .collect(),
-            })),
-        }
-    }
-
-    /// The first context key flattened head `h` may see (after a masked stream start).
-    fn first_key(&self, h: usize) -> usize {
-        self.cached.as_ref().map_or(0, |c| c.first[h / c.n_heads])
-    }
-
-    /// The key blocks of a block-sparse pattern of `block`-token blocks for `n_heads` heads per
-    /// batch row: `groups[g][i]` lists (sorted, distinct) the key blocks of query block `i` in
-    /// head group `g`, and head `h` uses group `h / (n_heads / groups)`. The models build it
-    /// from a pattern (`LayerPattern::key_layout`).
-    ///
-    /// # Panics
-    /// If the head groups do not divide `n_heads`, or a row lacks its own (diagonal) block: every
-    /// query needs a key.
-    pub fn sparse(block: usize, causal: bool, groups: &[&[Vec<usize>]], n_heads: usize) -> Self {
-        let n_groups = groups.len();
-        assert!(
-            n_groups > 0 && n_heads.is_multiple_of(n_groups),
-            "a pattern of {n_groups} head groups for {n_heads} heads"
-        );
-        let per_run = (KEYS / block).max(1);
-        let runs = groups
-            .iter()
-            .map(|rows| {
-                rows.iter()
-                    .enumerate()
-                    .map(|(i, row)| {
-                        assert!(
-                            row.binary_search(&i).is_ok(),
-                            "row {i} of the pattern lacks its own block; every query needs a key"
-                        );
-                        let mut runs: Vec<(usize, usize)> = vec![];
-                        for &j in row {
-                            match runs.last_mut() {
-                                Some((first, count))
-                                    if *first + *count == j && *count < per_run =>
-                                {
-                                    *count += 1
-                                }
-                                _ => runs.push((j, 1)),
-                            }
-                        }
-                        runs
-                    })
-                    .collect()
-            })
-            .collect();
-        Self {
-            causal,
-            sparse: Some(Arc::new(SparseKeys {
-                block,
-                n_heads,
-                runs,
-            })),
-            cached: None,
-        }
-    }
-
-    /// Query rows per tile.
-    fn tile_rows(&self) -> usize {
-        self.sparse.as_ref().map_or(TILE, |s| s.block)
-    }
-
-    /// The key ranges `(first key, count)` the tile `[start, start + len)` of flattened head
-    /// `h` walks, in increasing order, none empty, none past `shape.nk`.
-    fn key_ranges(
-        &self,
-        h: usize,
-        (start, len): (usize, usize),
-        shape: Shape,
-    ) -> Vec<(usize, usize)> {
-        match &self.sparse {
-            None => {
-                // Windows only move forward with the row: the tile's keys are the first row's
-                // window start to the last row's window end.
-                let first = self.first_key(h);
-                let begin = shape.window(start, first).0;
-                let end = shape.window(start + len - 1, first).1;
-                (begin..end)
-                    .step_by(KEYS)
-                    .map(|b| (b, KEYS.min(end - b)))
-                    .collect()
-            }
-            Some(s) => {
-                let groups = s.runs.len();
-                let group = (h % s.n_heads) / (s.n_heads / groups);
-                let row = &s.runs[group][start / s.block];
-                row.iter()
-                    .map(|&(first, count)| {
-                        let from = first * s.block;
-                        (
-                            from,
-                            ((first + count) * s.block)
-                                .min(shape.nk)
-                                .saturating_sub(from),
-                        )
-                    })
-                    .filter(|&(_, count)| count > 0)
-                    .collect()
-            }
-        }
-    }
-
-    /// Checks the layout against the operands' query rows `n` and context keys `nk`, and
-    /// returns its window of distances.
-    fn check(&self, n: usize, nk: usize, heads: usize) -> (usize, usize) {
-        if let Some(s) = &self.sparse {
-            let blocks = s.runs[0].len();
-            assert_eq!(
-                blocks,
-                n.div_ceil(s.block),
-                "tiled_attention: a pattern over {blocks} blocks of {} for {n} tokens",
-                s.block
-            );
-        }
-        match &self.cached {
-            None => {
-                assert_eq!(
-                    nk, n,
-                    "tiled_attention: {nk} keys for {n} queries without a cache"
-                );
-                (0, usize::MAX)
-            }
-            Some(c) => {
-                assert!(
-                    self.sparse.is_none() && nk == c.cache + n,
-                    "tiled_attention: {nk} keys for {n} queries after a cache of {}",
-                    c.cache
-                );
-                assert_eq!(
-                    c.first.len() * c.n_heads,
-                    heads,
-                    "tiled_attention: a cached layout for {} batch rows of {} heads, {heads} heads",
-                    c.first.len(),
-                    c.n_heads
-                );
-                (c.min_distance, c.max_distance)
-            }
-        }
-    }
-}
-
-/// The `key_pe` columns a layout's visible distances `min..=max` over `nk` keys need: up to the
-/// farthest visible distance, column `δ − min`.
-fn pe_columns(nk: usize, (min_distance, max_distance): (usize, usize)) -> usize {
-    max_distance.min(nk.saturating_sub(1)) + 1 - min_distance
-}
-
-/// Attention (dense, block-sparse, or all-attention's context + persistent memory) as a
-/// backend operation.
-#[backend_extension(Flex, Cube, Autodiff)]
-pub trait AttentionOps: Backend {
-    /// Forward. All f32: `q` (already multiplied by the score scale) `[heads, n, d]` with
-    /// `heads = batch · n_heads`, `k` and `v` `[heads, nk, d]` (`nk = n`, or `s + n` over a
-    /// cached layer's `[cache ; block]`). Returns `[heads, n, d + 1]`: the attention output in
-    /// the first `d` columns and each row's log-sum-exp of (masked) weights in column `d` (no
-    /// gradient flows through it; a row with no visible key outputs zeros and `−∞`).
-    ///
-    /// `keys` says which context keys each query sees ([`KeyLayout::cached`]: query `i` is key
-    /// `s + i`, seeing the distances `δ = s + i − j` of its window; distances below are
-    /// measured so). All-attention's parts, each empty when absent (Sukhbaatar et al. 2019):
-    /// - `memory_keys`, `memory_values` `[mem_heads, m, d]`: persistent vectors that every
-    ///   query of flattened head `h` sees (memory head `h mod mem_heads`), in the same softmax
-    ///   as its context keys; keys already scaled like the context keys;
-    /// - `key_pe` `[d, span]` (causal only; `span` covers every visible distance): the score
-    ///   of query `i` and a key at distance `δ` gains `q_i · key_pe[:, δ − δ_min]` (`δ_min` the
-    ///   window's smallest distance: 0 without a cache);
-    /// - `span_z` `[span_heads]` (tokens) with `ramp`: context weights at distance `δ = i − j`
-    ///   are multiplied by `clamp((ramp + z − δ) / ramp, 0, 1)` (adaptive span, head
-    ///   `h mod span_heads`) before the joint normalisation; key blocks wholly past the ramp
-    ///   are skipped.
-    ///
-    /// With `dropout = p > 0` each weight in the value product is zeroed with probability `p`
-    /// and the rest scaled by `1 / (1 − p)`, the mask a hash of `(seed, head, row, key)` (memory
-    /// slot `s` is key `nk + s`) that the backward regenerates.
-    #[allow(clippy::too_many_arguments)]
-    fn tiled_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        memory_keys: FloatTensor<Self>,
-        memory_values: FloatTensor<Self>,
-        key_pe: FloatTensor<Self>,
-        span_z: FloatTensor<Self>,
-        keys: KeyLayout,
-        ramp: f32,
-        dropout: f32,
-        seed: u32,
-    ) -> FloatTensor<Self>;
-}
-
-/// The seven inputs of [`AttentionOps::tiled_attention`] (or their gradients), in order.
-pub type Operands<B> = [FloatTensor<B>; 7];
-
-/// The backward of [`AttentionOps::tiled_attention`] on a backend with the forward kernel;
-/// called from the autodiff node only, so not routed through `Dispatch`.
-pub trait AttentionBackward: Backend {
-    /// Given the inputs, the forward's output `out` (`[heads, n, d + 1]`) and its gradient
-    /// `grad` (same shape, the last column ignored): the gradients of the seven inputs.
-    fn tiled_attention_backward(
-        inputs: Operands<Self>,
-        out: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        keys: &KeyLayout,
-        settings: (f32, f32, u32),
-    ) -> Operands<Self>;
-}
-
-/// A tensor's shape.
-fn dims(t: &FlexTensor) -> Vec<usize> {
-    let shape = t.layout().shape();
-    (0..shape.num_dims()).map(|i| shape[i]).collect()
-}
-
-/// A contiguous f32 tensor's data and shape.
-fn data(t: &FlexTensor) -> (Vec<usize>, FlexTensor) {
-    assert_eq!(t.dtype(), DType::F32, "tiled_attention: f32 only");
-    (dims(t), t.to_contiguous())
-}
-
-/// The seven inputs as contiguous f32 with their shapes checked against each other and the
-/// layout, and `extra` operands checked to be `[heads, n, d + 1]`.
-fn operands<const E: usize>(
-    inputs: [&FlexTensor; 7],
-    extra: [&FlexTensor; E],
-    keys: &KeyLayout,
-    ramp: f32,
-) -> (Shape, [FlexTensor; 7], [FlexTensor; E]) {
-    let [
-        (q_shape, q),
-        (k_shape, k),
-        (v_shape, v),
-        (mk_shape, mk),
-        (mv_shape, mv),
-        (pe_shape, pe),
-        (z_shape, z),
-    ] = inputs.map(data);
-    let [heads, n, d] = q_shape[..] else {
-        panic!("tiled_attention: q must be [heads, n, d], got {q_shape:?}")
-    };
-    let nk = k_shape.get(1).copied().unwrap_or(0);
-    assert!(
-        k_shape == v_shape && k_shape == [heads, nk, d],
-        "tiled_attention: k {k_shape:?} and v {v_shape:?} must both be [{heads}, keys, {d}]"
-    );
-    let (min_distance, max_distance) = keys.check(n, nk, heads);
-    let [mem_heads, mem, mem_d] = mk_shape[..] else {
-        panic!("tiled_attention: memory keys must be [mem_heads, m, d], got {mk_shape:?}")
-    };
-    assert!(
-        mk_shape == mv_shape && (mem == 0 || (mem_d == d && mem_heads > 0)),
-        "tiled_attention: memory keys {mk_shape:?} and values {mv_shape:?} must be [mem_heads, m, {d}]"
-    );
-    let [pe_d, pe_span] = pe_shape[..] else {
-        panic!("tiled_attention: key_pe must be [d, span], got {pe_shape:?}")
-    };
-    if pe_span > 0 {
-        let needed = pe_columns(nk, (min_distance, max_distance));
-        assert!(
-            pe_d == d && pe_span >= needed && keys.causal,
-            "tiled_attention: key_pe {pe_shape:?} needs [{d}, ≥ {needed}] and causal keys"
-        );
-    }
-    let [span_heads] = z_shape[..] else {
-        panic!("tiled_attention: span_z must be [span_heads], got {z_shape:?}")
-    };
-    assert!(
-        span_heads == 0 || ramp > 0.0,
-        "tiled_attention: ramp {ramp}"
-    );
-    let extra = extra.map(|t| {
-        let (shape, t) = data(t);
-        assert_eq!(shape, [heads, n, d + 1], "tiled_attention: operand shapes");
-        t
-    });
-    let shape = Shape {
-        heads,
-        n,
-        nk,
-        d,
-        causal: keys.causal,
-        min_distance,
-        max_distance,
-        mem: if mem_heads == 0 { 0 } else { mem },
-        mem_heads: mem_heads.max(1),
-        pe_span,
-        span_heads,
-        ramp,
-    };
-    (shape, [q, k, v, mk, mv, pe, z], extra)
-}
-
-impl AttentionOps for Flex {
-    fn tiled_attention(
-        q: FlexTensor,
-        k: FlexTensor,
-        v: FlexTensor,
-        memory_keys: FlexTensor,
-        memory_values: FlexTensor,
-        key_pe: FlexTensor,
-        span_z: FlexTensor,
-        keys: KeyLayout,
-        ramp: f32,
-        dropout: f32,
-        seed: u32,
-    ) -> FlexTensor {
-        let inputs = [&q, &k, &v, &memory_keys, &memory_values, &key_pe, &span_z];
-        let (shape, inputs, []) = operands(inputs, [], &keys, ramp);
-        let out = forward(
-            Inputs::new(&inputs),
-            shape,
-            &keys,
-            Dropout::new(dropout, seed),
-        );
-        FlexTensor::from_data(TensorData::new(out, [shape.heads, shape.n, shape.d + 1]))
-    }
-}
-
-impl AttentionBackward for Flex {
-    fn tiled_attention_backward(
-        inputs: [FlexTensor; 7],
-        out: FlexTensor,
-        grad: FlexTensor,
-        keys: &KeyLayout,
-        (ramp, dropout, seed): (f32, f32, u32),
-    ) -> [FlexTensor; 7] {
-        let dims: Vec<Vec<usize>> = inputs.iter().map(dims).collect();
-        let (shape, inputs, [out, grad]) = operands(inputs.each_ref(), [&out, &grad], keys, ramp);
-        let grads = backward(
-            Inputs::new(&inputs),
-            slice(&out),
-            slice(&grad),
-            shape,
-            keys,
-            Dropout::new(dropout, seed),
-        );
-        let mut dims = dims.into_iter();
-        grads.map(|g| {
-            let dims = dims.next().expect("seven shapes");
-            FlexTensor::from_data(TensorData::new(g, dims))
-        })
-    }
-}
-
-impl<B: AttentionOps + AttentionBackward, C: CheckpointStrategy> AttentionOps for Autodiff<B, C> {
-    fn tiled_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        memory_keys: FloatTensor<Self>,
-        memory_values: FloatTensor<Self>,
-        key_pe: FloatTensor<Self>,
-        span_z: FloatTensor<Self>,
-        keys: KeyLayout,
-        ramp: f32,
-        dropout: f32,
-        seed: u32,
-    ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct TiledAttention;
-
-        impl<B: AttentionBackward> Backward<B, 7> for TiledAttention {
-            /// The inputs, the forward output (for its log-sum-exps) and the settings.
-            type State = (Operands<B>, FloatTensor<B>, KeyLayout, (f32, f32, u32));
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 7>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let (inputs, out, keys, settings) = ops.state;
-                let grad = grads.consume::<B>(&ops.node);
-                let input_grads = B::tiled_attention_backward(inputs, out, grad, &keys, settings);
-                for (parent, grad) in ops.parents.into_iter().zip(input_grads) {
-                    if let Some(node) = parent {
-                        grads.register::<B>(node.id, grad);
-                    }
-                }
-            }
-        }
-
-        let tensors = [q, k, v, memory_keys, memory_values, key_pe, span_z];
-        let nodes = tensors.each_ref().map(|t| t.node());
-        let inputs = tensors.map(|t| t.into_primitive());
-        let [q, k, v, mk, mv, pe, z] = inputs.clone();
-        let out = B::tiled_attention(q, k, v, mk, mv, pe, z, keys.clone(), ramp, dropout, seed);
-        match TiledAttention
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                prep.finish((inputs, out.clone(), keys, (ramp, dropout, seed)), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
-    }
+/// Whether a cached layer's attention (keys `[cache ; block]`, a cache) of width
+/// `d_head` runs as the fused operation on `device`: as [`attention_fused_on`].
+pub fn cached_attention_fused_on(device: &Device, d_head: usize) -> bool {
+    attention_fused_on(device, d_head)
 }
 
 /// All-attention's parts beside the context keys, each optional (see
@@ -654,8 +139,14 @@ pub(crate) fn attention(
 
 #[cfg(test)]
 mod tests {
+    use super::backward::backward;
+    use super::forward::forward;
+    use super::layout::Shape;
+    use super::tiles::Inputs;
     use super::*;
+    use crate::ops::kernel::Dropout;
     use crate::test_util::{assert_all_close, pattern, same_bits_on_1_and_3_threads, to_vec};
+    use burn::tensor::TensorData;
     use burn::tensor::{Bool, Device, Distribution, Tensor, activation};
 
     /// The flex kernel's dropout mask for `[heads, n, width]` weights (key `t` of a row: context

@@ -2,7 +2,10 @@
 //! the key ranges a tile walks (context runs, memory slots), span weights and the
 //! relative-position logits.
 
-use super::*;
+use burn::backend::flex::FlexTensor;
+
+use super::layout::{KEYS, KeyLayout, Shape};
+use crate::ops::kernel::{matmul, slice};
 
 /// The kernels' operands as slices.
 #[derive(Clone, Copy)]
