@@ -244,10 +244,10 @@ fn edges(src: &Path) -> Vec<Edge> {
         }
         let text = std::fs::read_to_string(src.join(&m.file)).expect("source file");
         for path in paths_in(&code_of(&text)) {
-            if let Some(edge) = resolve(&path, m, &modules) {
-                if edge.to != edge.from {
-                    edges.insert(edge);
-                }
+            if let Some(edge) = resolve(&path, m, &modules)
+                && edge.to != edge.from
+            {
+                edges.insert(edge);
             }
         }
     }
