@@ -1,24 +1,38 @@
 #!/usr/bin/env bash
 # Prepare a device run of scripts/gpu-check.sh: the device machine has no Rust toolchain and
-# no network, so build `bench` here and pack it (stripped, gzipped, ~30 MB) into .gpu/, and
-# fetch the Vulkan loader packages into .gl/ (as the device tool's README says). Both folders
-# are git-ignored through .git/info/exclude. Then, with the device tool:
+# no network, so build `bench` here twice — WGSL (the default build) and SPIR-V
+# (`--features vulkan`) — and pack both (stripped, gzipped, ~30 MB each) into .gpu/ as
+# bench.gz and bench-spirv.gz, and fetch the Vulkan loader packages into .gl/ (as the device
+# tool's README says). Both folders are git-ignored through .git/info/exclude. The two builds
+# share the target dir (the second compiles Burn's wgpu crates again: about 27 minutes cold on
+# 2 cores). Then, with the device tool (one run; the check keeps itself under 10 minutes):
 #   run(command = "for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig; mkdir -p /tmp/bin &&
-#        gunzip -c .gpu/bench.gz > /tmp/bin/bench && chmod +x /tmp/bin/bench &&
-#        MIXLAB_BIN=/tmp/bin scripts/gpu-check.sh", carry = [".gpu", ".gl"], timeout_s = 600)
+#        for b in bench bench-spirv; do gunzip -c .gpu/$b.gz > /tmp/bin/$b; done &&
+#        chmod +x /tmp/bin/* && MIXLAB_BIN=/tmp/bin scripts/gpu-check.sh",
+#       carry = [".gpu", ".gl"], timeout_s = 600)
 # (add `export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json` first if
 # no Vulkan driver is found). A PyTorch with CUDA there fills the PyTorch column.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bin bench >&2
 BIN="${CARGO_TARGET_DIR:-target}/release"
 mkdir -p .gpu
 EXCLUDE="$(git rev-parse --git-path info/exclude)"
 mkdir -p "$(dirname "$EXCLUDE")"
 for d in /.gpu/ /.gl/; do grep -qxF "$d" "$EXCLUDE" 2>/dev/null || echo "$d" >>"$EXCLUDE"; done
-strip -o .gpu/bench "$BIN/bench"
-gzip -f -9 .gpu/bench
-ls -l .gpu/bench.gz >&2
+# name | cargo features
+for build in "bench|" "bench-spirv|--features=mixlab-train/vulkan"; do
+  IFS='|' read -r name features <<<"$build"
+  # shellcheck disable=SC2086
+  cargo build --release --bin bench $features >&2
+  strip -o ".gpu/$name" "$BIN/bench"
+  gzip -f -9 ".gpu/$name"
+  ls -l ".gpu/$name.gz" >&2
+done
+# Every row of the check builds with both (nothing trained; on flex here).
+mkdir -p /tmp/gpu-bundle-bin
+for name in bench bench-spirv; do gunzip -c ".gpu/$name.gz" >"/tmp/gpu-bundle-bin/$name"; done
+chmod +x /tmp/gpu-bundle-bin/*
+MIXLAB_BIN=/tmp/gpu-bundle-bin BACKEND=flex scripts/gpu-check.sh --dry-run >&2
 if [ ! -d .gl ] || [ -z "$(ls .gl/*.deb 2>/dev/null)" ]; then
   mkdir -p .gl /tmp/amd64/partial
   o=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64)

@@ -7,9 +7,28 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 pub(crate) static FUSED_DROPOUT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// wgpu's adapter (Mesa's llvmpipe in CI), started once per test binary (wgpu's runtime
-/// registers once), or `None` with the reason printed — unless `MIXLAB_REQUIRE_WGPU` is set,
-/// when a missing adapter fails the test.
+/// registers once), for tests that run Burn's own kernels there (matmul, reductions); `None`
+/// with the reason printed — unless `MIXLAB_REQUIRE_WGPU` is set, when a missing adapter fails
+/// the test. Also `None` in a `vulkan` build (SPIR-V kernels): cubecl-spirv 0.11.3 declares
+/// shared memory with a pointer type where the device lacks
+/// `VK_KHR_workgroup_memory_explicit_layout` (lavapipe, Mesa 22.3 to 25.0), an invalid module
+/// on which lavapipe crashes, and Burn's matmul and reduction kernels use shared memory
+/// (docs/DEVICES.md). [`wgpu_kernels`] is the device for tests that avoid them.
 pub fn wgpu() -> Option<Device> {
+    if cfg!(feature = "vulkan") {
+        eprintln!(
+            "skipped: a vulkan build's SPIR-V of Burn's shared-memory kernels is invalid on \
+             lavapipe (see test_util::wgpu)"
+        );
+        return None;
+    }
+    wgpu_kernels()
+}
+
+/// wgpu's adapter for tests whose wgpu side runs only Mixlab's own Cube kernels, slices and
+/// elementwise ops (no shared memory), so they run on the WGSL and the SPIR-V compiler alike;
+/// `None` (or a failure under `MIXLAB_REQUIRE_WGPU`) as [`wgpu`].
+pub fn wgpu_kernels() -> Option<Device> {
     static DEVICE: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
     let device = DEVICE.get_or_init(|| {
         if std::env::var_os("XDG_RUNTIME_DIR").is_none() {

@@ -286,6 +286,80 @@ fn a_finished_run_prints_and_writes_its_summary() {
     assert!(summary["peak_rss_mb"].as_f64().unwrap() > 0.0);
 }
 
+/// `train.precision = "f16"` on wgpu (lavapipe in CI has shader-f16): dense and all-attention
+/// train in half precision (the loss falls and stays finite, the run says `· f16`), and their
+/// f16 checkpoint evaluates on flex to the loss the run logged, within f16's rounding. bf16,
+/// which wgpu cannot compute in, is refused naming the key. Skips without a wgpu adapter
+/// (fails under `MIXLAB_REQUIRE_WGPU`), or (printed) when the adapter lacks shader-f16.
+#[test]
+fn half_precision_trains_on_wgpu_where_the_adapter_has_it() {
+    let dir = scratch("precision-wgpu");
+    let config = write_config(&dir, TINY);
+    let wgpu = ["train.backend=\"wgpu\"", "optim.eps=1e-4"];
+    let probe = train_with(
+        &config,
+        &dir.join("probe"),
+        &[&wgpu[..], &["train.steps=1"]].concat(),
+    );
+    let stderr = String::from_utf8_lossy(&probe.stderr);
+    if !probe.status.success() {
+        assert!(
+            std::env::var_os("MIXLAB_REQUIRE_WGPU").is_none(),
+            "MIXLAB_REQUIRE_WGPU is set but wgpu does not train: {stderr}"
+        );
+        eprintln!("skipped: wgpu does not train here ({stderr})");
+        return;
+    }
+    let mixers: [&[&str]; 2] = [
+        &[],
+        &[
+            "model.mixer={kind=\"persistent\",n_heads=4,n_persistent=16}",
+            "model.d_ff=0",
+        ],
+    ];
+    for mixer in mixers {
+        let run_dir = dir.join(format!("f16-{}", mixer.len()));
+        let sets = [&wgpu[..], &["train.precision=\"f16\""], mixer].concat();
+        let out = train_with(&config, &run_dir, &sets);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("does not support f16") {
+            eprintln!("skipped: this adapter has no shader-f16 ({stderr})");
+            return;
+        }
+        ok(&out);
+        assert!(stderr.contains("· f16"), "{stderr}");
+        let train = losses(&metrics(&run_dir), "train");
+        let (first, last) = (train[0].1, train.last().unwrap().1);
+        assert!(
+            last.is_finite() && last < first,
+            "f16 on wgpu {mixer:?}: {first} -> {last}"
+        );
+        let (_, valid) = *losses(&metrics(&run_dir), "valid").last().unwrap();
+        let out = run(Command::new(env!("CARGO_BIN_EXE_eval"))
+            .arg("--run")
+            .arg(&run_dir)
+            .args(["--backend", "flex"]));
+        ok(&out);
+        let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let reloaded = line["loss"].as_f64().unwrap();
+        assert!(
+            (reloaded - valid).abs() < 2e-2 * valid.abs().max(1.0),
+            "f16 on wgpu {mixer:?}: eval on flex {reloaded} vs the run's {valid}"
+        );
+    }
+    let out = train_with(
+        &config,
+        &dir.join("bf16"),
+        &[&wgpu[..], &["train.precision=\"bf16\""]].concat(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("train.precision = \"bf16\"") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
 /// `train.precision`: f16 and bf16 train on flex (loss in f32), checkpoints are half the
 /// size, `eval` reloads them exactly; f16 with an underflowing eps and f16 on ndarray are
 /// refused with the fix.

@@ -139,7 +139,13 @@ fn gpu_check_rows_all_build_at_full_size() {
         .lines()
         .filter(|l| l.starts_with("dry-run "))
         .collect();
-    assert_eq!(rows.len(), 4, "{stdout}");
+    // Dense, FNet, sparse, all-attention, dense in f16 and in bf16, with the WGSL bench (the
+    // SPIR-V one is checked by scripts/test-spirv.sh).
+    assert_eq!(rows.len(), 6, "{stdout}");
+    assert!(
+        rows.iter().all(|r| r.starts_with("dry-run wgsl ")),
+        "{stdout}"
+    );
     for row in rows {
         let params: usize = row
             .split(" (")

@@ -172,17 +172,45 @@ mod tests {
         name: &str,
     ) {
         let device = Device::flex().autodiff();
-        check_on(&device, &mask, [heads, n, d], keys, allowed, dropout, name);
+        check_on(
+            &device,
+            &device,
+            &mask,
+            [heads, n, d],
+            keys,
+            allowed,
+            dropout,
+            name,
+        );
     }
 
     /// A kernel's dropout mask for `[heads, n, width]` weights (`width = n + memory slots`):
     /// `(p, seed, [heads, n, width], device)`.
     pub(super) type MaskFn = dyn Fn(f32, u32, [usize; 3], &Device) -> Tensor<3>;
 
-    /// [`check_against_tensor_ops`] on `device` (an autodiff device), with the dropout mask
-    /// `mask` builds.
+    /// Standard-normal values of `shape` drawn on flex from `seed` (the same on every device
+    /// they are then moved to), times `scale`.
+    pub(super) fn host_normal<const D: usize>(
+        shape: [usize; D],
+        seed: u64,
+        scale: f32,
+    ) -> TensorData {
+        let flex = Device::flex();
+        flex.seed(seed);
+        Tensor::<D>::random(shape, Distribution::Normal(0.0, 1.0), &flex)
+            .mul_scalar(scale)
+            .into_data()
+    }
+
+    /// [`check_against_tensor_ops`] with the operation on `device` and the tensor-op reference
+    /// on `reference` (both autodiff devices; the same one, or flex for a device whose own
+    /// matmul and reduction kernels cannot run, see `cube_reference`), the dropout mask
+    /// `mask` builds. On `device` nothing runs but the operation, slices and elementwise ops
+    /// (the backward is seeded by `backward` itself, with no sum).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn check_on(
         device: &Device,
+        reference: &Device,
         mask: &MaskFn,
         [heads, n, d]: [usize; 3],
         keys: KeyLayout,
@@ -190,17 +218,20 @@ mod tests {
         (p, seed): (f32, u32),
         name: &str,
     ) {
-        let device = device.clone();
-        device.seed(n as u64);
-        let r =
-            |shape: [usize; 3]| Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
         // Keys per head (n, or s + n for a cached layout).
         let nk = allowed.len() / (heads * n).max(1);
-        let q = r([heads, n, d]).mul_scalar(0.7).require_grad();
-        let k = r([heads, nk, d]).require_grad();
-        let v = r([heads, nk, d]).require_grad();
-        let w = r([heads, n, d]);
-        let none = |shape: [usize; 3]| Tensor::<3>::zeros(shape, &device).into_dispatch();
+        let data = [
+            host_normal([heads, n, d], n as u64, 0.7),
+            host_normal([heads, nk, d], n as u64 + 1, 1.0),
+            host_normal([heads, nk, d], n as u64 + 2, 1.0),
+            host_normal([heads, n, d], n as u64 + 3, 1.0),
+        ];
+        let on = |device: &Device| {
+            data.clone()
+                .map(|x| Tensor::<3>::from_data(x, device).require_grad())
+        };
+        let [q, k, v, w] = on(device);
+        let none = |shape: [usize; 3]| Tensor::<3>::zeros(shape, device).into_dispatch();
         let fused =
             Tensor::<3>::from_dispatch(<burn::backend::Dispatch as AttentionOps>::tiled_attention(
                 q.clone().into_dispatch(),
@@ -208,40 +239,38 @@ mod tests {
                 v.clone().into_dispatch(),
                 none([1, 0, d]),
                 none([1, 0, d]),
-                Tensor::<2>::zeros([d, 0], &device).into_dispatch(),
-                Tensor::<1>::zeros([0], &device).into_dispatch(),
+                Tensor::<2>::zeros([d, 0], device).into_dispatch(),
+                Tensor::<1>::zeros([0], device).into_dispatch(),
                 keys,
                 1.0,
                 p,
                 seed,
             ));
+        let fused_lse = to_vec(fused.clone().narrow(2, d, 1));
+        let out = fused.narrow(2, 0, d);
+        let grads = (out.clone() * w.detach()).backward();
+        let mut got = vec![to_vec(out)];
+        got.extend([&q, &k, &v].map(|t| to_vec(t.grad(&grads).unwrap())));
+
+        let [q, k, v, w] = on(reference);
         let hidden = allowed.into_iter().map(|a| !a).collect::<Vec<_>>();
-        let hidden = Tensor::<3, Bool>::from_data(TensorData::new(hidden, [heads, n, nk]), &device);
+        let hidden =
+            Tensor::<3, Bool>::from_data(TensorData::new(hidden, [heads, n, nk]), reference);
         let scores = q
             .clone()
             .matmul(k.clone().swap_dims(1, 2)) // [heads, n, nk]
             .mask_fill(hidden, f32::NEG_INFINITY);
         let lse = to_vec(scores.clone().exp().sum_dim(2).log());
-        let weights = activation::softmax(scores, 2) * mask(p, seed, [heads, n, nk], &device);
-        let reference = weights.matmul(v.clone());
-        assert_all_close(
-            &to_vec(fused.clone().narrow(2, d, 1)),
-            &lse,
-            1e-5,
-            &format!("{name} lse"),
-        );
-        let mut results = vec![];
-        for out in [fused.narrow(2, 0, d), reference] {
-            let grads = (out.clone() * w.clone()).sum().backward();
-            let mut r = vec![to_vec(out)];
-            for t in [&q, &k, &v] {
-                r.push(to_vec(t.grad(&grads).unwrap()));
-            }
-            results.push(r);
-        }
+        let weights = activation::softmax(scores, 2) * mask(p, seed, [heads, n, nk], reference);
+        let out = weights.matmul(v.clone());
+        let grads = (out.clone() * w.detach()).backward();
+        let mut want = vec![to_vec(out)];
+        want.extend([&q, &k, &v].map(|t| to_vec(t.grad(&grads).unwrap())));
+
+        assert_all_close(&fused_lse, &lse, 1e-5, &format!("{name} lse"));
         for (what, (a, b)) in ["output", "dq", "dk", "dv"]
             .iter()
-            .zip(results[0].iter().zip(&results[1]))
+            .zip(got.iter().zip(&want))
         {
             // Relative to the inputs' unit scale: at n = 1 dq is zero up to the rounding of
             // Δ − dP (~1e-7), which a purely relative check would fail.
@@ -489,18 +518,26 @@ mod tests {
     /// ([`check_all_attention_on`]).
     #[test]
     fn all_attention_with_dropout_equals_masked_tensor_ops() {
-        check_all_attention_on(&Device::flex().autodiff(), &mask, "flex");
+        let flex = Device::flex().autodiff();
+        check_all_attention_on(&flex, &flex, &mask, "flex");
     }
 
     /// The operation with every part of all-attention against the same attention built from
     /// tensor ops with the kernel's dropout `mask` (memory slot `s` is key `n + s` of its row),
-    /// on `device` (an autodiff device): two batch rows of two heads (flattened head `h` uses
-    /// memory head and span head `h mod 2`), 40 tokens, 5 persistent slots, dropout 0.3;
-    /// head width 6 (the Cube kernels read its rows as 2-lane vectors); memory alone (causal and bidirectional), memory with the adaptive span (bidirectional;
-    /// spans 10.5 and 30 with a ramp of 4, so some keys are past the span), and memory with
-    /// relative positions (47 distances) and the span (causal). Outputs, log-sum-exps and the
-    /// gradients of q, k, v, the memory keys and values, `key_pe` and `z`.
-    pub(super) fn check_all_attention_on(device: &Device, mask: &MaskFn, name: &str) {
+    /// the operation on `device` and the reference on `reference` (autodiff devices, as in
+    /// [`check_on`]): two batch rows of two heads (flattened head `h` uses memory head and span
+    /// head `h mod 2`), 40 tokens, 5 persistent slots, dropout 0.3; head width 6 (the Cube
+    /// kernels read its rows as 2-lane vectors); memory alone (causal and bidirectional),
+    /// memory with the adaptive span (bidirectional; spans 10.5 and 30 with a ramp of 4, so
+    /// some keys are past the span), and memory with relative positions (47 distances) and the
+    /// span (causal). Outputs, log-sum-exps and the gradients of q, k, v, the memory keys and
+    /// values, `key_pe` and `z`.
+    pub(super) fn check_all_attention_on(
+        device: &Device,
+        reference: &Device,
+        mask: &MaskFn,
+        name: &str,
+    ) {
         let (batch, n_heads, n, mem, d, span) = (2, 2, 40, 5, 6, 47);
         let heads = batch * n_heads;
         let (p, seed, ramp) = (0.3f32, 23u32, 4.0f32);
@@ -510,31 +547,47 @@ mod tests {
             (true, true, true),
         ];
         for (causal, relative, with_span) in cases {
-            let device = device.clone();
-            device.seed(5);
-            let r = |shape: [usize; 3]| {
-                Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad()
+            let data = [
+                host_normal([heads, n, d], 5, 1.0),
+                host_normal([heads, n, d], 6, 1.0),
+                host_normal([heads, n, d], 7, 1.0),
+                host_normal([n_heads, mem, d], 8, 1.0),
+                host_normal([n_heads, mem, d], 9, 1.0),
+                host_normal([heads, n, d], 10, 1.0),
+            ];
+            let pe_data = host_normal([d, span], 11, 0.5);
+            let z_data = TensorData::new(vec![10.5f32, 30.0], [2]);
+            let inputs = |device: &Device| {
+                (
+                    data.clone()
+                        .map(|x| Tensor::<3>::from_data(x, device).require_grad()),
+                    Tensor::<2>::from_data(pe_data.clone(), device).require_grad(),
+                    Tensor::<1>::from_data(z_data.clone(), device).require_grad(),
+                )
             };
-            let (q, k, v) = (r([heads, n, d]), r([heads, n, d]), r([heads, n, d]));
-            let (mk, mv) = (r([n_heads, mem, d]), r([n_heads, mem, d]));
-            let pe = Tensor::<2>::random([d, span], Distribution::Normal(0.0, 0.5), &device)
-                .require_grad();
-            let z = Tensor::<1>::from_data(TensorData::new(vec![10.5f32, 30.0], [2]), &device)
-                .require_grad();
-            let w = Tensor::<3>::random([heads, n, d + 1], Distribution::Normal(0.0, 1.0), &device)
-                .narrow(2, 0, d);
-            let (pe_in, z_in) = (
-                if relative {
-                    pe.clone()
+            // The gradients of the inputs (those present) after a backward seeded with `w`.
+            let results = |out: Tensor<3>,
+                           w: Tensor<3>,
+                           t: &[&Tensor<3>; 5],
+                           pe: &Tensor<2>,
+                           z: &Tensor<1>| {
+                let grads = (out.clone() * w.detach()).backward();
+                let mut r = vec![to_vec(out)];
+                r.extend(t.map(|t| to_vec(t.grad(&grads).unwrap())));
+                r.push(if relative {
+                    to_vec(pe.grad(&grads).unwrap())
                 } else {
-                    Tensor::zeros([d, 0], &device)
-                },
-                if with_span {
-                    z.clone()
+                    vec![]
+                });
+                r.push(if with_span {
+                    to_vec(z.grad(&grads).unwrap())
                 } else {
-                    Tensor::zeros([0], &device)
-                },
-            );
+                    vec![]
+                });
+                r
+            };
+
+            let ([q, k, v, mk, mv, w], pe, z) = inputs(device);
             let fused = Tensor::<3>::from_dispatch(
                 <burn::backend::Dispatch as AttentionOps>::tiled_attention(
                     q.clone().into_dispatch(),
@@ -542,14 +595,29 @@ mod tests {
                     v.clone().into_dispatch(),
                     mk.clone().into_dispatch(),
                     mv.clone().into_dispatch(),
-                    pe_in.into_dispatch(),
-                    z_in.into_dispatch(),
+                    if relative {
+                        pe.clone()
+                    } else {
+                        Tensor::zeros([d, 0], device)
+                    }
+                    .into_dispatch(),
+                    if with_span {
+                        z.clone()
+                    } else {
+                        Tensor::zeros([0], device)
+                    }
+                    .into_dispatch(),
                     KeyLayout::dense(causal),
                     ramp,
                     p,
                     seed,
                 ),
             );
+            let fused_lse = to_vec(fused.clone().narrow(2, d, 1));
+            let got = results(fused.narrow(2, 0, d), w, &[&q, &k, &v, &mk, &mv], &pe, &z);
+
+            let device = reference;
+            let ([q, k, v, mk, mv, w], pe, z) = inputs(device);
             // Memory head and span head `h mod n_heads` for flattened head `h = b · n_heads + h'`.
             // (Transposed before the repeat: on wgpu, Burn 0.22.1 returns the gradient of
             // `matmul(q, repeated.swap_dims(1, 2))` for a repeated or expanded leaf in the wrong
@@ -566,7 +634,7 @@ mod tests {
                 context = context + rel.reshape([heads, n, n]);
             }
             if causal {
-                let future = Tensor::<2, Bool>::tril_mask([n, n], 0, &device)
+                let future = Tensor::<2, Bool>::tril_mask([n, n], 0, device)
                     .unsqueeze::<3>()
                     .expand([heads, n, n]);
                 context = context.mask_fill(future, f32::NEG_INFINITY);
@@ -579,48 +647,24 @@ mod tests {
                 let distance: Vec<f32> = (0..n * n)
                     .map(|i| (i / n) as f32 - (i % n) as f32)
                     .collect();
-                let distance =
-                    Tensor::<3>::from_data(TensorData::new(distance, [1, n, n]), &device);
+                let distance = Tensor::<3>::from_data(TensorData::new(distance, [1, n, n]), device);
                 let z = z
                     .clone()
                     .unsqueeze_dim::<2>(0)
                     .repeat_dim(0, batch)
                     .reshape([heads, 1, 1]);
                 let ratio = ((z - distance).add_scalar(ramp).div_scalar(ramp)).clamp(0.0, 1.0);
-                let ones = Tensor::<3>::ones([heads, n, mem], &device);
+                let ones = Tensor::<3>::ones([heads, n, mem], device);
                 e = e * Tensor::cat(vec![ratio, ones], 2);
             }
             let norm = e.clone().sum_dim(2); // [heads, n, 1]
-            let keep = mask(p, seed, [heads, n, n + mem], &device);
+            let keep = mask(p, seed, [heads, n, n + mem], device);
             let values = Tensor::cat(vec![v.clone(), per_head(mv.clone())], 1);
-            let reference = (e * keep).matmul(values) / norm.clone();
+            let out = (e * keep).matmul(values) / norm.clone();
             let lse = norm.log() + max;
             let what = format!("{name} causal={causal} relative={relative} span={with_span}");
-            assert_all_close(
-                &to_vec(fused.clone().narrow(2, d, 1)),
-                &to_vec(lse),
-                1e-5,
-                &format!("{what} lse"),
-            );
-            let mut results = vec![];
-            for out in [fused.narrow(2, 0, d), reference] {
-                let grads = (out.clone() * w.clone()).sum().backward();
-                let mut r = vec![to_vec(out)];
-                for t in [&q, &k, &v, &mk, &mv] {
-                    r.push(to_vec(t.grad(&grads).unwrap()));
-                }
-                r.push(if relative {
-                    to_vec(pe.grad(&grads).unwrap())
-                } else {
-                    vec![]
-                });
-                r.push(if with_span {
-                    to_vec(z.grad(&grads).unwrap())
-                } else {
-                    vec![]
-                });
-                results.push(r);
-            }
+            assert_all_close(&fused_lse, &to_vec(lse), 1e-5, &format!("{what} lse"));
+            let want = results(out, w, &[&q, &k, &v, &mk, &mv], &pe, &z);
             let names = [
                 "output",
                 "dq",
@@ -631,7 +675,7 @@ mod tests {
                 "d key_pe",
                 "d z",
             ];
-            for (part, (a, b)) in names.iter().zip(results[0].iter().zip(&results[1])) {
+            for (part, (a, b)) in names.iter().zip(got.iter().zip(&want)) {
                 assert_all_close(a, b, 2e-5, &format!("{what} {part}"));
             }
         }

@@ -181,7 +181,7 @@ mod tests {
     use super::super::KeyLayout;
     use super::super::tests::{cached_cases, check_all_attention_on, check_on, sparse_cases};
     use super::common::dropout_factor;
-    use crate::test_util::wgpu;
+    use crate::test_util::wgpu_kernels;
     use burn::tensor::{Device, Tensor, TensorData};
 
     /// The Cube kernels' dropout mask for `[heads, n, width]` weights (key `t` of flattened
@@ -193,15 +193,17 @@ mod tests {
         Tensor::from_data(TensorData::new(mask, [heads, n, width]), device)
     }
 
-    /// The CubeCL kernels on wgpu against softmax attention from tensor ops on the same device:
-    /// outputs, log-sum-exps and the gradients of q, k and v, causal and bidirectional, at
+    /// The CubeCL kernels on wgpu (WGSL, or SPIR-V in a `vulkan` build) against softmax
+    /// attention from tensor ops on flex: on wgpu nothing runs but the kernels, slices and
+    /// elementwise ops, so the test runs on either compiler (`test_util::wgpu_kernels`). Outputs, log-sum-exps and the gradients of q, k and v, causal and bidirectional, at
     /// lengths 1 to 70 and head widths 8 and 24 (rows read as 4-lane vectors), 6 (2 lanes) and
     /// 3 (scalars), dropout 0 and 0.3 (the reference applies the kernels' hashed mask).
     #[test]
     fn cube_kernels_equal_tensor_ops_in_values_and_gradients() {
-        let Some(device) = wgpu() else {
+        let Some(device) = wgpu_kernels() else {
             return;
         };
+        let flex = Device::flex().autodiff();
         let device = device.autodiff();
         let heads = 3;
         for (n, d) in [(1usize, 8usize), (5, 24), (70, 8), (9, 6), (11, 3)] {
@@ -215,6 +217,7 @@ mod tests {
                     let shape = [heads, n, d];
                     check_on(
                         &device,
+                        &flex,
                         &cube_mask,
                         shape,
                         keys,
@@ -229,43 +232,56 @@ mod tests {
 
     /// Block-sparse layouts on wgpu: every built-in pattern, causal and bidirectional, a ragged
     /// last block, token-level blocks, and two batch rows of four heads (head groups repeat per
-    /// batch row), dropout 0.3 at n = 37, against masked tensor-op attention on the same device.
+    /// batch row), dropout 0.3 at n = 37, against masked tensor-op attention on flex.
     #[test]
     fn cube_sparse_kernels_equal_masked_tensor_ops() {
-        let Some(device) = wgpu() else {
+        let Some(device) = wgpu_kernels() else {
             return;
         };
+        let flex = Device::flex().autodiff();
         let device = device.autodiff();
         for (name, shape, keys, allowed) in sparse_cases(&[(37, 5), (13, 1)]) {
             let dropout = if shape[1] == 37 { (0.3, 7) } else { (0.0, 0) };
             let name = format!("wgpu {name}");
-            check_on(&device, &cube_mask, shape, keys, allowed, dropout, &name);
+            check_on(
+                &device, &flex, &cube_mask, shape, keys, allowed, dropout, &name,
+            );
         }
     }
 
     /// Cached layouts on wgpu ([`cached_cases`]: the query offset, windows with and without
     /// self, masked starts; 70 queries after a cache of 50, 2 cubes of units), dropout 0.3,
-    /// against masked tensor ops with the kernels' mask.
+    /// against masked tensor ops on flex with the kernels' mask.
     #[test]
     fn cube_cached_layouts_equal_masked_tensor_ops() {
-        let Some(device) = wgpu() else {
+        let Some(device) = wgpu_kernels() else {
             return;
         };
+        let flex = Device::flex().autodiff();
         let device = device.autodiff();
         for (name, shape, keys, allowed) in cached_cases(&[(70, 50, 60), (9, 4, 7)]) {
             let name = format!("wgpu {name}");
-            check_on(&device, &cube_mask, shape, keys, allowed, (0.3, 9), &name);
+            check_on(
+                &device,
+                &flex,
+                &cube_mask,
+                shape,
+                keys,
+                allowed,
+                (0.3, 9),
+                &name,
+            );
         }
     }
 
     /// All-attention's kernels on wgpu (persistent slots, relative positions, adaptive span,
-    /// with dropout 0.3) against its reference from tensor ops on the same device with the
-    /// kernels' mask ([`check_all_attention_on`]).
+    /// with dropout 0.3) against its reference from tensor ops on flex with the kernels' mask ([`check_all_attention_on`]).
     #[test]
     fn cube_all_attention_kernels_equal_masked_tensor_ops() {
-        let Some(device) = wgpu() else {
+        let Some(device) = wgpu_kernels() else {
             return;
         };
-        check_all_attention_on(&device.autodiff(), &cube_mask, "wgpu");
+        let flex = Device::flex().autodiff();
+        check_all_attention_on(&device.autodiff(), &flex, &cube_mask, "wgpu");
     }
 }
