@@ -84,7 +84,10 @@ pub(crate) struct Extras {
 }
 
 /// Attention through [`AttentionOps::tiled_attention`]: heads flattened into
-/// `[batch · n_heads, seq, d_head]`, f32 inside the operation whatever the model's precision.
+/// `[batch · n_heads, seq, d_head]`. On the Cube backends `q`, `k` and `v` enter in the model's
+/// precision (f16 or bf16 rows read and gradients written at half the bytes; every sum in f32);
+/// on flex, and for all-attention's parts everywhere, f32. The output is f32 inside the
+/// operation (its log-sum-exp column needs it) and returned in the model's precision.
 /// `q` comes multiplied by the score scale; `dropout` is `(p, seed)`.
 ///
 /// # Shapes
@@ -104,9 +107,11 @@ pub(crate) fn attention(
     let dtype = q.dtype();
     let device = q.device();
     let f32 = |t: Tensor<3>| t.cast(FloatDType::F32).into_dispatch();
+    let half_rows = crate::ops::device::on_cube(&device);
     let flat = |t: Tensor<4>| {
         let rows = t.dims()[2];
-        f32(t.reshape([batch * n_heads, rows, d_head]))
+        let t = t.reshape([batch * n_heads, rows, d_head]);
+        if half_rows { t.into_dispatch() } else { f32(t) }
     };
     let (mk, mv) = extras.memory.unwrap_or_else(|| {
         let none = Tensor::<3>::zeros([n_heads, 0, d_head], &device);
@@ -176,6 +181,7 @@ mod tests {
             &device,
             &device,
             &mask,
+            FloatDType::F32,
             [heads, n, d],
             keys,
             allowed,
@@ -212,6 +218,7 @@ mod tests {
         device: &Device,
         reference: &Device,
         mask: &MaskFn,
+        dtype: FloatDType,
         [heads, n, d]: [usize; 3],
         keys: KeyLayout,
         allowed: Vec<bool>,
@@ -221,16 +228,17 @@ mod tests {
         // Keys per head (n, or s + n for a cached layout).
         let nk = allowed.len() / (heads * n).max(1);
         let data = [
-            host_normal([heads, n, d], n as u64, 0.7),
-            host_normal([heads, nk, d], n as u64 + 1, 1.0),
-            host_normal([heads, nk, d], n as u64 + 2, 1.0),
+            rounded(host_normal([heads, n, d], n as u64, 0.7), dtype),
+            rounded(host_normal([heads, nk, d], n as u64 + 1, 1.0), dtype),
+            rounded(host_normal([heads, nk, d], n as u64 + 2, 1.0), dtype),
             host_normal([heads, n, d], n as u64 + 3, 1.0),
         ];
-        let on = |device: &Device| {
-            data.clone()
-                .map(|x| Tensor::<3>::from_data(x, device).require_grad())
+        let on = |device: &Device, dtype: FloatDType| {
+            let [q, k, v, w] = data.clone();
+            let leaf = |x| Tensor::<3>::from_data(x, device).cast(dtype).require_grad();
+            [leaf(q), leaf(k), leaf(v), Tensor::from_data(w, device)]
         };
-        let [q, k, v, w] = on(device);
+        let [q, k, v, w] = on(device, dtype);
         let none = |shape: [usize; 3]| Tensor::<3>::zeros(shape, device).into_dispatch();
         let fused =
             Tensor::<3>::from_dispatch(<burn::backend::Dispatch as AttentionOps>::tiled_attention(
@@ -248,11 +256,19 @@ mod tests {
             ));
         let fused_lse = to_vec(fused.clone().narrow(2, d, 1));
         let out = fused.narrow(2, 0, d);
-        let grads = (out.clone() * w.detach()).backward();
+        let grads = (out.clone() * w).backward();
         let mut got = vec![to_vec(out)];
-        got.extend([&q, &k, &v].map(|t| to_vec(t.grad(&grads).unwrap())));
+        got.extend([&q, &k, &v].map(|t| {
+            let grad = t.grad(&grads).unwrap();
+            assert_eq!(
+                grad.dtype(),
+                dtype.into(),
+                "{name}: gradients in the inputs' type"
+            );
+            to_vec(grad)
+        }));
 
-        let [q, k, v, w] = on(reference);
+        let [q, k, v, w] = on(reference, FloatDType::F32);
         let hidden = allowed.into_iter().map(|a| !a).collect::<Vec<_>>();
         let hidden =
             Tensor::<3, Bool>::from_data(TensorData::new(hidden, [heads, n, nk]), reference);
@@ -263,14 +279,18 @@ mod tests {
         let lse = to_vec(scores.clone().exp().sum_dim(2).log());
         let weights = activation::softmax(scores, 2) * mask(p, seed, [heads, n, nk], reference);
         let out = weights.matmul(v.clone());
-        let grads = (out.clone() * w.detach()).backward();
+        let grads = (out.clone() * w).backward();
         let mut want = vec![to_vec(out)];
         want.extend([&q, &k, &v].map(|t| to_vec(t.grad(&grads).unwrap())));
 
         assert_all_close(&fused_lse, &lse, 1e-5, &format!("{name} lse"));
-        for (what, (a, b)) in ["output", "dq", "dk", "dv"]
+        // The output and its log-sum-exp are f32 sums of the (rounded) inputs whatever their
+        // type; only the gradients are rounded to it.
+        let grad_tolerance = if dtype == FloatDType::F32 { 1e-5 } else { 1e-3 };
+        for (i, (what, (a, b))) in ["output", "dq", "dk", "dv"]
             .iter()
             .zip(got.iter().zip(&want))
+            .enumerate()
         {
             // Relative to the inputs' unit scale: at n = 1 dq is zero up to the rounding of
             // Δ − dP (~1e-7), which a purely relative check would fail.
@@ -278,8 +298,18 @@ mod tests {
             want.push(1.0);
             let mut got = a.clone();
             got.push(1.0);
-            assert_all_close(&got, &want, 1e-5, &format!("{name} {what}"));
+            let tolerance = if i == 0 { 1e-5 } else { grad_tolerance };
+            assert_all_close(&got, &want, tolerance, &format!("{name} {what}"));
         }
+    }
+
+    /// `x` rounded to `dtype` (through flex), as f32 data: inputs that a `dtype` tensor holds
+    /// exactly, so an f32 reference sees the same values.
+    pub(super) fn rounded(x: TensorData, dtype: FloatDType) -> TensorData {
+        Tensor::<3>::from_data(x, &Device::flex())
+            .cast(dtype)
+            .cast(FloatDType::F32)
+            .into_data()
     }
 
     /// Dense layouts: lengths 1, 7, 100 (a partial tile) and 300 (two key blocks, the second
@@ -519,7 +549,7 @@ mod tests {
     #[test]
     fn all_attention_with_dropout_equals_masked_tensor_ops() {
         let flex = Device::flex().autodiff();
-        check_all_attention_on(&flex, &flex, &mask, "flex");
+        check_all_attention_on(&flex, &flex, &mask, FloatDType::F32, "flex");
     }
 
     /// The operation with every part of all-attention against the same attention built from
@@ -536,6 +566,7 @@ mod tests {
         device: &Device,
         reference: &Device,
         mask: &MaskFn,
+        dtype: FloatDType,
         name: &str,
     ) {
         let (batch, n_heads, n, mem, d, span) = (2, 2, 40, 5, 6, 47);
@@ -547,20 +578,25 @@ mod tests {
             (true, true, true),
         ];
         for (causal, relative, with_span) in cases {
+            // q, k, v in `dtype` on `device` (the memory, key_pe and z stay f32).
             let data = [
-                host_normal([heads, n, d], 5, 1.0),
-                host_normal([heads, n, d], 6, 1.0),
-                host_normal([heads, n, d], 7, 1.0),
+                rounded(host_normal([heads, n, d], 5, 1.0), dtype),
+                rounded(host_normal([heads, n, d], 6, 1.0), dtype),
+                rounded(host_normal([heads, n, d], 7, 1.0), dtype),
                 host_normal([n_heads, mem, d], 8, 1.0),
                 host_normal([n_heads, mem, d], 9, 1.0),
                 host_normal([heads, n, d], 10, 1.0),
             ];
             let pe_data = host_normal([d, span], 11, 0.5);
             let z_data = TensorData::new(vec![10.5f32, 30.0], [2]);
-            let inputs = |device: &Device| {
+            let inputs = |device: &Device, dtype: FloatDType| {
+                let mut i = 0;
                 (
-                    data.clone()
-                        .map(|x| Tensor::<3>::from_data(x, device).require_grad()),
+                    data.clone().map(|x| {
+                        i += 1;
+                        let x = Tensor::<3>::from_data(x, device);
+                        if i <= 3 { x.cast(dtype) } else { x }.require_grad()
+                    }),
                     Tensor::<2>::from_data(pe_data.clone(), device).require_grad(),
                     Tensor::<1>::from_data(z_data.clone(), device).require_grad(),
                 )
@@ -587,7 +623,7 @@ mod tests {
                 r
             };
 
-            let ([q, k, v, mk, mv, w], pe, z) = inputs(device);
+            let ([q, k, v, mk, mv, w], pe, z) = inputs(device, dtype);
             let fused = Tensor::<3>::from_dispatch(
                 <burn::backend::Dispatch as AttentionOps>::tiled_attention(
                     q.clone().into_dispatch(),
@@ -617,7 +653,7 @@ mod tests {
             let got = results(fused.narrow(2, 0, d), w, &[&q, &k, &v, &mk, &mv], &pe, &z);
 
             let device = reference;
-            let ([q, k, v, mk, mv, w], pe, z) = inputs(device);
+            let ([q, k, v, mk, mv, w], pe, z) = inputs(device, FloatDType::F32);
             // Memory head and span head `h mod n_heads` for flattened head `h = b · n_heads + h'`.
             // (Transposed before the repeat: on wgpu, Burn 0.22.1 returns the gradient of
             // `matmul(q, repeated.swap_dims(1, 2))` for a repeated or expanded leaf in the wrong
@@ -675,8 +711,13 @@ mod tests {
                 "d key_pe",
                 "d z",
             ];
-            for (part, (a, b)) in names.iter().zip(got.iter().zip(&want)) {
-                assert_all_close(a, b, 2e-5, &format!("{what} {part}"));
+            for (i, (part, (a, b))) in names.iter().zip(got.iter().zip(&want)).enumerate() {
+                // q, k and v's gradients are rounded to their type (1 to 3).
+                let tolerance = match (dtype, i) {
+                    (FloatDType::F32, _) | (_, 0 | 4..) => 2e-5,
+                    _ => 1e-3,
+                };
+                assert_all_close(a, b, tolerance, &format!("{what} {part}"));
             }
         }
     }

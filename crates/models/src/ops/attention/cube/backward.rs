@@ -10,17 +10,17 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use super::common::*;
-use super::launch::{Call, dims3, empty_like, launch_shape};
+use super::launch::{Call, dims3, empty_like, empty_like_dtype, launch_shape};
 use super::shared::{backward_memory_kernel, backward_position_kernel, shared_sum};
 
 /// The query pass: one unit per query row, `Δ = rowsum(dO ∘ O)`, `dQ`, the row's share of the
 /// span gradient, and the row's output gradient copied out as `[heads, n, d]` vectors (`go`)
 /// for the other passes.
 #[cube(launch_unchecked)]
-pub(crate) fn backward_query_kernel<F: Float, N: Size>(
-    q: &Tensor<Vector<F, N>>,
-    k: &Tensor<Vector<F, N>>,
-    v: &Tensor<Vector<F, N>>,
+pub(crate) fn backward_query_kernel<F: Float, E: Float, N: Size>(
+    q: &Tensor<Vector<E, N>>,
+    k: &Tensor<Vector<E, N>>,
+    v: &Tensor<Vector<E, N>>,
     mk: &Tensor<Vector<F, N>>,
     mv: &Tensor<Vector<F, N>>,
     pe: &Tensor<F>,
@@ -30,7 +30,7 @@ pub(crate) fn backward_query_kernel<F: Float, N: Size>(
     offsets: &Tensor<u32>,
     items: &Tensor<u32>,
     win: &Tensor<u32>,
-    dq: &mut Tensor<Vector<F, N>>,
+    dq: &mut Tensor<Vector<E, N>>,
     go: &mut Tensor<Vector<F, N>>,
     delta: &mut Tensor<F>,
     dz_rows: &mut Tensor<F>,
@@ -42,7 +42,7 @@ pub(crate) fn backward_query_kernel<F: Float, N: Size>(
     keep: f32,
     ramp: f32,
     #[comptime] f: Flags,
-    #[define(F)] _dtype: ElemType,
+    #[define(F, E)] _dtypes: [ElemType; 2],
 ) {
     let (d, line) = comptime!((f.d, f.line));
     let w = comptime!(f.d / f.line);
@@ -137,10 +137,10 @@ pub(crate) fn backward_query_kernel<F: Float, N: Size>(
 
 /// The key pass: one unit per context key, `dK` and `dV` over the queries that see it.
 #[cube(launch_unchecked)]
-pub(crate) fn backward_key_kernel<F: Float, N: Size>(
-    q: &Tensor<Vector<F, N>>,
-    k: &Tensor<Vector<F, N>>,
-    v: &Tensor<Vector<F, N>>,
+pub(crate) fn backward_key_kernel<F: Float, E: Float, N: Size>(
+    q: &Tensor<Vector<E, N>>,
+    k: &Tensor<Vector<E, N>>,
+    v: &Tensor<Vector<E, N>>,
     pe: &Tensor<F>,
     z: &Tensor<F>,
     out: &Tensor<F>,
@@ -149,8 +149,8 @@ pub(crate) fn backward_key_kernel<F: Float, N: Size>(
     offsets: &Tensor<u32>,
     items: &Tensor<u32>,
     win: &Tensor<u32>,
-    dk: &mut Tensor<Vector<F, N>>,
-    dv: &mut Tensor<Vector<F, N>>,
+    dk: &mut Tensor<Vector<E, N>>,
+    dv: &mut Tensor<Vector<E, N>>,
     block: u32,
     n_heads: u32,
     group_heads: u32,
@@ -159,7 +159,7 @@ pub(crate) fn backward_key_kernel<F: Float, N: Size>(
     keep: f32,
     ramp: f32,
     #[comptime] f: Flags,
-    #[define(F)] _dtype: ElemType,
+    #[define(F, E)] _dtypes: [ElemType; 2],
 ) {
     let (d, line) = comptime!((f.d, f.line));
     let w = comptime!(f.d / f.line);
@@ -279,10 +279,11 @@ pub(crate) fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
     );
     let new = |shape: Vec<usize>| empty_like(&c.q, shape);
     let placeholder = || new(vec![1]);
+    // In the inputs' precision (the sums behind them run in f32).
     let (dq, dk, dv) = (
-        new(vec![heads, n, d]),
-        new(vec![heads, c.nk, d]),
-        new(vec![heads, c.nk, d]),
+        empty_like_dtype(&c.q, vec![heads, n, d], c.elem),
+        empty_like_dtype(&c.q, vec![heads, c.nk, d], c.elem),
+        empty_like_dtype(&c.q, vec![heads, c.nk, d], c.elem),
     );
     // The output gradient without the log-sum-exp column, as vectors (the query pass writes it).
     let go = new(vec![heads, n, d]);
@@ -298,7 +299,10 @@ pub(crate) fn backward(c: &Call, out: CubeTensor, grad: CubeTensor) -> Grads {
         [new(vec![d]), new(vec![d])]
     };
     let client = c.q.client.clone();
-    let dtype = dtype_to_storage_type(DType::F32);
+    let dtype = [
+        dtype_to_storage_type(DType::F32),
+        dtype_to_storage_type(c.elem),
+    ];
     let arg = |t: &CubeTensor| t.clone().into_tensor_arg();
     let (count, dim) = launch_shape(&c.q, heads * n);
     let [fwd_offsets, fwd_items] = &c.lists.fwd;

@@ -71,17 +71,18 @@ pub(crate) type Row<F, N> = Array<Vector<F, N>>;
 
 /// `row[c] = t[base + c]` (vector indices): a row a unit reuses for every key (or query) it
 /// visits, read from global memory once and kept in registers (the loops over the row are
-/// unrolled, so the array's indices are constants).
+/// unrolled, so the array's indices are constants). `t` holds elements of type `E` (the
+/// model's precision for `q`, `k`, `v`), the row `F` (f32): every sum runs in f32.
 #[cube]
-pub(crate) fn load_row<F: Float, N: Size>(
+pub(crate) fn load_row<E: Float, F: Float, N: Size>(
     row: &mut Row<F, N>,
-    t: &Tensor<Vector<F, N>>,
+    t: &Tensor<Vector<E, N>>,
     base: usize,
     #[comptime] w: usize,
 ) {
     #[unroll]
     for c in 0..w {
-        row[c] = t[base + c];
+        row[c] = Vector::cast_from(t[base + c]);
     }
 }
 
@@ -129,11 +130,11 @@ pub(crate) fn lanes<F: Float, N: Size>(x: Vector<F, N>, #[comptime] line: usize)
     s
 }
 
-/// `Σ_c a[c] · b[bb + c]` (`a` a row in registers).
+/// `Σ_c a[c] · b[bb + c]` (`a` a row in registers; `b`'s elements read as `F`).
 #[cube]
-pub(crate) fn dot_row<F: Float, N: Size>(
+pub(crate) fn dot_row<E: Float, F: Float, N: Size>(
     a: &Row<F, N>,
-    b: &Tensor<Vector<F, N>>,
+    b: &Tensor<Vector<E, N>>,
     bb: usize,
     #[comptime] w: usize,
     #[comptime] line: usize,
@@ -141,7 +142,7 @@ pub(crate) fn dot_row<F: Float, N: Size>(
     let mut s = Vector::<F, N>::new(F::new(0.0));
     #[unroll]
     for c in 0..w {
-        s += a[c] * b[bb + c];
+        s += a[c] * Vector::<F, N>::cast_from(b[bb + c]);
     }
     lanes(s, line)
 }
@@ -320,19 +321,19 @@ pub(crate) fn span_of<F: Float>(z: &Tensor<F>, head: usize) -> F {
     z[head % z.shape(0)]
 }
 
-/// `acc += x · v[vb..vb + w]`.
+/// `acc += x · v[vb..vb + w]` (`v`'s elements read as `F`).
 #[cube]
-pub(crate) fn accumulate<F: Float, N: Size>(
+pub(crate) fn accumulate<E: Float, F: Float, N: Size>(
     acc: &mut Row<F, N>,
     x: F,
-    v: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<E, N>>,
     vb: usize,
     #[comptime] w: usize,
 ) {
     let x = Vector::<F, N>::new(x);
     #[unroll]
     for c in 0..w {
-        acc[c] += x * v[vb + c];
+        acc[c] += x * Vector::<F, N>::cast_from(v[vb + c]);
     }
 }
 
@@ -381,17 +382,17 @@ pub(crate) fn scatter_row<F: Float, N: Size>(
     }
 }
 
-/// `t[base + c] = row[c]` (vector stores).
+/// `t[base + c] = row[c]` (vector stores, rounded to `t`'s element type `E`).
 #[cube]
-pub(crate) fn store_row<F: Float, N: Size>(
-    t: &mut Tensor<Vector<F, N>>,
+pub(crate) fn store_row<E: Float, F: Float, N: Size>(
+    t: &mut Tensor<Vector<E, N>>,
     base: usize,
     row: &Row<F, N>,
     #[comptime] w: usize,
 ) {
     #[unroll]
     for c in 0..w {
-        t[base + c] = row[c];
+        t[base + c] = Vector::cast_from(row[c]);
     }
 }
 
@@ -427,14 +428,14 @@ pub(crate) fn probability<F: Float>(s: F, lse: F, #[comptime] span: bool) -> F {
 /// `P ∘ mask` (`e` is `P`, span-weighted where it applies).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn key_terms<F: Float, N: Size>(
+pub(crate) fn key_terms<E: Float, F: Float, N: Size>(
     acc_k: &mut Row<F, N>,
     acc_v: &mut Row<F, N>,
     e: F,
     dp: F,
     factor: F,
     dl: F,
-    q: &Tensor<Vector<F, N>>,
+    q: &Tensor<Vector<E, N>>,
     go: &Tensor<Vector<F, N>>,
     qb: usize,
     #[comptime] w: usize,

@@ -10,10 +10,10 @@ use super::common::*;
 use super::launch::{Call, empty_like, launch_shape};
 
 #[cube(launch_unchecked)]
-pub(crate) fn forward_kernel<F: Float, N: Size>(
-    q: &Tensor<Vector<F, N>>,
-    k: &Tensor<Vector<F, N>>,
-    v: &Tensor<Vector<F, N>>,
+pub(crate) fn forward_kernel<F: Float, E: Float, N: Size>(
+    q: &Tensor<Vector<E, N>>,
+    k: &Tensor<Vector<E, N>>,
+    v: &Tensor<Vector<E, N>>,
     mk: &Tensor<Vector<F, N>>,
     mv: &Tensor<Vector<F, N>>,
     pe: &Tensor<F>,
@@ -30,7 +30,7 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
     keep: f32,
     ramp: f32,
     #[comptime] f: Flags,
-    #[define(F)] _dtype: ElemType,
+    #[define(F, E)] _dtypes: [ElemType; 2],
 ) {
     let (d, line) = comptime!((f.d, f.line));
     let w = comptime!(f.d / f.line);
@@ -157,7 +157,10 @@ pub(crate) fn forward(c: &Call) -> CubeTensor {
             c.keep,
             c.ramp,
             c.flags,
-            dtype_to_storage_type(DType::F32),
+            [
+                dtype_to_storage_type(DType::F32),
+                dtype_to_storage_type(c.elem),
+            ],
         );
     }
     out

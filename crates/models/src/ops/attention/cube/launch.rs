@@ -77,11 +77,16 @@ impl BlockLists {
 
 /// An uninitialised f32 tensor of `shape` beside `like`.
 pub(crate) fn empty_like(like: &CubeTensor, shape: Vec<usize>) -> CubeTensor {
+    empty_like_dtype(like, shape, DType::F32)
+}
+
+/// An uninitialised tensor of `shape` and `dtype` beside `like`.
+pub(crate) fn empty_like_dtype(like: &CubeTensor, shape: Vec<usize>, dtype: DType) -> CubeTensor {
     empty_device_dtype(
         like.client.clone(),
         like.device.clone(),
         Shape::from(shape),
-        DType::F32,
+        dtype,
     )
 }
 
@@ -182,9 +187,12 @@ pub(crate) struct Parts {
 /// One call's operands (contiguous; absent parts as one-element placeholders the kernels
 /// never read), its switches and scalars.
 pub(crate) struct Call {
+    /// `q`, `k`, `v` in the model's precision `elem` (f32, f16 or bf16); everything else, and
+    /// every sum the kernels take, in f32.
     pub(crate) q: CubeTensor,
     pub(crate) k: CubeTensor,
     pub(crate) v: CubeTensor,
+    pub(crate) elem: DType,
     pub(crate) mk: CubeTensor,
     pub(crate) mv: CubeTensor,
     pub(crate) pe: CubeTensor,
@@ -227,6 +235,15 @@ impl Call {
             supported(d),
             "tiled_attention on Cube: head width {d} is outside 1..=256"
         );
+        let elem = q.dtype;
+        assert!(
+            [k.dtype, v.dtype] == [elem, elem]
+                && matches!(elem, DType::F32 | DType::F16 | DType::BF16),
+            "tiled_attention on Cube: q, k and v must share one float type of f32, f16 or bf16 \
+             (got {elem:?}, {:?}, {:?})",
+            k.dtype,
+            v.dtype
+        );
         let (min_distance, max_distance) = keys.check(n, nk, heads);
         let extras = parts.memory.is_some() || parts.key_pe.is_some() || parts.span_z.is_some();
         assert!(
@@ -267,6 +284,10 @@ impl Call {
             "tiled_attention on Cube: ramp {ramp}"
         );
         let z = parts.span_z.map_or_else(placeholder, into_contiguous);
+        assert!(
+            [&mk, &mv, &pe, &z].iter().all(|t| t.dtype == DType::F32),
+            "tiled_attention on Cube: memory keys and values, key_pe and span_z must be f32"
+        );
         let (lists, win) = match &keys.cached {
             // Dense lists over one block of all `s + n` keys; the window is the kernels' test.
             Some(c) => {
@@ -309,6 +330,7 @@ impl Call {
             q,
             k,
             v,
+            elem,
             mk,
             mv,
             pe,

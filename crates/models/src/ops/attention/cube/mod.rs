@@ -182,7 +182,7 @@ mod tests {
     use super::super::tests::{cached_cases, check_all_attention_on, check_on, sparse_cases};
     use super::common::dropout_factor;
     use crate::test_util::wgpu_kernels;
-    use burn::tensor::{Device, Tensor, TensorData};
+    use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 
     /// The Cube kernels' dropout mask for `[heads, n, width]` weights (key `t` of flattened
     /// row `r`: context key `t < n`, memory slot `t − n`).
@@ -219,6 +219,7 @@ mod tests {
                         &device,
                         &flex,
                         &cube_mask,
+                        FloatDType::F32,
                         shape,
                         keys,
                         allowed.clone(),
@@ -244,7 +245,15 @@ mod tests {
             let dropout = if shape[1] == 37 { (0.3, 7) } else { (0.0, 0) };
             let name = format!("wgpu {name}");
             check_on(
-                &device, &flex, &cube_mask, shape, keys, allowed, dropout, &name,
+                &device,
+                &flex,
+                &cube_mask,
+                FloatDType::F32,
+                shape,
+                keys,
+                allowed,
+                dropout,
+                &name,
             );
         }
     }
@@ -265,6 +274,7 @@ mod tests {
                 &device,
                 &flex,
                 &cube_mask,
+                FloatDType::F32,
                 shape,
                 keys,
                 allowed,
@@ -275,13 +285,84 @@ mod tests {
     }
 
     /// All-attention's kernels on wgpu (persistent slots, relative positions, adaptive span,
-    /// with dropout 0.3) against its reference from tensor ops on flex with the kernels' mask ([`check_all_attention_on`]).
+    /// with dropout 0.3) against its reference from tensor ops on flex with the kernels' mask
+    /// ([`check_all_attention_on`]).
     #[test]
     fn cube_all_attention_kernels_equal_masked_tensor_ops() {
         let Some(device) = wgpu_kernels() else {
             return;
         };
         let flex = Device::flex().autodiff();
-        check_all_attention_on(&device.autodiff(), &flex, &cube_mask, "wgpu");
+        check_all_attention_on(
+            &device.autodiff(),
+            &flex,
+            &cube_mask,
+            FloatDType::F32,
+            "wgpu",
+        );
+    }
+
+    /// Half precision: `q`, `k` and `v` in f16 (the model's precision under
+    /// `train.precision = "f16"`) go into the kernels as they are, every sum runs in f32, and
+    /// the gradients come back in f16. Against the f32 tensor-op reference on flex from the
+    /// same f16-rounded inputs: the output and log-sum-exp within 1e-5 (an f16 accumulator
+    /// would be off by ~1e-3), the gradients within f16's rounding (1e-3) — dense (causal,
+    /// dropout), block-sparse, cached, and all-attention with every part. Skips (printed) on
+    /// an adapter without shader-f16.
+    #[test]
+    fn cube_kernels_read_f16_and_sum_in_f32() {
+        let Some(device) = wgpu_kernels() else {
+            return;
+        };
+        if !device.supports_dtype(FloatDType::F16) {
+            eprintln!("skipped: this wgpu adapter has no shader-f16");
+            return;
+        }
+        let (f16, flex) = (FloatDType::F16, Device::flex().autodiff());
+        let device = device.autodiff();
+        let (heads, n, d) = (3, 70, 8);
+        let allowed: Vec<bool> = (0..heads * n * n).map(|i| i % n <= (i / n) % n).collect();
+        let keys = KeyLayout::dense(true);
+        let shape = [heads, n, d];
+        check_on(
+            &device,
+            &flex,
+            &cube_mask,
+            f16,
+            shape,
+            keys,
+            allowed,
+            (0.3, 5),
+            "f16 dense",
+        );
+        for (name, shape, keys, allowed) in sparse_cases(&[(37, 5)]).into_iter().take(2) {
+            let name = format!("f16 {name}");
+            check_on(
+                &device,
+                &flex,
+                &cube_mask,
+                f16,
+                shape,
+                keys,
+                allowed,
+                (0.3, 7),
+                &name,
+            );
+        }
+        for (name, shape, keys, allowed) in cached_cases(&[(9, 4, 7)]) {
+            let name = format!("f16 {name}");
+            check_on(
+                &device,
+                &flex,
+                &cube_mask,
+                f16,
+                shape,
+                keys,
+                allowed,
+                (0.3, 9),
+                &name,
+            );
+        }
+        check_all_attention_on(&device, &flex, &cube_mask, f16, "f16 wgpu");
     }
 }

@@ -13,8 +13,8 @@ use super::launch::{empty_like, launch_shape};
 /// The persistent slots' pass: one unit per (flattened head, slot), that head's share of the
 /// slot's `dK` and `dV` over all its queries (summed over heads by [`shared_sum_kernel`]).
 #[cube(launch_unchecked)]
-pub(crate) fn backward_memory_kernel<F: Float, N: Size>(
-    q: &Tensor<Vector<F, N>>,
+pub(crate) fn backward_memory_kernel<F: Float, E: Float, N: Size>(
+    q: &Tensor<Vector<E, N>>,
     mk: &Tensor<Vector<F, N>>,
     mv: &Tensor<Vector<F, N>>,
     out: &Tensor<F>,
@@ -27,7 +27,7 @@ pub(crate) fn backward_memory_kernel<F: Float, N: Size>(
     threshold: u32,
     keep: f32,
     #[comptime] f: Flags,
-    #[define(F)] _dtype: ElemType,
+    #[define(F, E)] _dtypes: [ElemType; 2],
 ) {
     let (d, line) = comptime!((f.d, f.line));
     let w = comptime!(f.d / f.line);
@@ -74,10 +74,10 @@ pub(crate) fn backward_memory_kernel<F: Float, N: Size>(
 /// `δ`), `Σ_i dS[i, i − δ] q_i` into that head's `[d, span]` share of `d key_pe` (summed
 /// over heads by [`shared_sum_kernel`]); distances no pair spans get zeros.
 #[cube(launch_unchecked)]
-pub(crate) fn backward_position_kernel<F: Float, N: Size>(
-    q: &Tensor<Vector<F, N>>,
-    k: &Tensor<Vector<F, N>>,
-    v: &Tensor<Vector<F, N>>,
+pub(crate) fn backward_position_kernel<F: Float, E: Float, N: Size>(
+    q: &Tensor<Vector<E, N>>,
+    k: &Tensor<Vector<E, N>>,
+    v: &Tensor<Vector<E, N>>,
     pe: &Tensor<F>,
     z: &Tensor<F>,
     out: &Tensor<F>,
@@ -90,7 +90,7 @@ pub(crate) fn backward_position_kernel<F: Float, N: Size>(
     keep: f32,
     ramp: f32,
     #[comptime] f: Flags,
-    #[define(F)] _dtype: ElemType,
+    #[define(F, E)] _dtypes: [ElemType; 2],
 ) {
     let (d, line) = comptime!((f.d, f.line));
     let w = comptime!(f.d / f.line);
