@@ -240,3 +240,14 @@ pub fn checkpoint_steps(run_dir: &Path) -> Vec<u64> {
     steps.sort_unstable();
     steps
 }
+
+/// The validation loss `eval` gives a run's newest checkpoint on `backend`.
+pub fn eval_loss(run_dir: &Path, backend: &str) -> f64 {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_eval"))
+        .arg("--run")
+        .arg(run_dir)
+        .args(["--backend", backend]));
+    ok(&out);
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    line["loss"].as_f64().unwrap()
+}

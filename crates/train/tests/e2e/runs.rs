@@ -335,13 +335,7 @@ fn half_precision_trains_on_wgpu_where_the_adapter_has_it() {
             "f16 on wgpu {mixer:?}: {first} -> {last}"
         );
         let (_, valid) = *losses(&metrics(&run_dir), "valid").last().unwrap();
-        let out = run(Command::new(env!("CARGO_BIN_EXE_eval"))
-            .arg("--run")
-            .arg(&run_dir)
-            .args(["--backend", "flex"]));
-        ok(&out);
-        let line: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let reloaded = line["loss"].as_f64().unwrap();
+        let reloaded = eval_loss(&run_dir, "flex");
         assert!(
             (reloaded - valid).abs() < 2e-2 * valid.abs().max(1.0),
             "f16 on wgpu {mixer:?}: eval on flex {reloaded} vs the run's {valid}"
@@ -394,14 +388,8 @@ fn half_precision_trains_on_flex_and_is_refused_where_it_cannot_work() {
             half * 10 < full * 6,
             "{precision}: {half} vs f32 {full} bytes"
         );
-        let out = run(Command::new(env!("CARGO_BIN_EXE_eval"))
-            .arg("--run")
-            .arg(&run_dir)
-            .args(["--backend", "flex"]));
-        ok(&out);
-        let line: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(
-            line["loss"].as_f64().unwrap(),
+            eval_loss(&run_dir, "flex"),
             last,
             "{precision}: eval reloads"
         );

@@ -193,42 +193,47 @@ mod tests {
         Tensor::from_data(TensorData::new(mask, [heads, n, width]), device)
     }
 
+    /// One case of [`check_on`]: name, `[heads, n, d]`, keys, allowed pairs, dropout.
+    type Case = (String, [usize; 3], KeyLayout, Vec<bool>, (f32, u32));
+
+    /// [`check_on`] for each case on wgpu with `q`, `k`, `v` in `dtype`, against tensor ops on
+    /// flex; nothing unless wgpu has an adapter ([`wgpu_kernels`]).
+    fn check_cases_on_wgpu(dtype: FloatDType, cases: impl IntoIterator<Item = Case>) {
+        let Some(device) = wgpu_kernels() else {
+            return;
+        };
+        let (device, flex) = (device.autodiff(), Device::flex().autodiff());
+        for (name, shape, keys, allowed, dropout) in cases {
+            let name = format!("wgpu {dtype:?} {name}");
+            check_on(
+                &device, &flex, &cube_mask, dtype, shape, keys, allowed, dropout, &name,
+            );
+        }
+    }
+
     /// The CubeCL kernels on wgpu (WGSL, or SPIR-V in a `vulkan` build) against softmax
     /// attention from tensor ops on flex: on wgpu nothing runs but the kernels, slices and
-    /// elementwise ops, so the test runs on either compiler (`test_util::wgpu_kernels`). Outputs, log-sum-exps and the gradients of q, k and v, causal and bidirectional, at
+    /// elementwise ops, so the test runs on either compiler (`test_util::wgpu_kernels`).
+    /// Outputs, log-sum-exps and the gradients of q, k and v, causal and bidirectional, at
     /// lengths 1 to 70 and head widths 8 and 24 (rows read as 4-lane vectors), 6 (2 lanes) and
     /// 3 (scalars), dropout 0 and 0.3 (the reference applies the kernels' hashed mask).
     #[test]
     fn cube_kernels_equal_tensor_ops_in_values_and_gradients() {
-        let Some(device) = wgpu_kernels() else {
-            return;
-        };
-        let flex = Device::flex().autodiff();
-        let device = device.autodiff();
         let heads = 3;
+        let mut cases: Vec<Case> = vec![];
         for (n, d) in [(1usize, 8usize), (5, 24), (70, 8), (9, 6), (11, 3)] {
             for causal in [true, false] {
                 let allowed: Vec<bool> = (0..heads * n * n)
                     .map(|i| !causal || i % n <= (i / n) % n)
                     .collect();
                 for dropout in [(0.0f32, 0u32), (0.3, 11)] {
-                    let name = format!("wgpu n={n} d={d} causal={causal} p={}", dropout.0);
+                    let name = format!("n={n} d={d} causal={causal} p={}", dropout.0);
                     let keys = KeyLayout::dense(causal);
-                    let shape = [heads, n, d];
-                    check_on(
-                        &device,
-                        &flex,
-                        &cube_mask,
-                        FloatDType::F32,
-                        shape,
-                        keys,
-                        allowed.clone(),
-                        dropout,
-                        &name,
-                    );
+                    cases.push((name, [heads, n, d], keys, allowed.clone(), dropout));
                 }
             }
         }
+        check_cases_on_wgpu(FloatDType::F32, cases);
     }
 
     /// Block-sparse layouts on wgpu: every built-in pattern, causal and bidirectional, a ragged
@@ -236,26 +241,14 @@ mod tests {
     /// batch row), dropout 0.3 at n = 37, against masked tensor-op attention on flex.
     #[test]
     fn cube_sparse_kernels_equal_masked_tensor_ops() {
-        let Some(device) = wgpu_kernels() else {
-            return;
-        };
-        let flex = Device::flex().autodiff();
-        let device = device.autodiff();
-        for (name, shape, keys, allowed) in sparse_cases(&[(37, 5), (13, 1)]) {
-            let dropout = if shape[1] == 37 { (0.3, 7) } else { (0.0, 0) };
-            let name = format!("wgpu {name}");
-            check_on(
-                &device,
-                &flex,
-                &cube_mask,
-                FloatDType::F32,
-                shape,
-                keys,
-                allowed,
-                dropout,
-                &name,
-            );
-        }
+        let cases =
+            sparse_cases(&[(37, 5), (13, 1)])
+                .into_iter()
+                .map(|(name, shape, keys, allowed)| {
+                    let dropout = if shape[1] == 37 { (0.3, 7) } else { (0.0, 0) };
+                    (name, shape, keys, allowed, dropout)
+                });
+        check_cases_on_wgpu(FloatDType::F32, cases);
     }
 
     /// Cached layouts on wgpu ([`cached_cases`]: the query offset, windows with and without
@@ -263,25 +256,10 @@ mod tests {
     /// against masked tensor ops on flex with the kernels' mask.
     #[test]
     fn cube_cached_layouts_equal_masked_tensor_ops() {
-        let Some(device) = wgpu_kernels() else {
-            return;
-        };
-        let flex = Device::flex().autodiff();
-        let device = device.autodiff();
-        for (name, shape, keys, allowed) in cached_cases(&[(70, 50, 60), (9, 4, 7)]) {
-            let name = format!("wgpu {name}");
-            check_on(
-                &device,
-                &flex,
-                &cube_mask,
-                FloatDType::F32,
-                shape,
-                keys,
-                allowed,
-                (0.3, 9),
-                &name,
-            );
-        }
+        let cases = cached_cases(&[(70, 50, 60), (9, 4, 7)])
+            .into_iter()
+            .map(|(name, shape, keys, allowed)| (name, shape, keys, allowed, (0.3, 9)));
+        check_cases_on_wgpu(FloatDType::F32, cases);
     }
 
     /// All-attention's kernels on wgpu (persistent slots, relative positions, adaptive span,
@@ -318,51 +296,29 @@ mod tests {
             eprintln!("skipped: this wgpu adapter has no shader-f16");
             return;
         }
-        let (f16, flex) = (FloatDType::F16, Device::flex().autodiff());
-        let device = device.autodiff();
         let (heads, n, d) = (3, 70, 8);
         let allowed: Vec<bool> = (0..heads * n * n).map(|i| i % n <= (i / n) % n).collect();
-        let keys = KeyLayout::dense(true);
-        let shape = [heads, n, d];
-        check_on(
-            &device,
+        let dense = (
+            "dense".to_string(),
+            [heads, n, d],
+            KeyLayout::dense(true),
+            allowed,
+        );
+        let cases = std::iter::once(dense)
+            .chain(sparse_cases(&[(37, 5)]).into_iter().take(2))
+            .chain(cached_cases(&[(9, 4, 7)]))
+            .enumerate()
+            .map(|(seed, (name, shape, keys, allowed))| {
+                (name, shape, keys, allowed, (0.3, seed as u32))
+            });
+        check_cases_on_wgpu(FloatDType::F16, cases);
+        let flex = Device::flex().autodiff();
+        check_all_attention_on(
+            &device.autodiff(),
             &flex,
             &cube_mask,
-            f16,
-            shape,
-            keys,
-            allowed,
-            (0.3, 5),
-            "f16 dense",
+            FloatDType::F16,
+            "wgpu f16",
         );
-        for (name, shape, keys, allowed) in sparse_cases(&[(37, 5)]).into_iter().take(2) {
-            let name = format!("f16 {name}");
-            check_on(
-                &device,
-                &flex,
-                &cube_mask,
-                f16,
-                shape,
-                keys,
-                allowed,
-                (0.3, 7),
-                &name,
-            );
-        }
-        for (name, shape, keys, allowed) in cached_cases(&[(9, 4, 7)]) {
-            let name = format!("f16 {name}");
-            check_on(
-                &device,
-                &flex,
-                &cube_mask,
-                f16,
-                shape,
-                keys,
-                allowed,
-                (0.3, 9),
-                &name,
-            );
-        }
-        check_all_attention_on(&device, &flex, &cube_mask, f16, "f16 wgpu");
     }
 }
