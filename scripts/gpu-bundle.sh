@@ -4,7 +4,7 @@
 # (`--features vulkan`) — and pack both (stripped, gzipped, ~30 MB each) into .gpu/ as
 # bench.gz and bench-spirv.gz, and fetch the Vulkan loader packages into .gl/ (as the device
 # tool's README says). Both folders are git-ignored through .git/info/exclude. The two builds
-# share the target dir (the second compiles Burn's wgpu crates again: about 27 minutes cold on
+# share the target dir (the second compiles Burn's wgpu crates again: about 17 minutes cold on
 # 2 cores). Then, with the device tool (one run; the check keeps itself under 10 minutes):
 #   run(command = "for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig; mkdir -p /tmp/bin &&
 #        for b in bench bench-spirv; do gunzip -c .gpu/$b.gz > /tmp/bin/$b; done &&

@@ -8,7 +8,7 @@
 # Burn's own matmul and reduction kernels are not run here: cubecl-spirv 0.11.3 compiles
 # shared memory to invalid SPIR-V on devices without VK_KHR_workgroup_memory_explicit_layout
 # (lavapipe), which crashes the driver (docs/DEVICES.md has the reproducer). A second build of
-# Burn (about 27 minutes cold on 2 cores); it shares the cargo target dir.
+# Burn (17 minutes cold on 2 cores after the default build); it shares the cargo target dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
