@@ -134,12 +134,15 @@ row() {
   timeout "$ROW_S" "$@"
 }
 
+# Each JSON line of a compiler's row, tagged with the compiler.
+tag() { sed "s/^{/{\"compiler\":\"$1\",/"; }
+
 for compiler in "${COMPILERS[@]}"; do
   IFS='|' read -r cname bench backend <<<"$compiler"
   if out=$(row "parity $cname: flex vs $backend" "$bench" parity --backend "$backend"); then
-    sed "s/^{/{\"compiler\":\"$cname\",/" <<<"$out" | tee -a "$JSONL"
+    tag "$cname" <<<"$out" | tee -a "$JSONL"
   else
-    [ -n "$out" ] && sed "s/^{/{\"compiler\":\"$cname\",/" <<<"$out" >>"$JSONL"
+    [ -n "$out" ] && tag "$cname" <<<"$out" >>"$JSONL"
     echo "gpu-check: PARITY FAILED ($cname)" >&2
     status=1
   fi
@@ -169,7 +172,7 @@ for compiler in "${COMPILERS[@]}"; do
   IFS='|' read -r cname bench backend <<<"$compiler"
   if out=$(row "the attention operation alone on $backend ($cname), fused vs composed" \
     "$bench" attention --backend "$backend" --heads "$HEADS" "${ATTN[@]}"); then
-    sed "s/^{/{\"compiler\":\"$cname\",/" <<<"$out" >>"$JSONL"
+    tag "$cname" <<<"$out" >>"$JSONL"
   else
     status=1
   fi

@@ -233,18 +233,16 @@ fn resolve(path: &[String], from: &ModuleFile, modules: &[ModuleFile]) -> Option
     })
 }
 
-/// Every edge of the non-test code under `src`.
-fn edges(src: &Path) -> Vec<Edge> {
-    let modules = module_files(src);
-    let tests = test_files(src, &modules);
+/// Every edge of the non-test code under `src` (`tests`: the test-only files).
+fn edges(src: &Path, modules: &[ModuleFile], tests: &BTreeSet<String>) -> Vec<Edge> {
     let mut edges = BTreeSet::new();
-    for m in &modules {
+    for m in modules {
         if tests.contains(&m.file) {
             continue;
         }
         let text = std::fs::read_to_string(src.join(&m.file)).expect("source file");
         for path in paths_in(&code_of(&text)) {
-            if let Some(edge) = resolve(&path, m, &modules)
+            if let Some(edge) = resolve(&path, m, modules)
                 && edge.to != edge.from
             {
                 edges.insert(edge);
@@ -264,13 +262,8 @@ fn module_of(file: &str, modules: &[ModuleFile]) -> Vec<String> {
 }
 
 /// The edges that break the rule: (ops → module, upward).
-fn violations(src: &Path, edges: &[Edge]) -> (Vec<Edge>, Vec<Edge>) {
-    let modules = module_files(src);
-    let in_ops = |file: &str| {
-        module_of(file, &modules)
-            .first()
-            .is_some_and(|s| s == "ops")
-    };
+fn violations(modules: &[ModuleFile], edges: &[Edge]) -> (Vec<Edge>, Vec<Edge>) {
+    let in_ops = |file: &str| module_of(file, modules).first().is_some_and(|s| s == "ops");
     let ops_up = edges
         .iter()
         .filter(|e| in_ops(&e.from) && !in_ops(&e.to))
@@ -279,7 +272,7 @@ fn violations(src: &Path, edges: &[Edge]) -> (Vec<Edge>, Vec<Edge>) {
     let upward = edges
         .iter()
         .filter(|e| {
-            let (from, to) = (module_of(&e.from, &modules), module_of(&e.to, &modules));
+            let (from, to) = (module_of(&e.from, modules), module_of(&e.to, modules));
             e.item && to.len() < from.len() && from.starts_with(&to)
         })
         .cloned()
@@ -301,8 +294,10 @@ fn modules_call_ops_and_imports_run_down_the_tree() {
         Ok(dir) => (PathBuf::from(dir), true),
         Err(_) => (Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), false),
     };
-    let edges = edges(&src);
-    let (ops_up, upward) = violations(&src, &edges);
+    let modules = module_files(&src);
+    let tests = test_files(&src, &modules);
+    let edges = edges(&src, &modules, &tests);
+    let (ops_up, upward) = violations(&modules, &edges);
     let files: BTreeSet<(&str, &str)> = edges
         .iter()
         .map(|e| (e.from.as_str(), e.to.as_str()))
@@ -324,7 +319,6 @@ fn modules_call_ops_and_imports_run_down_the_tree() {
         "the checker found too few edges to be reading the crate:\n{}",
         show(&edges)
     );
-    let tests = test_files(&src, &module_files(&src));
     assert!(
         ["layering.rs", "test_util.rs", "lm/tests.rs"]
             .iter()

@@ -107,11 +107,12 @@ pub(crate) fn attention(
     let dtype = q.dtype();
     let device = q.device();
     let f32 = |t: Tensor<3>| t.cast(FloatDType::F32).into_dispatch();
-    let half_rows = crate::ops::device::on_cube(&device);
+    // The Cube kernels read q, k, v in their own type; flex's take f32.
+    let own_type = crate::ops::device::on_cube(&device);
     let flat = |t: Tensor<4>| {
         let rows = t.dims()[2];
         let t = t.reshape([batch * n_heads, rows, d_head]);
-        if half_rows { t.into_dispatch() } else { f32(t) }
+        if own_type { t.into_dispatch() } else { f32(t) }
     };
     let (mk, mv) = extras.memory.unwrap_or_else(|| {
         let none = Tensor::<3>::zeros([n_heads, 0, d_head], &device);
@@ -590,12 +591,10 @@ mod tests {
             let pe_data = host_normal([d, span], 11, 0.5);
             let z_data = TensorData::new(vec![10.5f32, 30.0], [2]);
             let inputs = |device: &Device, dtype: FloatDType| {
-                let mut i = 0;
                 (
-                    data.clone().map(|x| {
-                        i += 1;
-                        let x = Tensor::<3>::from_data(x, device);
-                        if i <= 3 { x.cast(dtype) } else { x }.require_grad()
+                    std::array::from_fn(|i| {
+                        let x = Tensor::<3>::from_data(data[i].clone(), device);
+                        if i < 3 { x.cast(dtype) } else { x }.require_grad()
                     }),
                     Tensor::<2>::from_data(pe_data.clone(), device).require_grad(),
                     Tensor::<1>::from_data(z_data.clone(), device).require_grad(),
